@@ -1,0 +1,1 @@
+"""The Kubeflow DAG (filled by the Kubeflow issue)."""

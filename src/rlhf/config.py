@@ -1,0 +1,201 @@
+"""Typed stage configs built from params.yaml plus `--set section.key=value` overrides.
+
+Every section of params.yaml is validated before any stage starts, so a typo or an out-of-range value anywhere
+fails fast with a message naming the key, not an hour into training.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A params file or override that cannot be used; the message names the file and key."""
+
+
+class Section(BaseModel):
+    # Unknown keys are errors (a misspelt key must not silently fall back to its default).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TrainingParams(Section):
+    """Optimisation settings shared by every trainer-based stage."""
+
+    seed: int = 42
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int = Field(-1, ge=-1, description="-1: derived from epochs")
+    batch_size: int = Field(16, ge=1)
+    eval_batch_size: int = Field(32, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    learning_rate: float = Field(5e-4, gt=0, le=1)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    max_grad_norm: float = Field(1.0, gt=0)
+    max_length: int = Field(128, ge=8)
+    eval_fraction: float = Field(0.1, gt=0, lt=1)
+    logging_steps: int = Field(10, ge=1)
+    save_steps: int = Field(100, ge=1, description="checkpoint every N steps, for resume after an interruption")
+    gradient_checkpointing: bool = False
+    bf16: bool = False
+
+
+class DemoConfig(Section):
+    """The demo task: generated movie reviews, summaries and VADER-labelled preference pairs."""
+
+    seed: int = 1234
+    corpus_size: int = Field(6000, ge=10)
+    sft_size: int = Field(3000, ge=10)
+    preference_size: int = Field(3000, ge=10)
+    rl_prompts: int = Field(512, ge=1)
+    eval_prompts: int = Field(128, ge=1)
+    preference_margin: float = Field(0.2, ge=0, le=2, description="min VADER gap for a pair to be kept")
+
+
+class TokenizerParams(Section):
+    vocab_size: int = Field(1024, ge=300, le=200_000)
+    min_frequency: int = Field(2, ge=1)
+
+
+class ArchitectureParams(Section):
+    """A GPT-2-style decoder, sized for CPU demos by default."""
+
+    n_layer: int = Field(2, ge=1)
+    n_head: int = Field(4, ge=1)
+    n_embd: int = Field(128, ge=8)
+    n_positions: int = Field(256, ge=16)
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> "ArchitectureParams":
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        return self
+
+
+class PretrainConfig(TrainingParams):
+    enabled: bool = Field(True, description="false: save base_model unchanged as the stage output")
+    base_model: str | None = Field(None, description="hub id or path; none trains a tokenizer and model from scratch")
+    corpus: str = "data/corpus.jsonl"
+    output_dir: str = "models/pretrained"
+    tokenizer: TokenizerParams = TokenizerParams()
+    architecture: ArchitectureParams = ArchitectureParams()
+
+    @model_validator(mode="after")
+    def _skip_needs_base(self) -> "PretrainConfig":
+        if not self.enabled and not self.base_model:
+            raise ValueError("enabled=false needs base_model: there is nothing to skip to")
+        return self
+
+
+class LoraParams(Section):
+    enabled: bool = False
+    r: int = Field(8, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class SFTConfig(TrainingParams):
+    model: str = "models/pretrained"
+    dataset: str = "data/sft.jsonl"
+    output_dir: str = "models/sft"
+    lora: LoraParams = LoraParams()
+
+
+class RewardConfig(TrainingParams):
+    base_model: str = Field("models/sft", description="initial weights: the SFT model by default")
+    dataset: str = "data/preferences.jsonl"
+    output_dir: str = "models/reward"
+    center_rewards_coefficient: float | None = Field(None, ge=0)
+
+
+class Params(Section):
+    """All of params.yaml. Sections later issues add get their own classes here."""
+
+    demo: DemoConfig = DemoConfig()
+    pretrain: PretrainConfig = PretrainConfig()
+    sft: SFTConfig = SFTConfig()
+    reward: RewardConfig = RewardConfig()
+
+
+def _apply_override(raw: dict[str, Any], assignment: str) -> None:
+    key, sep, value = assignment.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {assignment!r}: expected section.key=value")
+    *parents, leaf = key.strip().split(".")
+    node = raw
+    for part in parents:
+        child = node.get(part)
+        if child is None:  # a section with every key commented out reads as None
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: {part!r} is a value, not a section")
+        node = child
+    # YAML parsing gives `--set sft.epochs=2` an int and `--set pretrain.base_model=null` a None.
+    node[leaf] = yaml.safe_load(value) if value.strip() else ""
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    problems = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif "input" in item and not isinstance(item["input"], dict):
+            message += f" (got {item['input']!r})"
+        problems.append(f"{key}: {message}")
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return f"{source}: {problems[0]}{more}"
+
+
+def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | tuple[str, ...] = ()) -> Params:
+    """Reads params.yaml (a missing file means all defaults), applies overrides and validates everything."""
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None and Path(path).exists():
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f":{mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+        raw = {key: {} if value is None else value for key, value in copy.deepcopy(loaded or {}).items()}
+    elif path is not None and str(path) != "params.yaml":
+        raise ConfigError(f"{path}: params file not found")
+    for assignment in overrides:
+        _apply_override(raw, assignment)
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source + (" with --set overrides" if overrides else ""))) from None
+
+
+def flatten(section: BaseModel, prefix: str) -> dict[str, Any]:
+    """`{"sft.lora.r": 8, ...}`: the form MLflow params and run tags take."""
+    flat: dict[str, Any] = {}
+    for key, value in section.model_dump().items():
+        name = f"{prefix}.{key}"
+        if isinstance(value, dict):
+            for sub_key, sub_value in value.items():
+                flat[f"{name}.{sub_key}"] = sub_value
+        else:
+            flat[name] = value
+    return flat
+
+
+def config_hash(section: BaseModel) -> str:
+    """A short stable hash of a section, naming checkpoint folders so a changed config never resumes an old run."""
+    canonical = json.dumps(section.model_dump(mode="json"), sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:12]

@@ -1,0 +1,101 @@
+"""What the trainer-based stages share: training arguments, checkpoint/resume, saving, and the loss history."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rlhf import tracking
+from rlhf.config import TrainingParams, config_hash
+from rlhf.storage import atomic_dir
+
+
+@dataclass
+class StageResult:
+    """What every stage returns: its headline metrics, its per-step history (for plots) and where the model is."""
+
+    metrics: dict[str, float]
+    history: list[dict[str, float]] = field(default_factory=list)
+    output_dir: str | None = None
+
+
+def checkpoint_dir(stage: str, cfg: TrainingParams, data_fingerprint: str) -> Path:
+    """Checkpoints live outside the stage output, keyed by the config and the data, so only an identical run resumes."""
+    key = f"{config_hash(cfg)}-{data_fingerprint[:12]}"
+    return tracking.project_root() / "checkpoints" / f"{stage}-{key}"
+
+
+def training_arguments(cfg: TrainingParams, checkpoints: Path, stage: str) -> dict[str, Any]:
+    """Keyword arguments shared by TRL's SFTConfig and RewardConfig (both TrainingArguments)."""
+    return dict(
+        output_dir=str(checkpoints),
+        run_name=stage,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.eval_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        learning_rate=cfg.learning_rate,
+        weight_decay=cfg.weight_decay,
+        warmup_steps=cfg.warmup_ratio,
+        lr_scheduler_type=cfg.lr_scheduler,
+        max_grad_norm=cfg.max_grad_norm,
+        max_length=cfg.max_length,
+        logging_steps=cfg.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps",
+        eval_steps=cfg.save_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=1,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        bf16=cfg.bf16,
+        # The per-step metrics go to the stage's active MLflow run through transformers' MLflow callback.
+        report_to=["mlflow"],
+        disable_tqdm=False,
+    )
+
+
+def train_resuming(trainer, checkpoints: Path) -> dict[str, float]:
+    """Trains, resuming from the newest checkpoint in `checkpoints` if an earlier attempt was interrupted."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    if last:
+        print(f"Resuming from checkpoint {last}")
+    return trainer.train(resume_from_checkpoint=last).metrics
+
+
+def save_model(model, tokenizer, output_dir: str) -> None:
+    """Saves model and tokenizer with `save_pretrained` into a temporary folder renamed into place."""
+    if not tracking.is_main_process():
+        return
+    with atomic_dir(output_dir) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+    tracking.log_model_dir(output_dir)
+
+
+def finish(checkpoints: Path) -> None:
+    """A finished stage no longer needs its checkpoints."""
+    if tracking.is_main_process():
+        shutil.rmtree(checkpoints, ignore_errors=True)
+
+
+def loss_history(trainer) -> list[dict[str, float]]:
+    """One row per logged step with train and eval loss, the form DVC plots take."""
+    rows: dict[int, dict[str, float]] = {}
+    for entry in trainer.state.log_history:
+        for key in ("loss", "eval_loss"):
+            if key in entry and "step" in entry:
+                rows.setdefault(entry["step"], {"step": entry["step"]})[key] = round(float(entry[key]), 6)
+    return [rows[step] for step in sorted(rows)]
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 50.0))

@@ -1,0 +1,108 @@
+"""MLflow tracking: one run per stage, with params, per-step metrics, dataset inputs, the model, and lineage tags.
+
+The embedded default is `sqlite:///mlflow.db` in the project root; `MLFLOW_TRACKING_URI` overrides it and
+`MLFLOW_EXPERIMENT_NAME` picks the experiment (default `rlhf`). Nothing here runs on import.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_EXPERIMENT = "rlhf"
+
+
+def is_main_process() -> bool:
+    """Under `accelerate launch`, only rank 0 tracks and writes outputs."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def project_root() -> Path:
+    """The nearest folder up from the working directory holding dvc.yaml or .git; else the working directory."""
+    cwd = Path.cwd().resolve()
+    for folder in (cwd, *cwd.parents):
+        if (folder / "dvc.yaml").exists() or (folder / ".git").exists():
+            return folder
+    return cwd
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
+
+
+def git_commit() -> str | None:
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=project_root(), capture_output=True, text=True, check=True
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return result.stdout.strip()
+
+
+def data_dvc_md5() -> str | None:
+    """The md5 that data.dvc records for data/: which version of the datasets a run used."""
+    path = project_root() / "data.dvc"
+    if not path.exists():
+        return None
+    outs = (yaml.safe_load(path.read_text()) or {}).get("outs") or [{}]
+    return outs[0].get("md5")
+
+
+def lineage_tags() -> dict[str, str]:
+    tags = {"rlhf.git_commit": git_commit(), "rlhf.data_dvc_md5": data_dvc_md5()}
+    return {key: value for key, value in tags.items() if value}
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, params: dict[str, Any]) -> Iterator[Any]:
+    """Starts (on the main process) the MLflow run of one stage; it ends FAILED if the block raises.
+
+    Yields the active run, or None on other processes. An active parent run (a pipeline run) becomes its parent.
+    """
+    if not is_main_process():
+        yield None
+        return
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT)
+    nested = mlflow.active_run() is not None
+    with mlflow.start_run(run_name=stage, nested=nested, tags={"rlhf.stage": stage, **lineage_tags()}) as run:
+        mlflow.log_params(params)
+        yield run
+
+
+def log_dataset(dataset, name: str, source: str, fingerprint: str, context: str) -> None:
+    """Records a dataset input (schema, row count, source) under its content fingerprint."""
+    if not is_main_process():
+        return
+    import mlflow
+
+    frame = dataset.to_pandas()
+    logged = mlflow.data.from_pandas(frame, source=source, name=name, digest=fingerprint[:16])
+    mlflow.log_input(logged, context=context, tags={"fingerprint": fingerprint})
+    mlflow.log_param(f"data.{name}.{context}.fingerprint", fingerprint)
+
+
+def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    if not is_main_process():
+        return
+    import mlflow
+
+    mlflow.log_metrics({key: float(value) for key, value in metrics.items()}, step=step)
+
+
+def log_model_dir(path: str | Path, artifact_path: str = "model") -> None:
+    """The saved model folder as run artifacts (the registry issue logs registrable MLflow models)."""
+    if not is_main_process():
+        return
+    import mlflow
+
+    mlflow.log_artifacts(str(path), artifact_path=artifact_path)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,3 +18,57 @@ def shared_datasets() -> Path:
     if not SHARED_DATASETS.is_dir():
         pytest.skip(f"shared datasets not found at {SHARED_DATASETS}")
     return SHARED_DATASETS
+
+
+# A configuration small enough that every stage trains in seconds on one CPU core. Tests write it as params.yaml.
+TINY_PARAMS = {
+    "demo": {"seed": 7, "corpus_size": 300, "sft_size": 120, "preference_size": 120, "rl_prompts": 16,
+             "eval_prompts": 16},
+    "pretrain": {
+        "tokenizer": {"vocab_size": 320},
+        "architecture": {"n_layer": 1, "n_head": 2, "n_embd": 32, "n_positions": 128},
+        "epochs": 1, "batch_size": 8, "max_length": 64, "learning_rate": 0.003, "logging_steps": 2,
+        "save_steps": 1000,
+    },
+    "sft": {"epochs": 1, "batch_size": 8, "max_length": 64, "learning_rate": 0.003, "logging_steps": 2,
+            "save_steps": 1000, "eval_fraction": 0.1},
+    "reward": {"epochs": 1, "batch_size": 8, "max_length": 64, "learning_rate": 0.003, "logging_steps": 2,
+               "save_steps": 1000, "eval_fraction": 0.2},
+}
+
+
+@pytest.fixture(autouse=True)
+def _isolated_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test reaches a tracking server or the network unless it sets that up itself."""
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID", "RANK"):
+        monkeypatch.delenv(key, raising=False)
+    # Subprocesses find this environment's `rlhf`, `dvc` and `mlflow` even when the venv is not activated.
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    for key, value in {"MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                       "DVC_NO_ANALYTICS": "1", "TOKENIZERS_PARALLELISM": "false",
+                       "HF_HUB_DISABLE_TELEMETRY": "1"}.items():
+        monkeypatch.setenv(key, value)
+
+
+@pytest.fixture(scope="session")
+def tiny_demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo datasets at TINY_PARAMS sizes, generated once per session (read-only for tests: copy to modify)."""
+    from rlhf.config import DemoConfig
+    from rlhf.data.demo import generate
+
+    folder = tmp_path_factory.mktemp("demo") / "data"
+    generate(DemoConfig(**TINY_PARAMS["demo"]), folder)
+    return folder
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_demo_data: Path) -> Path:
+    """A project folder with tiny params.yaml and the tiny demo data; the test runs inside it."""
+    import shutil
+
+    import yaml
+
+    shutil.copytree(tiny_demo_data, tmp_path / "data")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS, sort_keys=False))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

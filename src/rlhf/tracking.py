@@ -79,16 +79,22 @@ def stage_run(stage: str, params: dict[str, Any]) -> Iterator[Any]:
         yield run
 
 
-def log_dataset(dataset, name: str, source: str, fingerprint: str, context: str) -> None:
-    """Records a dataset input (schema, row count, source) under its content fingerprint."""
+def log_dataset(split, name: str, source: str, source_fingerprint: str, context: str) -> None:
+    """Records one split of a dataset as a run input, under the split's own content fingerprint.
+
+    The fingerprint of the whole source file is a run param too, so two runs on the same data are easy to match.
+    """
     if not is_main_process():
         return
     import mlflow
 
-    frame = dataset.to_pandas()
-    logged = mlflow.data.from_pandas(frame, source=source, name=name, digest=fingerprint[:16])
-    mlflow.log_input(logged, context=context, tags={"fingerprint": fingerprint})
-    mlflow.log_param(f"data.{name}.{context}.fingerprint", fingerprint)
+    from rlhf.data.io import fingerprint
+
+    split_fingerprint = fingerprint(split.to_list())
+    logged = mlflow.data.from_pandas(split.to_pandas(), source=source, name=name, digest=split_fingerprint[:16])
+    tags = {"fingerprint": split_fingerprint, "source_fingerprint": source_fingerprint}
+    mlflow.log_input(logged, context=context, tags=tags)
+    mlflow.log_param(f"data.{name}.fingerprint", source_fingerprint)
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:

@@ -25,7 +25,7 @@ TINY_PARAMS = {
     "demo": {"seed": 7, "corpus_size": 300, "sft_size": 120, "preference_size": 120, "rl_prompts": 16,
              "eval_prompts": 16},
     "pretrain": {
-        "tokenizer": {"vocab_size": 320},
+        "tokenizer": {"vocab_size": 1024},
         "architecture": {"n_layer": 1, "n_head": 2, "n_embd": 32, "n_positions": 128},
         "epochs": 1, "batch_size": 8, "max_length": 64, "learning_rate": 0.003, "logging_steps": 2,
         "save_steps": 1000,

@@ -50,13 +50,19 @@ def _stage_runner(stage: str) -> Callable[[Params], object]:
 def _cmd_stage(args: argparse.Namespace) -> None:
     from rlhf.storage import write_json
 
+    from rlhf.tracking import is_main_process
+
     params = load_params(args.params, args.overrides)
     result = _stage_runner(args.command)(params)
+    if not is_main_process():  # under `accelerate launch`, rank 0 writes the files DVC reads
+        return
     metrics_file = args.metrics or f"metrics/{args.command}.json"
     write_json(metrics_file, result.metrics)
     plots_dir = args.plots or f"plots/{args.command}"
-    write_json(f"{plots_dir}/train.json", [row for row in result.history if "loss" in row])
-    write_json(f"{plots_dir}/eval.json", [row for row in result.history if "eval_loss" in row])
+    # One series per file, every row with the same keys: DVC drops plot files whose rows differ.
+    for name, key in (("train", "loss"), ("eval", "eval_loss")):
+        series = [{"step": row["step"], key: row[key]} for row in result.history if key in row]
+        write_json(f"{plots_dir}/{name}.json", series)
     print(f"{args.command}: " + ", ".join(f"{key}={value:.4g}" for key, value in result.metrics.items()))
 
 

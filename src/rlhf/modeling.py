@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from rlhf.config import ArchitectureParams, TokenizerParams
+from rlhf.config import ArchitectureParams, ConfigError, TokenizerParams
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -75,7 +75,13 @@ def load_tokenizer(name_or_path: str):
     """Loads a tokenizer and makes sure it can pad (falling back to eos, as most base models ship without pad)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    except OSError as exc:
+        # from_pretrained treats a missing local folder as a Hub id; say both in one line.
+        raise ConfigError(
+            f"{name_or_path}: no model folder here, and the Hub could not provide it ({str(exc).splitlines()[0]})"
+        ) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.chat_template is None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,10 +24,22 @@ class StageResult:
     output_dir: str | None = None
 
 
-def checkpoint_dir(stage: str, cfg: TrainingParams, data_fingerprint: str) -> Path:
-    """Checkpoints live outside the stage output, keyed by the config and the data, so only an identical run resumes."""
-    key = f"{config_hash(cfg)}-{data_fingerprint[:12]}"
+def checkpoint_dir(stage: str, cfg: TrainingParams, data_fingerprint: str, base_model: str | None) -> Path:
+    """Checkpoints live outside the stage output, keyed by the config, the data and the base model's files, so only
+    an identical run resumes (a retrained base model must not resume from checkpoints built on the old one)."""
+    key = f"{config_hash(cfg)}-{data_fingerprint[:8]}-{_folder_signature(base_model)}"
     return tracking.project_root() / "checkpoints" / f"{stage}-{key}"
+
+
+def _folder_signature(path: str | None) -> str:
+    """A cheap signature of a local model folder (file names, sizes, mtimes); hub ids sign as themselves."""
+    digest = hashlib.sha256(str(path).encode())
+    folder = Path(path) if path else None
+    if folder is not None and folder.is_dir():
+        for file in sorted(folder.iterdir()):
+            stat = file.stat()
+            digest.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:8]
 
 
 def training_arguments(cfg: TrainingParams, checkpoints: Path, stage: str) -> dict[str, Any]:
@@ -61,14 +75,30 @@ def training_arguments(cfg: TrainingParams, checkpoints: Path, stage: str) -> di
     )
 
 
-def train_resuming(trainer, checkpoints: Path) -> dict[str, float]:
-    """Trains, resuming from the newest checkpoint in `checkpoints` if an earlier attempt was interrupted."""
-    from transformers.trainer_utils import get_last_checkpoint
+def _last_complete_checkpoint(checkpoints: Path) -> Path | None:
+    # A kill during saving leaves a checkpoint folder without trainer_state.json (written last): skip it.
+    complete = [
+        folder
+        for folder in (checkpoints.glob("checkpoint-*") if checkpoints.is_dir() else [])
+        if folder.name.removeprefix("checkpoint-").isdigit() and (folder / "trainer_state.json").is_file()
+    ]
+    return max(complete, key=lambda folder: int(folder.name.removeprefix("checkpoint-")), default=None)
 
-    last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+
+def train_resuming(trainer, checkpoints: Path) -> dict[str, float]:
+    """Trains, resuming from the newest complete checkpoint in `checkpoints` if an earlier attempt was interrupted."""
+    last = _last_complete_checkpoint(checkpoints)
     if last:
         print(f"Resuming from checkpoint {last}")
-    return trainer.train(resume_from_checkpoint=last).metrics
+    return trainer.train(resume_from_checkpoint=str(last) if last else None).metrics
+
+
+def report_dropped_examples(trainer, rows: int) -> dict[str, float]:
+    """TRL silently drops examples (e.g. fully truncated ones); say how many, so a too-small max_length shows."""
+    used = len(trainer.train_dataset)
+    if used < 0.9 * rows:
+        print(f"warning: the trainer kept {used} of {rows} training examples; raise max_length?", file=sys.stderr)
+    return {"train_examples": float(rows), "train_examples_used": float(used)}
 
 
 def save_model(model, tokenizer, output_dir: str) -> None:

@@ -38,7 +38,7 @@ def run(cfg: PretrainConfig) -> StageResult:
 
     corpus, fingerprint = load_dataset(cfg.corpus, "text")
     train, held_out = split(corpus, cfg.eval_fraction, cfg.seed)
-    checkpoints = checkpoint_dir("pretrain", cfg, fingerprint)
+    checkpoints = checkpoint_dir("pretrain", cfg, fingerprint, cfg.base_model)
 
     with tracking.stage_run("pretrain", flatten(cfg, "pretrain")):
         tracking.log_dataset(train, "corpus", cfg.corpus, fingerprint, context="training")

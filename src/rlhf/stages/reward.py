@@ -17,6 +17,7 @@ from rlhf.stages.common import (
     finish,
     loss_history,
     save_model,
+    report_dropped_examples,
     train_resuming,
     training_arguments,
 )
@@ -31,7 +32,7 @@ def run(cfg: RewardConfig) -> StageResult:
     dataset, fingerprint = load_dataset(cfg.dataset, "preference")
     train, held_out = split(dataset, cfg.eval_fraction, cfg.seed)
     tokenizer = load_tokenizer(cfg.base_model)
-    checkpoints = checkpoint_dir("reward", cfg, fingerprint)
+    checkpoints = checkpoint_dir("reward", cfg, fingerprint, cfg.base_model)
 
     with tracking.stage_run("reward", flatten(cfg, "reward")):
         tracking.log_dataset(train, "preferences", cfg.dataset, fingerprint, context="training")
@@ -55,6 +56,7 @@ def run(cfg: RewardConfig) -> StageResult:
             "eval_accuracy": evaluation["eval_accuracy"],
             "eval_margin": evaluation["eval_margin"],
         }
+        metrics |= report_dropped_examples(trainer, len(train))
         tracking.log_metrics(metrics)
         save_model(trainer.model, tokenizer, cfg.output_dir)
     finish(checkpoints)

@@ -18,6 +18,7 @@ from rlhf.stages.common import (
     loss_history,
     perplexity,
     save_model,
+    report_dropped_examples,
     train_resuming,
     training_arguments,
 )
@@ -46,7 +47,7 @@ def run(cfg: SFTConfig) -> StageResult:
     dataset, fingerprint = load_dataset(cfg.dataset, "sft")
     train, held_out = split(dataset, cfg.eval_fraction, cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
-    checkpoints = checkpoint_dir("sft", cfg, fingerprint)
+    checkpoints = checkpoint_dir("sft", cfg, fingerprint, cfg.model)
     conversational = "messages" in dataset.column_names
 
     with tracking.stage_run("sft", flatten(cfg, "sft")):
@@ -73,6 +74,7 @@ def run(cfg: SFTConfig) -> StageResult:
             "eval_perplexity": perplexity(eval_metrics["eval_loss"]),
             "eval_mean_token_accuracy": eval_metrics.get("eval_mean_token_accuracy", float("nan")),
         }
+        metrics |= report_dropped_examples(trainer, len(train))
         tracking.log_metrics(metrics)
         model = trainer.model.merge_and_unload() if cfg.lora.enabled else trainer.model
         save_model(model, tokenizer, cfg.output_dir)

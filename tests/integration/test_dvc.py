@@ -1,0 +1,196 @@
+"""The DVC side of the project with the real `dvc` command: data versioning, the pipeline, caching, remotes, metrics.
+
+Most tests share one throw-away copy of the project (git repo, the real dvc.yaml and src/, tiny params, the tiny
+demo data re-recorded with `dvc add`) in which `dvc repro` has run once; the stages track to the session's MLflow
+server. The one test that changes params works on a copy of that project, so no test depends on another's order.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+from _support import PROJECT, base_env, git, make_project, run, tree_hashes
+
+pytestmark = pytest.mark.slow
+
+STAGES = ("pretrain", "sft", "reward")
+OUTPUTS = {"pretrain": "models/pretrained", "sft": "models/sft", "reward": "models/reward"}
+
+
+def dvc(folder: Path, *args: str, env: dict[str, str]) -> str:
+    """Runs `dvc ARGS`; returns stdout and stderr together (DVC prints its progress messages on either)."""
+    result = run(["dvc", *args], cwd=folder, env=env)
+    return result.stdout + result.stderr
+
+
+def dvc_json(folder: Path, *args: str, env: dict[str, str]):
+    """Runs `dvc ARGS --json` and parses its stdout (warnings go to stderr)."""
+    return json.loads(run(["dvc", *args, "--json"], cwd=folder, env=env).stdout)
+
+
+def _data_dvc_out(folder: Path) -> dict:
+    return yaml.safe_load((folder / "data.dvc").read_text())["outs"][0]
+
+
+def test_committed_data_dvc_matches_regenerated_demo_data(tmp_path):
+    """The acceptance check: `rlhf data demo` with the real params.yaml regenerates exactly what data.dvc records."""
+    env = base_env()
+    shutil.copy2(PROJECT / "params.yaml", tmp_path / "params.yaml")
+    shutil.copy2(PROJECT / ".dvcignore", tmp_path / ".dvcignore")
+    run(["rlhf", "data", "demo", "-o", "data"], cwd=tmp_path, env=env)
+    dvc(tmp_path, "init", "--no-scm", "-q", env=env)
+    dvc(tmp_path, "add", "data", env=env)
+    regenerated, committed = _data_dvc_out(tmp_path), _data_dvc_out(PROJECT)
+    for key in ("md5", "size", "nfiles"):
+        assert regenerated[key] == committed[key], (
+            f"data.dvc records {key}={committed[key]!r} but the regenerated demo data has {regenerated[key]!r}: "
+            "rerun `rlhf data demo -o data && dvc add data` and commit data.dvc"
+        )
+
+
+@dataclass
+class Pipeline:
+    folder: Path
+    env: dict[str, str]
+    first_repro: str
+    commit: str  # HEAD when the pipeline ran
+    experiment: str
+    server_url: str
+
+
+@pytest.fixture(scope="module")
+def pipeline(mlflow_server, tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
+    """The tiny project after `rlhf data demo`, `dvc add data`, a commit, and one `dvc repro`."""
+    folder = make_project(tmp_path_factory.mktemp("dvc") / "project")
+    experiment = f"dvc-{uuid.uuid4().hex[:8]}"
+    env = base_env(MLFLOW_TRACKING_URI=mlflow_server.url, MLFLOW_EXPERIMENT_NAME=experiment)
+    run(["rlhf", "data", "demo", "-o", "data"], cwd=folder, env=env)
+    dvc(folder, "add", "data", env=env)  # data.dvc now records the tiny data instead of the full-size demo
+    assert _data_dvc_out(folder)["nfiles"] == 5
+    git(folder, "add", "data.dvc", ".gitignore")
+    git(folder, "commit", "-q", "-m", "tiny demo data")
+    commit = git(folder, "rev-parse", "HEAD").strip()
+    first = dvc(folder, "repro", env=env)
+    return Pipeline(folder, env, first, commit, experiment, mlflow_server.url)
+
+
+def test_first_repro_runs_every_stage_in_order(pipeline):
+    output = pipeline.first_repro
+    positions = [output.find(f"Running stage '{stage}'") for stage in STAGES]
+    assert all(position >= 0 for position in positions), output[-3000:]
+    assert positions == sorted(positions), "pretrain -> sft -> reward"
+    lock = yaml.safe_load((pipeline.folder / "dvc.lock").read_text())["stages"]
+    assert set(lock) == set(STAGES)
+    for stage in STAGES:
+        outs = {out["path"]: out for out in lock[stage]["outs"]}
+        assert outs[OUTPUTS[stage]]["md5"].endswith(".dir")
+        assert (pipeline.folder / OUTPUTS[stage] / "model.safetensors").is_file()
+        assert (pipeline.folder / "metrics" / f"{stage}.json").is_file()
+        assert (pipeline.folder / "plots" / stage / "train.json").is_file()
+    # Each stage's lock entry records the params section it lists, as params.yaml has it.
+    params = yaml.safe_load((pipeline.folder / "params.yaml").read_text())
+    assert lock["reward"]["params"]["params.yaml"]["reward"] == params["reward"]
+
+
+def test_second_repro_runs_nothing(pipeline):
+    lock_before = (pipeline.folder / "dvc.lock").read_bytes()
+    output = dvc(pipeline.folder, "repro", env=pipeline.env)
+    assert "Running stage" not in output, output
+    for stage in STAGES:
+        assert f"Stage '{stage}' didn't change, skipping" in output
+    assert "Data and pipelines are up to date." in output
+    assert dvc_json(pipeline.folder, "status", env=pipeline.env) == {}
+    assert (pipeline.folder / "dvc.lock").read_bytes() == lock_before
+
+
+def test_metrics_show_lists_every_stage(pipeline):
+    shown = dvc_json(pipeline.folder, "metrics", "show", env=pipeline.env)
+    files = shown[""]["data"]
+    assert set(files) == {f"metrics/{stage}.json" for stage in STAGES}
+    for stage in STAGES:
+        on_disk = json.loads((pipeline.folder / "metrics" / f"{stage}.json").read_text())
+        assert files[f"metrics/{stage}.json"]["data"] == on_disk
+        assert {"train_loss", "eval_loss"} <= set(on_disk)
+    accuracy = files["metrics/reward.json"]["data"]["eval_accuracy"]
+    assert 0.0 <= accuracy <= 1.0
+
+
+def test_plots_show_renders_every_loss_curve(pipeline):
+    """The loss curves dvc.yaml declares render: DVC needs every row of a plot file to have the same fields."""
+    shown = dvc_json(pipeline.folder, "plots", "show", env=pipeline.env)
+    assert not shown.get("errors"), shown.get("errors")
+    for stage in STAGES:
+        rendered = shown["data"][f"{stage} loss"]
+        assert rendered, f"{stage} loss: nothing rendered"
+        series: dict[str, int] = {}
+        for point in rendered[0]["content"]["data"]["values"]:
+            series[point["filename::field"]] = series.get(point["filename::field"], 0) + 1
+        for name, field in (("train", "loss"), ("eval", "eval_loss")):
+            rows = json.loads((pipeline.folder / "plots" / stage / f"{name}.json").read_text())
+            assert rows and series.get(f"{name}.json::{field}") == len(rows), (stage, name, series)
+
+
+def test_stage_runs_under_dvc_carry_git_and_data_lineage(pipeline):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(pipeline.server_url)
+    experiment = client.get_experiment_by_name(pipeline.experiment)
+    runs = client.search_runs([experiment.experiment_id])
+    assert sorted(r.data.tags["rlhf.stage"] for r in runs) == sorted(STAGES)
+    data_md5 = _data_dvc_out(pipeline.folder)["md5"]
+    for stage_run in runs:
+        assert stage_run.info.status == "FINISHED"
+        assert stage_run.data.tags["rlhf.git_commit"] == pipeline.commit
+        assert stage_run.data.tags["rlhf.data_dvc_md5"] == data_md5
+
+
+def test_push_then_pull_into_a_fresh_clone_restores_data_and_models(pipeline, tmp_path):
+    folder, env = pipeline.folder, pipeline.env
+    remote = tmp_path / "remote"
+    dvc(folder, "remote", "add", "-d", "-f", "local", str(remote), env=env)
+    git(folder, "add", "-A")  # dvc.lock, metrics/, plots/, .dvc/config; data/ and models/ stay git-ignored
+    git(folder, "commit", "-q", "-m", "pipeline outputs")
+    tracked = git(folder, "ls-files").split()
+    assert "dvc.lock" in tracked and "metrics/reward.json" in tracked
+    assert not [path for path in tracked if path.startswith(("data/", "models/"))]
+    dvc(folder, "push", env=env)
+    assert any(path.is_file() for path in remote.rglob("*"))
+
+    clone = tmp_path / "clone"
+    git(tmp_path, "clone", "-q", str(folder), str(clone))
+    assert not (clone / "data").exists() and not (clone / "models").exists()
+    dvc(clone, "pull", env=env)
+    for name in ("data", "models", "metrics"):
+        expected = tree_hashes(folder / name)
+        assert expected, name
+        assert tree_hashes(clone / name) == expected, f"{name}/ differs after dvc pull"
+    assert dvc_json(clone, "status", env=env) == {}
+
+
+def test_changing_a_reward_param_reruns_only_the_reward_stage(pipeline, tmp_path):
+    folder = tmp_path / "project"
+    shutil.copytree(pipeline.folder, folder, symlinks=True)
+    env = dict(pipeline.env, MLFLOW_EXPERIMENT_NAME=f"{pipeline.experiment}-changed")
+    before = {stage: tree_hashes(folder / OUTPUTS[stage]) for stage in STAGES}
+
+    params = yaml.safe_load((folder / "params.yaml").read_text())
+    params["reward"]["learning_rate"] = params["reward"]["learning_rate"] / 3
+    (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert set(dvc_json(folder, "status", env=env)) == {"reward"}
+
+    output = dvc(folder, "repro", env=env)
+    assert "Running stage 'reward'" in output, output[-3000:]
+    for stage in ("pretrain", "sft"):
+        assert f"Running stage '{stage}'" not in output
+        assert f"Stage '{stage}' didn't change, skipping" in output
+        assert tree_hashes(folder / OUTPUTS[stage]) == before[stage]
+    assert tree_hashes(folder / OUTPUTS["reward"]) != before["reward"]
+    lock = yaml.safe_load((folder / "dvc.lock").read_text())["stages"]
+    assert lock["reward"]["params"]["params.yaml"]["reward"]["learning_rate"] == params["reward"]["learning_rate"]
+    assert dvc_json(folder, "status", env=env) == {}

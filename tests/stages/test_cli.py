@@ -1,0 +1,256 @@
+"""The `rlhf` command run as users and DVC run it: a subprocess in the project folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from stage_helpers import Trained
+
+_SCRIPT = Path(sys.executable).with_name("rlhf")
+RLHF = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "rlhf.cli"]
+
+
+def cli_env() -> dict[str, str]:
+    # The autouse fixture already isolated os.environ (offline, no tracking server); one torch thread keeps the
+    # tiny models fast on a busy 2-core machine.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def rlhf(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*RLHF, *args], cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def error_lines(result: subprocess.CompletedProcess[str]) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.strip()]
+
+
+def snapshot(folder: Path) -> set[str]:
+    return {str(path.relative_to(folder)) for path in folder.rglob("*")}
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(str(p) for p in folder.rglob(".*") if ".tmp-" in p.name or ".old-" in p.name)
+
+
+# ---------------------------------------------------------------------------------------------- bad inputs
+
+STAGE_INPUTS = {"pretrain": ("data/corpus.jsonl", "models/pretrained"), "sft": ("data/sft.jsonl", "models/sft"),
+                "reward": ("data/preferences.jsonl", "models/reward")}
+
+
+@pytest.mark.parametrize("stage", list(STAGE_INPUTS))
+def test_malformed_input_line_fails_with_file_and_line(stage: str, workdir: Path) -> None:
+    # Data is read and validated before any model is loaded, so no base model is needed to see the data error.
+    data_file, output = STAGE_INPUTS[stage]
+    lines = (workdir / data_file).read_text(encoding="utf-8").splitlines()
+    lines[2] = lines[2][: len(lines[2]) // 2]  # line 3: a record cut off mid-way
+    (workdir / data_file).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    before = snapshot(workdir)
+
+    result = rlhf(stage, cwd=workdir)
+
+    assert result.returncode != 0
+    errors = error_lines(result)
+    assert len(errors) == 1, result.stderr[-3000:]
+    assert f"{data_file}:3" in errors[0] and "malformed JSON" in errors[0]
+    assert not (workdir / output).exists()
+    assert not (workdir / "metrics" / f"{stage}.json").exists()
+    assert not (workdir / "plots" / stage).exists()
+    assert snapshot(workdir) == before, "a failed run left files behind"
+
+
+@pytest.mark.parametrize(
+    ("args", "key"),
+    [
+        (["--set", "sft.learning_rate=-1"], "sft.learning_rate"),
+        (["--set", "sft.nope=1"], "sft.nope"),
+        (["--set", "sft.epochs=abc"], "sft.epochs"),
+        (["--set", "sft.lora.r=0"], "sft.lora.r"),
+        # Every section is validated, not only the one of the stage being run.
+        (["--set", "reward.batch_size=0"], "reward.batch_size"),
+    ],
+)
+def test_bad_params_fail_fast_naming_the_key(args: list[str], key: str, workdir: Path) -> None:
+    before = snapshot(workdir)
+    start = time.monotonic()
+    result = rlhf("sft", *args, cwd=workdir)
+    elapsed = time.monotonic() - start
+
+    assert result.returncode != 0
+    errors = error_lines(result)
+    assert len(errors) == 1, result.stderr[-3000:]
+    assert errors[0].startswith("error: ") and key in errors[0]
+    assert elapsed < 15, f"took {elapsed:.1f}s: the params must be checked before anything heavy is imported or run"
+    assert snapshot(workdir) == before, "a run with bad params wrote files"
+
+
+def test_bad_value_in_params_file(workdir: Path) -> None:
+    (workdir / "params.yaml").write_text(
+        (workdir / "params.yaml").read_text() + "\nbogus_section:\n  x: 1\n", encoding="utf-8"
+    )
+    result = rlhf("pretrain", cwd=workdir)
+    assert result.returncode != 0
+    errors = error_lines(result)
+    assert len(errors) == 1 and "params.yaml" in errors[0] and "bogus_section" in errors[0]
+
+
+def test_missing_base_model_is_a_one_line_error(workdir: Path) -> None:
+    result = rlhf("sft", cwd=workdir)
+    assert result.returncode == 2
+    errors = error_lines(result)
+    assert len(errors) == 1, result.stderr[-3000:]
+    assert errors[0].startswith("error: ") and "models/pretrained" in errors[0]
+    assert not (workdir / "models").exists() and not (workdir / "metrics").exists()
+
+
+# ---------------------------------------------------------------------------------------------- resume
+
+
+@dataclass
+class TrackedRun:
+    run_id: str
+    loss_history: list[Any]
+
+
+def finished_sft_runs(project: Path) -> list[TrackedRun]:
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("rlhf")
+    runs = client.search_runs(
+        [experiment.experiment_id], "tags.`rlhf.stage` = 'sft' and attributes.status = 'FINISHED'"
+    )
+    return [TrackedRun(run.info.run_id, client.get_metric_history(run.info.run_id, "loss")) for run in runs]
+
+
+@pytest.mark.slow
+def test_interrupted_sft_resumes_from_checkpoint(workdir: Path, pretrained: Trained) -> None:
+    from rlhf.config import load_params
+    from rlhf.stages import sft
+
+    shutil.copytree(pretrained.output, workdir / "models" / "pretrained")
+    args = ["sft", "--set", "sft.save_steps=2", "--set", "sft.epochs=2"]
+
+    # 1. Start, wait for a complete checkpoint (trainer_state.json is the last file a checkpoint gets), SIGKILL.
+    log = (workdir / "first-run.log").open("w")
+    process = subprocess.Popen([*RLHF, *args], cwd=workdir, env=cli_env(), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 240
+        while not list(workdir.glob("checkpoints/sft-*/checkpoint-*/trainer_state.json")):
+            assert process.poll() is None, "the run ended before writing a checkpoint: " + (
+                workdir / "first-run.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.005)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=30)
+        log.close()
+    assert process.returncode == -signal.SIGKILL, "the first run finished before it could be interrupted"
+    assert not (workdir / "models" / "sft").exists()
+    assert not (workdir / "metrics" / "sft.json").exists()
+    assert leftovers(workdir / "models") == []
+    (stage_checkpoints,) = workdir.glob("checkpoints/sft-*")
+    # Killed between two checkpoints (if this fails, the kill landed inside the next checkpoint's save, the case
+    # test_resume_skips_a_half_written_checkpoint covers; the rerun below would then fail on it).
+    newest = max(stage_checkpoints.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[-1]))
+    assert (newest / "trainer_state.json").exists(), f"{newest} is half-written"
+
+    # 2. The same command resumes and completes.
+    result = rlhf(*args, cwd=workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"Resuming from checkpoint {stage_checkpoints.resolve()}" in result.stdout
+    assert (workdir / "models" / "sft" / "config.json").exists()
+    assert json.loads((workdir / "metrics" / "sft.json").read_text())["eval_loss"] > 0
+    assert not stage_checkpoints.exists()
+    assert not list(workdir.glob("checkpoints/sft-*"))
+
+    (resumed_run,) = finished_sft_runs(workdir)  # the killed run never finished
+
+    # 3. It trained exactly as many steps as an uninterrupted run, and its loss history (restored from the
+    #    checkpoint, then continued) has the same rows.
+    reference = sft.run(
+        load_params(overrides=["sft.save_steps=2", "sft.epochs=2", "sft.output_dir=models/sft-reference"]).sft
+    )
+    train_rows = json.loads((workdir / "plots" / "sft" / "train.json").read_text())
+    eval_rows = json.loads((workdir / "plots" / "sft" / "eval.json").read_text())
+    assert [row["step"] for row in train_rows] == [row["step"] for row in reference.history if "loss" in row]
+    assert [row["step"] for row in eval_rows] == [row["step"] for row in reference.history if "eval_loss" in row]
+    assert train_rows[-1]["step"] == max(row["step"] for row in reference.history)
+
+    # 4. It really resumed rather than retraining from step 0 (which would give the same files, training being
+    #    deterministic): the resumed run's MLflow run only logged the steps after the checkpoint it resumed from.
+    resumed_from = int(newest.name.split("-")[-1])
+    logged = {metric.step for metric in resumed_run.loss_history}
+    assert logged == {row["step"] for row in reference.history if "loss" in row and row["step"] > resumed_from}
+
+    # 5. And it continued where it stopped, with the same optimizer, schedule, data order and RNG: the losses match.
+    assert [row["loss"] for row in train_rows] == pytest.approx(
+        [row["loss"] for row in reference.history if "loss" in row], rel=1e-4
+    )
+    metrics = json.loads((workdir / "metrics" / "sft.json").read_text())
+    assert metrics["eval_loss"] == pytest.approx(reference.metrics["eval_loss"], rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- data commands
+
+
+def test_data_validate(workdir: Path) -> None:
+    from rlhf.data.io import fingerprint, read_rows
+
+    ok = rlhf("data", "validate", "data/sft.jsonl", "--kind", "sft", cwd=workdir)
+    assert ok.returncode == 0, ok.stderr
+    records = read_rows(workdir / "data" / "sft.jsonl").records
+    expected = fingerprint(records)[:16]
+    assert ok.stdout.strip() == f"data/sft.jsonl: {len(records)} valid sft records, fingerprint {expected}"
+
+    wrong_kind = rlhf("data", "validate", "data/sft.jsonl", "--kind", "preference", cwd=workdir)
+    assert wrong_kind.returncode == 2
+    assert error_lines(wrong_kind) == [
+        f"error: data/sft.jsonl:1: missing field 'chosen' (and {len(records) - 1} more bad records)"
+    ]
+
+    path = workdir / "data" / "preferences.jsonl"
+    lines = path.read_text().splitlines()
+    record = json.loads(lines[6])
+    del record["rejected"]
+    lines[6] = json.dumps(record)
+    path.write_text("\n".join(lines) + "\n")
+    bad_record = rlhf("data", "validate", "data/preferences.jsonl", "--kind", "preference", cwd=workdir)
+    assert bad_record.returncode == 2
+    assert error_lines(bad_record) == ["error: data/preferences.jsonl:7: missing field 'rejected'"]
+
+    missing = rlhf("data", "validate", "data/nope.jsonl", "--kind", "text", cwd=workdir)
+    assert missing.returncode == 2
+    assert error_lines(missing) == ["error: data/nope.jsonl: no such file or folder"]
+
+    bad_kind = rlhf("data", "validate", "data/sft.jsonl", "--kind", "images", cwd=workdir)
+    assert bad_kind.returncode == 2 and "invalid choice" in bad_kind.stderr
+
+
+def test_data_demo_is_byte_identical(workdir: Path, tiny_demo_data: Path) -> None:
+    first = rlhf("data", "demo", "-o", "out1", cwd=workdir)
+    second = rlhf("data", "demo", "-o", "out2", cwd=workdir)
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    names = sorted(p.name for p in (workdir / "out1").iterdir())
+    assert names == ["corpus.jsonl", "eval_prompts.jsonl", "preferences.jsonl", "prompts.jsonl", "sft.jsonl"]
+    assert names == sorted(p.name for p in (workdir / "out2").iterdir())
+    for name in names:
+        data = (workdir / "out1" / name).read_bytes()
+        assert data and data == (workdir / "out2" / name).read_bytes(), name
+        # Same params as the session's demo data (generated in-process): same bytes.
+        assert data == (tiny_demo_data / name).read_bytes(), name
+    assert f"out1/sft.jsonl: {len((workdir / 'out1' / 'sft.jsonl').read_text().splitlines())} rows" in first.stdout

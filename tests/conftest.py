@@ -34,6 +34,8 @@ TINY_PARAMS = {
             "save_steps": 1000, "eval_fraction": 0.1},
     "reward": {"epochs": 1, "batch_size": 8, "max_length": 64, "learning_rate": 0.003, "logging_steps": 2,
                "save_steps": 1000, "eval_fraction": 0.2},
+    "ppo": {"total_episodes": 48, "rollout_batch_size": 8, "mini_batch_size": 4, "ppo_epochs": 1,
+            "max_new_tokens": 8, "eval_batch_size": 16, "save_steps": 2, "sample_steps": 2},
 }
 
 
@@ -48,6 +50,14 @@ def _isolated_environment(monkeypatch: pytest.MonkeyPatch) -> None:
                        "DVC_NO_ANALYTICS": "1", "TOKENIZERS_PARALLELISM": "false",
                        "HF_HUB_DISABLE_TELEMETRY": "1"}.items():
         monkeypatch.setenv(key, value)
+
+
+@pytest.fixture(scope="session")
+def tiny_params() -> dict:
+    """TINY_PARAMS, for fixtures wider than a function (which cannot import this conftest by name)."""
+    import copy
+
+    return copy.deepcopy(TINY_PARAMS)
 
 
 @pytest.fixture(scope="session")

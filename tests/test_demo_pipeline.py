@@ -1,7 +1,8 @@
 """The main job on the embedded default, once: demo data, then `dvc repro` of the real params, in a copy of the repo.
 
-This is the acceptance run of the supervised half: the data regenerates to the bytes data.dvc records, every stage
-runs through DVC, the reward model clears the accuracy bar, and each stage has a finished MLflow run in sqlite.
+This is the acceptance run of the demo: the data regenerates to the bytes data.dvc records, every stage runs through
+DVC, the reward model clears the accuracy bar, PPO beats the SFT model on held-out prompts within the KL budget, and
+each stage has a finished MLflow run in sqlite.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("pretrain", "sft", "reward")
+STAGES = ("pretrain", "sft", "reward", "ppo")
 
 
 def _run(command: list[str], cwd: Path) -> str:
@@ -44,6 +45,13 @@ def test_demo_pipeline_reproduces_with_dvc(demo_project: Path) -> None:
     metrics = {stage: json.loads((demo_project / "metrics" / f"{stage}.json").read_text()) for stage in STAGES}
     assert metrics["reward"]["eval_accuracy"] >= 0.85
     assert metrics["sft"]["eval_loss"] < metrics["pretrain"]["eval_loss"]  # SFT fits its task better than the base
+    # PPO on the held-out prompts: RM score up by >= 1 SFT std, gold (VADER) up by >= 0.3, within the KL budget,
+    # and the answers still end with EOS.
+    ppo = metrics["ppo"]
+    assert ppo["eval/rm_gain_in_sft_std"] >= 1.0
+    assert ppo["eval/gold_gain"] >= 0.3
+    assert ppo["objective/kl"] <= 6.0
+    assert ppo["eval/policy/eos_rate"] >= 0.9
     assert "up to date" in _run(["dvc", "status"], demo_project)
 
     import mlflow
@@ -60,4 +68,5 @@ def test_demo_pipeline_reproduces_with_dvc(demo_project: Path) -> None:
             "model/config.json",
             "model/model.safetensors",
         }
-        assert len(client.get_metric_history(run.info.run_id, "loss")) > 3
+        step_metric = "objective/scores" if stage == "ppo" else "loss"
+        assert len(client.get_metric_history(run.info.run_id, step_metric)) > 3

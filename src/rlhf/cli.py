@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from rlhf.config import ConfigError, Params, load_params
 from rlhf.data.io import DataError
 
-STAGES = ("pretrain", "sft", "reward")
+STAGES = ("pretrain", "sft", "reward", "ppo")
 
 
 def _offline_friendly_environment() -> None:
@@ -41,9 +41,9 @@ def _add_params_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _stage_runner(stage: str) -> Callable[[Params], object]:
-    from rlhf.stages import pretrain, reward, sft
+    from rlhf.stages import ppo, pretrain, reward, sft
 
-    modules = {"pretrain": pretrain, "sft": sft, "reward": reward}
+    modules = {"pretrain": pretrain, "sft": sft, "reward": reward, "ppo": ppo}
     return lambda params: modules[stage].run(getattr(params, stage))
 
 
@@ -60,7 +60,7 @@ def _cmd_stage(args: argparse.Namespace) -> None:
     write_json(metrics_file, result.metrics)
     plots_dir = args.plots or f"plots/{args.command}"
     # One series per file, every row with the same keys: DVC drops plot files whose rows differ.
-    for name, key in (("train", "loss"), ("eval", "eval_loss")):
+    for name, key in result.curves:
         series = [{"step": row["step"], key: row[key]} for row in result.history if key in row]
         write_json(f"{plots_dir}/{name}.json", series)
     print(f"{args.command}: " + ", ".join(f"{key}={value:.4g}" for key, value in result.metrics.items()))

@@ -117,6 +117,65 @@ class RewardConfig(TrainingParams):
     center_rewards_coefficient: float | None = Field(None, ge=0)
 
 
+class PPOConfig(Section):
+    """PPO against the reward model with a KL penalty to the reference (the SFT model)."""
+
+    policy_model: str = "models/sft"
+    reward_model: str = "models/reward"
+    value_model: Literal["reward", "policy_head"] = Field(
+        "reward", description="critic initialised from the reward model, or a value head on the policy"
+    )
+    prompts: str = "data/prompts.jsonl"
+    eval_prompts: str = "data/eval_prompts.jsonl"
+    output_dir: str = "models/ppo"
+    seed: int = 42
+    # Schedule: each step samples `rollout_batch_size` prompts per process, then runs `ppo_epochs` passes over them.
+    total_episodes: int = Field(2048, ge=1)
+    rollout_batch_size: int = Field(64, ge=1)
+    mini_batch_size: int = Field(16, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    ppo_epochs: int = Field(2, ge=1)
+    learning_rate: float = Field(1e-4, gt=0, le=1)
+    lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    # Sampling
+    max_new_tokens: int = Field(24, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_k: int = Field(0, ge=0, description="0: off")
+    top_p: float = Field(1.0, gt=0, le=1)
+    missing_eos_penalty: float | None = Field(1.0, ge=0, description="subtracted from the score of a response without EOS")
+    # Objective
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    kl_coef: float = Field(0.05, ge=0)
+    target_kl: float | None = Field(None, gt=0, description="set: adapt kl_coef towards this KL (nats per response)")
+    kl_horizon: int = Field(10000, ge=1)
+    kl_budget: float = Field(6.0, gt=0, description="the KL (nats per response) the run must stay within")
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    cliprange: float = Field(0.2, gt=0)
+    cliprange_value: float = Field(0.2, gt=0)
+    vf_coef: float = Field(0.1, ge=0)
+    whiten_rewards: bool = False
+    # Bookkeeping
+    logging_steps: int = Field(1, ge=1)
+    sample_steps: int = Field(10, ge=1, description="log a table of (query, response, score) every N steps")
+    save_steps: int = Field(10, ge=1)
+    eval_batch_size: int = Field(64, ge=1)
+    gold_annotator: str = Field("vader", description="held-out gold scorer: vader, none or module:function")
+    lora: LoraParams = LoraParams()
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+
+    @model_validator(mode="after")
+    def _batches_divide(self) -> "PPOConfig":
+        if self.rollout_batch_size % self.mini_batch_size:
+            raise ValueError(f"rollout_batch_size ({self.rollout_batch_size}) must be a multiple of mini_batch_size")
+        if self.mini_batch_size % self.gradient_accumulation_steps:
+            raise ValueError("mini_batch_size must be a multiple of gradient_accumulation_steps")
+        return self
+
+
 class Params(Section):
     """All of params.yaml. Sections later issues add get their own classes here."""
 
@@ -124,6 +183,7 @@ class Params(Section):
     pretrain: PretrainConfig = PretrainConfig()
     sft: SFTConfig = SFTConfig()
     reward: RewardConfig = RewardConfig()
+    ppo: PPOConfig = PPOConfig()
 
 
 def _apply_override(raw: dict[str, Any], assignment: str) -> None:

@@ -22,16 +22,18 @@ class StageResult:
     metrics: dict[str, float]
     history: list[dict[str, float]] = field(default_factory=list)
     output_dir: str | None = None
+    # The curves to plot from `history`: (file name, metric key); DVC wants one series per file.
+    curves: tuple[tuple[str, str], ...] = (("train", "loss"), ("eval", "eval_loss"))
 
 
 def checkpoint_dir(stage: str, cfg: TrainingParams, data_fingerprint: str, base_model: str | None) -> Path:
     """Checkpoints live outside the stage output, keyed by the config, the data and the base model's files, so only
     an identical run resumes (a retrained base model must not resume from checkpoints built on the old one)."""
-    key = f"{config_hash(cfg)}-{data_fingerprint[:8]}-{_folder_signature(base_model)}"
+    key = f"{config_hash(cfg)}-{data_fingerprint[:8]}-{folder_signature(base_model)}"
     return tracking.project_root() / "checkpoints" / f"{stage}-{key}"
 
 
-def _folder_signature(path: str | None) -> str:
+def folder_signature(path: str | None) -> str:
     """A cheap signature of a local model folder (file names, sizes, mtimes); hub ids sign as themselves."""
     digest = hashlib.sha256(str(path).encode())
     folder = Path(path) if path else None

@@ -1,0 +1,155 @@
+"""PPO: raise the reward model's score of the policy's answers, minus a KL penalty to the reference (SFT) model.
+
+Loads the four models, runs the project's PPO engine (`rlhf.ppo`), then compares the policy with the SFT model on
+the held-out prompts (same sampling seed): reward-model score, gold score, KL, EOS rate and length. The policy is
+saved with `save_pretrained` (LoRA adapters merged) for the evaluation and registry stages.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import torch
+
+from rlhf import tracking
+from rlhf.annotators import get_annotator
+from rlhf.config import ConfigError, PPOConfig, config_hash, flatten
+from rlhf.data.formats import load_dataset
+from rlhf.modeling import load_causal_lm, load_reward_model, load_tokenizer
+from rlhf.ppo.rollout import Critic, generate, join, score, sequence_logprobs
+from rlhf.ppo.trainer import PPOTrainer, frozen_copy
+from rlhf.stages.common import StageResult, finish, folder_signature, save_model
+from rlhf.stages.sft import lora_config
+
+
+def _prompt_texts(dataset, tokenizer) -> list[str]:
+    """Plain prompts as they are; conversational ones through the chat template, ending with the assistant cue."""
+    return [
+        prompt if isinstance(prompt, str)
+        else tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        for prompt in dataset["prompt"]
+    ]
+
+
+@torch.no_grad()
+def _held_out(cfg, policy, reference_logits, tokenizer, reward_model, reward_tokenizer, prompts, device, label):
+    """Samples once per prompt with a fixed seed; returns per-response scores and summary statistics."""
+    annotator = get_annotator(cfg.gold_annotator)
+    rm_scores, gold, eos, lengths, kls = [], [], [], [], []
+    torch.manual_seed(cfg.seed)
+    for start in range(0, len(prompts), cfg.eval_batch_size):
+        batch = prompts[start : start + cfg.eval_batch_size]
+        samples = generate(policy, tokenizer, batch, cfg, device)
+        context = samples.queries.shape[1]
+        ids, attention, positions = join(samples.queries, samples.query_mask, samples.responses, samples.mask)
+        logprobs = sequence_logprobs(policy(input_ids=ids, attention_mask=attention, position_ids=positions).logits,
+                                     context, samples.responses, cfg.temperature)[1]
+        ref_logprobs = sequence_logprobs(reference_logits(ids, attention, positions), context, samples.responses,
+                                         cfg.temperature)[1]
+        kls += ((logprobs - ref_logprobs) * samples.mask).sum(1).tolist()
+        rm_scores += score(reward_model, reward_tokenizer, batch, samples.texts, device).tolist()
+        gold += annotator(samples.texts) if annotator else []
+        eos += samples.ends_with_eos.float().tolist()
+        lengths += samples.mask.sum(1).tolist()
+    summary = {
+        f"eval/{label}/rm_score": statistics.fmean(rm_scores),
+        f"eval/{label}/rm_score_std": statistics.pstdev(rm_scores),
+        f"eval/{label}/kl": statistics.fmean(kls),
+        f"eval/{label}/eos_rate": statistics.fmean(eos),
+        f"eval/{label}/length": statistics.fmean(lengths),
+    }
+    if gold:
+        summary[f"eval/{label}/gold_score"] = statistics.fmean(gold)
+    return summary
+
+
+def run(cfg: PPOConfig) -> StageResult:
+    from accelerate import Accelerator
+    from transformers import set_seed
+
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                              mixed_precision="bf16" if cfg.bf16 else "no")
+    set_seed(cfg.seed)
+    prompts, prompts_fingerprint = load_dataset(cfg.prompts, "prompts")
+    eval_prompts, eval_fingerprint = load_dataset(cfg.eval_prompts, "prompts")
+    get_annotator(cfg.gold_annotator)  # fail now, not after training, on a scorer that cannot be loaded
+    tokenizer = load_tokenizer(cfg.policy_model)
+    tokenizer.padding_side = "left"  # generation continues from the right end of every prompt
+    reward_tokenizer = load_tokenizer(cfg.reward_model)
+    reward_tokenizer.padding_side = "right"
+    same_tokenizer = tokenizer.get_vocab() == reward_tokenizer.get_vocab()
+    if cfg.value_model == "reward" and not same_tokenizer:
+        raise ConfigError("ppo.value_model: 'reward' needs the reward model to share the policy's tokenizer; "
+                          "use 'policy_head'")
+
+    policy = load_causal_lm(cfg.policy_model, tokenizer)
+    reference = None if cfg.lora.enabled else frozen_copy(policy)
+    if cfg.lora.enabled:
+        from peft import get_peft_model
+
+        policy = get_peft_model(policy, lora_config(cfg))
+    reward_model = load_reward_model(cfg.reward_model, reward_tokenizer).requires_grad_(False)
+    critic = Critic(load_reward_model(cfg.reward_model, reward_tokenizer)) if cfg.value_model == "reward" else None
+    key = "-".join([config_hash(cfg), prompts_fingerprint[:8], folder_signature(cfg.policy_model),
+                    folder_signature(cfg.reward_model)])
+    checkpoints = tracking.project_root() / "checkpoints" / f"ppo-{key}"
+
+    with tracking.stage_run("ppo", flatten(cfg, "ppo")) as run:
+        tracking.log_dataset(prompts, "prompts", cfg.prompts, prompts_fingerprint, context="training")
+        tracking.log_dataset(eval_prompts, "eval_prompts", cfg.eval_prompts, eval_fingerprint, context="evaluation")
+        trainer = PPOTrainer(cfg, policy, reference, critic, reward_model, tokenizer, reward_tokenizer,
+                             _prompt_texts(prompts, tokenizer), checkpoints, accelerator)
+
+        def on_step(step: int, metrics: dict[str, float], trainer: PPOTrainer) -> None:
+            if step % cfg.logging_steps == 0:
+                tracking.log_metrics(metrics, step=step)
+            if step % cfg.sample_steps == 0 and accelerator.is_main_process:
+                queries, responses, scores = trainer.last_samples
+                rows = list(zip(queries, responses, scores))[:8]
+                for query, response, value in rows[:3]:
+                    print(f"[step {step}] {value:+.2f} {query[-60:]!r} -> {response!r}")
+                if run is not None:
+                    import mlflow
+
+                    mlflow.log_table({"query": [r[0] for r in rows], "response": [r[1] for r in rows],
+                                      "score": [r[2] for r in rows]}, artifact_file=f"samples/step_{step:05d}.json")
+
+        history = trainer.train(on_step)
+        metrics = {key: value for key, value in history[-1].items() if key != "step"} if history else {}
+        if accelerator.is_main_process:
+            metrics |= _compare_on_held_out(cfg, trainer, tokenizer, reward_tokenizer,
+                                            _prompt_texts(eval_prompts, tokenizer), accelerator.device)
+            tracking.log_metrics(metrics)
+        accelerator.wait_for_everyone()
+        policy = trainer.policy.merge_and_unload() if cfg.lora.enabled else trainer.policy
+        save_model(policy, tokenizer, cfg.output_dir)
+    finish(checkpoints)
+    curves = (("scores", "objective/scores"), ("kl", "objective/kl"))
+    return StageResult(metrics, history, cfg.output_dir, curves)
+
+
+def _compare_on_held_out(cfg, trainer: PPOTrainer, tokenizer, reward_tokenizer, prompts, device) -> dict[str, float]:
+    """The policy against the SFT model on held-out prompts, sampled with the same seed."""
+    policy = trainer.policy.eval()
+
+    def reference_logits(ids, attention, positions):
+        if trainer.reference is not None:
+            return trainer.reference(input_ids=ids, attention_mask=attention, position_ids=positions).logits
+        with policy.disable_adapter():
+            return policy(input_ids=ids, attention_mask=attention, position_ids=positions).logits
+
+    policy_stats = _held_out(cfg, policy, reference_logits, tokenizer, trainer.reward_model, reward_tokenizer,
+                                prompts, device, "policy")
+    if trainer.reference is not None:
+        sft_stats = _held_out(cfg, trainer.reference, reference_logits, tokenizer, trainer.reward_model,
+                                 reward_tokenizer, prompts, device, "sft")
+    else:
+        with policy.disable_adapter():
+            sft_stats = _held_out(cfg, policy, reference_logits, tokenizer, trainer.reward_model,
+                                     reward_tokenizer, prompts, device, "sft")
+    stats = policy_stats | sft_stats
+    stats["eval/rm_gain_in_sft_std"] = (stats["eval/policy/rm_score"] - stats["eval/sft/rm_score"]) / max(
+        stats["eval/sft/rm_score_std"], 1e-8)
+    if "eval/policy/gold_score" in stats:
+        stats["eval/gold_gain"] = stats["eval/policy/gold_score"] - stats["eval/sft/gold_score"]
+    return stats

@@ -1,0 +1,93 @@
+"""The PPO stage from the command line: it runs after the supervised stages, resumes after a kill, and runs
+unchanged under `accelerate launch` with two processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+LAUNCH_TWO = ("accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "rlhf.cli")
+
+
+def _rlhf(workdir: Path, *args: str, launcher: tuple[str, ...] = ("rlhf",)) -> subprocess.CompletedProcess:
+    # Without GPUs, ACCELERATE_USE_CPU makes launched processes form a gloo (MULTI_CPU) group.
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true"}
+    result = subprocess.run([*launcher, *args], cwd=workdir, capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def _supervised_once(tmp_path_factory: pytest.TempPathFactory, tiny_demo_data: Path, tiny_params: dict) -> Path:
+    """pretrain -> sft -> reward once for this module, on the tiny demo."""
+    project = tmp_path_factory.mktemp("supervised")
+    shutil.copytree(tiny_demo_data, project / "data")
+    (project / "params.yaml").write_text(yaml.safe_dump(tiny_params, sort_keys=False))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1"}
+    for stage in ("pretrain", "sft", "reward"):
+        subprocess.run(["rlhf", stage], cwd=project, env=env, check=True, capture_output=True)
+    return project
+
+
+@pytest.fixture
+def supervised(_supervised_once: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private copy of the trained project, so each test's PPO run starts from the same models."""
+    project = tmp_path / "project"
+    shutil.copytree(_supervised_once, project)
+    monkeypatch.chdir(project)
+    return project
+
+
+@pytest.mark.slow
+def test_ppo_stage_writes_policy_metrics_and_curves(supervised: Path) -> None:
+    _rlhf(supervised, "ppo", "--set", "ppo.total_episodes=16")
+    metrics = json.loads((supervised / "metrics" / "ppo.json").read_text())
+    for key in ("objective/kl", "objective/scores", "eval/policy/rm_score", "eval/sft/rm_score", "eval/gold_gain"):
+        assert key in metrics
+    assert (supervised / "models" / "ppo" / "model.safetensors").exists()
+    scores = json.loads((supervised / "plots" / "ppo" / "scores.json").read_text())
+    assert [row["step"] for row in scores] == [1, 2]
+    assert not list((supervised / "checkpoints").glob("ppo-*"))
+
+
+@pytest.mark.slow
+def test_killed_ppo_resumes_from_its_checkpoint(supervised: Path) -> None:
+    env = {**os.environ}
+    process = subprocess.Popen(["rlhf", "ppo"], cwd=supervised, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(supervised.glob("checkpoints/ppo-*/step-*/COMPLETE")):
+        assert process.poll() is None and time.monotonic() < deadline, "no checkpoint before the run ended"
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (supervised / "models" / "ppo").exists()
+
+    resumed = _rlhf(supervised, "ppo")
+    assert "Resuming from checkpoint" in resumed.stdout + resumed.stderr
+    # The checkpoint carries the metrics so far: the curves cover the whole run (48 episodes / 8 per step).
+    steps = [row["step"] for row in json.loads((supervised / "plots" / "ppo" / "scores.json").read_text())]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert (supervised / "models" / "ppo" / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_ppo_under_accelerate_launch_with_two_processes(supervised: Path) -> None:
+    _rlhf(supervised, "ppo", launcher=LAUNCH_TWO)
+    metrics = json.loads((supervised / "metrics" / "ppo.json").read_text())
+    # Two processes each sample 8 prompts a step: 48 episodes take 3 steps, counted across processes.
+    steps = [row["step"] for row in json.loads((supervised / "plots" / "ppo" / "scores.json").read_text())]
+    assert steps == [1, 2, 3]
+    assert metrics["episode"] == 48
+    assert (supervised / "models" / "ppo" / "model.safetensors").exists()

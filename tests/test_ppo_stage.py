@@ -91,3 +91,13 @@ def test_ppo_under_accelerate_launch_with_two_processes(supervised: Path) -> Non
     assert steps == [1, 2, 3]
     assert metrics["episode"] == 48
     assert (supervised / "models" / "ppo" / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_ppo_with_bf16_autocast_and_gradient_checkpointing(supervised: Path) -> None:
+    # The GPU settings, exercised on the CPU (autocast to bfloat16 works there too): the run completes and learns.
+    _rlhf(supervised, "ppo", "--set", "ppo.total_episodes=16", "--set", "ppo.bf16=true",
+          "--set", "ppo.gradient_checkpointing=true")
+    metrics = json.loads((supervised / "metrics" / "ppo.json").read_text())
+    assert metrics["loss/value_avg"] == metrics["loss/value_avg"]  # not NaN
+    assert (supervised / "models" / "ppo" / "model.safetensors").exists()

@@ -99,15 +99,12 @@ class PPOTrainer:
         indices = order[offset : offset + per_step][rank::world]
         return [self.prompts[i] for i in indices]
 
-    def _reference_logprobs(self, input_ids, attention_mask, position_ids, context_length, responses):
+    def reference_logits(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
         if self.reference is not None:
-            logits = self.reference(input_ids=input_ids, attention_mask=attention_mask,
-                                    position_ids=position_ids).logits
-        else:  # LoRA: the reference is the same network with its adapters switched off
-            with self.policy.disable_adapter():
-                logits = self.policy(input_ids=input_ids, attention_mask=attention_mask,
-                                     position_ids=position_ids).logits
-        return sequence_logprobs(logits, context_length, responses, self.cfg.temperature)[1]
+            return self.reference(input_ids=input_ids, attention_mask=attention_mask,
+                                  position_ids=position_ids).logits
+        with self.policy.disable_adapter():  # LoRA: the reference is the same network with its adapters off
+            return self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
 
     def _mean(self, value: torch.Tensor) -> float:
         return self.accelerator.reduce(value.detach().float().reshape(1), reduction="mean").item()
@@ -124,7 +121,8 @@ class PPOTrainer:
                                                        samples.mask)
         logits, values = self.model(input_ids, attention_mask, position_ids)
         logprobs = sequence_logprobs(logits, context, samples.responses, cfg.temperature)[1]
-        ref_logprobs = self._reference_logprobs(input_ids, attention_mask, position_ids, context, samples.responses)
+        ref_logits = self.reference_logits(input_ids, attention_mask, position_ids)
+        ref_logprobs = sequence_logprobs(ref_logits, context, samples.responses, cfg.temperature)[1]
         scores = score(self.reward_model, self.reward_tokenizer, prompts, samples.texts, device)
         if cfg.missing_eos_penalty is not None:
             scores = scores - cfg.missing_eos_penalty * (~samples.ends_with_eos).float()

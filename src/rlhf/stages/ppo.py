@@ -131,22 +131,13 @@ def run(cfg: PPOConfig) -> StageResult:
 def _compare_on_held_out(cfg, trainer: PPOTrainer, tokenizer, reward_tokenizer, prompts, device) -> dict[str, float]:
     """The policy against the SFT model on held-out prompts, sampled with the same seed."""
     policy = trainer.policy.eval()
-
-    def reference_logits(ids, attention, positions):
-        if trainer.reference is not None:
-            return trainer.reference(input_ids=ids, attention_mask=attention, position_ids=positions).logits
-        with policy.disable_adapter():
-            return policy(input_ids=ids, attention_mask=attention, position_ids=positions).logits
-
-    policy_stats = _held_out(cfg, policy, reference_logits, tokenizer, trainer.reward_model, reward_tokenizer,
-                                prompts, device, "policy")
+    common = (trainer.reference_logits, tokenizer, trainer.reward_model, reward_tokenizer, prompts, device)
+    policy_stats = _held_out(cfg, policy, *common, "policy")
     if trainer.reference is not None:
-        sft_stats = _held_out(cfg, trainer.reference, reference_logits, tokenizer, trainer.reward_model,
-                                 reward_tokenizer, prompts, device, "sft")
+        sft_stats = _held_out(cfg, trainer.reference, *common, "sft")
     else:
         with policy.disable_adapter():
-            sft_stats = _held_out(cfg, policy, reference_logits, tokenizer, trainer.reward_model,
-                                     reward_tokenizer, prompts, device, "sft")
+            sft_stats = _held_out(cfg, policy, *common, "sft")
     stats = policy_stats | sft_stats
     stats["eval/rm_gain_in_sft_std"] = (stats["eval/policy/rm_score"] - stats["eval/sft/rm_score"]) / max(
         stats["eval/sft/rm_score_std"], 1e-8)

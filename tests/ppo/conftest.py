@@ -56,3 +56,14 @@ def make_policy(tokenizer, pretrained_weights) -> Callable[[], torch.nn.Module]:
         return model.eval()
 
     return make
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state() -> Iterator[None]:
+    """accelerate keeps process-wide singletons; the trainers here build CPU accelerators, so leave none behind
+    for tests elsewhere (another test's Accelerator must not inherit `cpu=True` or a gradient-accumulation count)."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()

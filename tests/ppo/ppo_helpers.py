@@ -35,12 +35,12 @@ def tokenizer_for(texts: list[str], vocab_size: int, padding_side: str):
     return tokenizer
 
 
-def random_lm(tokenizer, seed: int = 0):
+def random_lm(tokenizer, seed: int = 0, dropout: float = 0.0):
     from rlhf.config import ArchitectureParams
     from rlhf.modeling import build_causal_lm
 
     torch.manual_seed(seed)
-    return build_causal_lm(tokenizer, ArchitectureParams(**TINY_ARCH)).eval()
+    return build_causal_lm(tokenizer, ArchitectureParams(**TINY_ARCH, dropout=dropout)).eval()
 
 
 def random_classifier(tokenizer, seed: int = 0):
@@ -51,7 +51,8 @@ def random_classifier(tokenizer, seed: int = 0):
     config = GPT2Config(vocab_size=len(tokenizer), n_positions=TINY_ARCH["n_positions"], n_embd=TINY_ARCH["n_embd"],
                         n_layer=TINY_ARCH["n_layer"], n_head=TINY_ARCH["n_head"], num_labels=1,
                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                        bos_token_id=tokenizer.eos_token_id)
+                        bos_token_id=tokenizer.eos_token_id, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                        summary_first_dropout=0.0)
     model = GPT2ForSequenceClassification(config).eval()
     # GPT-2's init gives the score head tiny outputs; make values and scores clearly non-zero.
     nn.init.normal_(model.score.weight, std=1.0)

@@ -61,6 +61,9 @@ class PPOTrainer:
         if cfg.gradient_checkpointing:
             policy.gradient_checkpointing_enable()
         model = PolicyAndValue(policy, critic)
+        for module in model.modules():  # rollout (eval mode) and update (train mode) must give the same log-probs
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
                                       eps=1e-5)
         updates_per_step = cfg.ppo_epochs * (cfg.rollout_batch_size // cfg.mini_batch_size)

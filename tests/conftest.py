@@ -39,6 +39,17 @@ TINY_PARAMS = {
 }
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    """Tiny in-process models run many times faster on one thread than on two contended ones (2-core CI)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """No test reaches a tracking server or the network unless it sets that up itself."""

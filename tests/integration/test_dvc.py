@@ -19,8 +19,13 @@ from _support import PROJECT, base_env, git, make_project, run, tree_hashes
 
 pytestmark = pytest.mark.slow
 
-STAGES = ("pretrain", "sft", "reward")
-OUTPUTS = {"pretrain": "models/pretrained", "sft": "models/sft", "reward": "models/reward"}
+STAGES = ("pretrain", "sft", "reward", "ppo")
+OUTPUTS = {"pretrain": "models/pretrained", "sft": "models/sft", "reward": "models/reward", "ppo": "models/ppo"}
+LOSS_CURVES = (("train", "loss"), ("eval", "eval_loss"))
+# dvc.yaml's plot for each stage, and its series: (file in plots/<stage>/, field).
+PLOTS = {stage: (f"{stage} loss", LOSS_CURVES) for stage in ("pretrain", "sft", "reward")} | {
+    "ppo": ("ppo reward and KL", (("scores", "objective/scores"), ("kl", "objective/kl")))
+}
 
 
 def dvc(folder: Path, *args: str, env: dict[str, str]) -> str:
@@ -84,7 +89,7 @@ def test_first_repro_runs_every_stage_in_order(pipeline):
     output = pipeline.first_repro
     positions = [output.find(f"Running stage '{stage}'") for stage in STAGES]
     assert all(position >= 0 for position in positions), output[-3000:]
-    assert positions == sorted(positions), "pretrain -> sft -> reward"
+    assert positions == sorted(positions), "pretrain -> sft -> reward -> ppo"
     lock = yaml.safe_load((pipeline.folder / "dvc.lock").read_text())["stages"]
     assert set(lock) == set(STAGES)
     for stage in STAGES:
@@ -92,7 +97,8 @@ def test_first_repro_runs_every_stage_in_order(pipeline):
         assert outs[OUTPUTS[stage]]["md5"].endswith(".dir")
         assert (pipeline.folder / OUTPUTS[stage] / "model.safetensors").is_file()
         assert (pipeline.folder / "metrics" / f"{stage}.json").is_file()
-        assert (pipeline.folder / "plots" / stage / "train.json").is_file()
+        for name, _ in PLOTS[stage][1]:
+            assert (pipeline.folder / "plots" / stage / f"{name}.json").is_file()
     # Each stage's lock entry records the params section it lists, as params.yaml has it.
     params = yaml.safe_load((pipeline.folder / "params.yaml").read_text())
     assert lock["reward"]["params"]["params.yaml"]["reward"] == params["reward"]
@@ -116,7 +122,7 @@ def test_metrics_show_lists_every_stage(pipeline):
     for stage in STAGES:
         on_disk = json.loads((pipeline.folder / "metrics" / f"{stage}.json").read_text())
         assert files[f"metrics/{stage}.json"]["data"] == on_disk
-        assert {"train_loss", "eval_loss"} <= set(on_disk)
+        assert ({"objective/kl", "eval/gold_gain"} if stage == "ppo" else {"train_loss", "eval_loss"}) <= set(on_disk)
     accuracy = files["metrics/reward.json"]["data"]["eval_accuracy"]
     assert 0.0 <= accuracy <= 1.0
 
@@ -126,12 +132,13 @@ def test_plots_show_renders_every_loss_curve(pipeline):
     shown = dvc_json(pipeline.folder, "plots", "show", env=pipeline.env)
     assert not shown.get("errors"), shown.get("errors")
     for stage in STAGES:
-        rendered = shown["data"][f"{stage} loss"]
-        assert rendered, f"{stage} loss: nothing rendered"
+        title, curves = PLOTS[stage]
+        rendered = shown["data"][title]
+        assert rendered, f"{title}: nothing rendered"
         series: dict[str, int] = {}
         for point in rendered[0]["content"]["data"]["values"]:
             series[point["filename::field"]] = series.get(point["filename::field"], 0) + 1
-        for name, field in (("train", "loss"), ("eval", "eval_loss")):
+        for name, field in curves:
             rows = json.loads((pipeline.folder / "plots" / stage / f"{name}.json").read_text())
             assert rows and series.get(f"{name}.json::{field}") == len(rows), (stage, name, series)
 
@@ -173,7 +180,7 @@ def test_push_then_pull_into_a_fresh_clone_restores_data_and_models(pipeline, tm
     assert dvc_json(clone, "status", env=env) == {}
 
 
-def test_changing_a_reward_param_reruns_only_the_reward_stage(pipeline, tmp_path):
+def test_changing_a_reward_param_reruns_only_the_reward_stage_and_its_downstream(pipeline, tmp_path):
     folder = tmp_path / "project"
     shutil.copytree(pipeline.folder, folder, symlinks=True)
     env = dict(pipeline.env, MLFLOW_EXPERIMENT_NAME=f"{pipeline.experiment}-changed")
@@ -186,6 +193,7 @@ def test_changing_a_reward_param_reruns_only_the_reward_stage(pipeline, tmp_path
 
     output = dvc(folder, "repro", env=env)
     assert "Running stage 'reward'" in output, output[-3000:]
+    assert "Running stage 'ppo'" in output  # it reads the new reward model
     for stage in ("pretrain", "sft"):
         assert f"Running stage '{stage}'" not in output
         assert f"Stage '{stage}' didn't change, skipping" in output

@@ -10,13 +10,6 @@ import torch
 from ppo_helpers import demo_rows, quick_pretrain, random_lm, snapshot, tokenizer_for
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """Tiny models run much faster on one thread than on two contended ones (2-core CI, other jobs running)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

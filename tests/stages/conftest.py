@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -87,12 +86,3 @@ def stage_params() -> dict[str, Any]:
     return copy.deepcopy(STAGE_PARAMS)
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """Tiny models train ~20x faster on one thread than on two contended ones (2-core CI, other jobs running)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

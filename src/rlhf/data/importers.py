@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from rlhf.data.io import DataError, fingerprint, read_rows, write_jsonl

@@ -5,7 +5,6 @@ Kept apart from the training loop so each piece can be checked against a hand-wo
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -162,7 +161,3 @@ def response_mask(responses: torch.Tensor, eos_token_id: int) -> torch.Tensor:
     end = first_true_indices(responses == eos_token_id)
     positions = torch.arange(responses.shape[1], device=responses.device).expand_as(responses)
     return (positions <= end.unsqueeze(1)).float()
-
-
-def safe_exp(value: float) -> float:
-    return math.exp(min(value, 50.0))

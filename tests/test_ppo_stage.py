@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import mlflow
 import pytest
 import yaml
 
@@ -59,6 +60,35 @@ def test_ppo_stage_writes_policy_metrics_and_curves(supervised: Path) -> None:
     scores = json.loads((supervised / "plots" / "ppo" / "scores.json").read_text())
     assert [row["step"] for row in scores] == [1, 2]
     assert not list((supervised / "checkpoints").glob("ppo-*"))
+    # Every sample_steps (2) a table of (query, response, score) goes to the MLflow run.
+    run = _ppo_runs(supervised)[-1]
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{supervised / 'mlflow.db'}")
+    tables = [a.path for a in client.list_artifacts(run.info.run_id, "samples")]
+    assert tables == ["samples/step_00002.json"]
+    table = json.loads(Path(client.download_artifacts(run.info.run_id, tables[0], str(supervised))).read_text())
+    assert table["columns"] == ["query", "response", "score"] and len(table["data"]) == 8
+
+
+def _ppo_runs(project: Path) -> list:
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("rlhf")
+    runs = client.search_runs([experiment.experiment_id], "tags.`rlhf.stage` = 'ppo'", order_by=["start_time ASC"])
+    return list(runs)
+
+
+@pytest.mark.slow
+def test_sigterm_ends_the_run_as_failed_and_leaves_no_model(supervised: Path) -> None:
+    process = subprocess.Popen(["rlhf", "ppo"], cwd=supervised, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(supervised.glob("checkpoints/ppo-*/step-*/COMPLETE")):
+        assert process.poll() is None and time.monotonic() < deadline, "no checkpoint before the run ended"
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)  # how Kubeflow and DVC stop a step
+    assert process.wait(timeout=60) == 128 + signal.SIGTERM
+    assert [run.info.status for run in _ppo_runs(supervised)] == ["FAILED"]
+    assert not (supervised / "models" / "ppo").exists()
+    assert not list((supervised / "models").glob(".ppo.tmp-*"))
 
 
 @pytest.mark.slow

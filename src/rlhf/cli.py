@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 
@@ -136,8 +137,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _exit_on_sigterm() -> None:
+    # Kubeflow, DVC and schedulers stop a step with SIGTERM. As an exception it unwinds like Ctrl-C: the MLflow run
+    # ends as failed instead of staying RUNNING, and staging folders are removed.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     _offline_friendly_environment()
+    _exit_on_sigterm()
     args = build_parser().parse_args(argv)
     try:
         args.handler(args)

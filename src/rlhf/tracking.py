@@ -105,6 +105,15 @@ def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
     mlflow.log_metrics({key: float(value) for key, value in metrics.items()}, step=step)
 
 
+def log_table(columns: dict[str, list], artifact_file: str) -> None:
+    """A table (e.g. sampled responses) as a run artifact that the MLflow UI shows as a table."""
+    if not is_main_process():
+        return
+    import mlflow
+
+    mlflow.log_table(columns, artifact_file=artifact_file)
+
+
 def log_model_dir(path: str | Path, artifact_path: str = "model") -> None:
     """The saved model folder as run artifacts (the registry issue logs registrable MLflow models)."""
     if not is_main_process():

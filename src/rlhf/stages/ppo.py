@@ -77,8 +77,7 @@ def run(cfg: PPOConfig) -> StageResult:
     tokenizer.padding_side = "left"  # generation continues from the right end of every prompt
     reward_tokenizer = load_tokenizer(cfg.reward_model)
     reward_tokenizer.padding_side = "right"
-    same_tokenizer = tokenizer.get_vocab() == reward_tokenizer.get_vocab()
-    if cfg.value_model == "reward" and not same_tokenizer:
+    if cfg.value_model == "reward" and tokenizer.get_vocab() != reward_tokenizer.get_vocab():
         raise ConfigError("ppo.value_model: 'reward' needs the reward model to share the policy's tokenizer; "
                           "use 'policy_head'")
 
@@ -94,7 +93,7 @@ def run(cfg: PPOConfig) -> StageResult:
                     folder_signature(cfg.reward_model)])
     checkpoints = tracking.project_root() / "checkpoints" / f"ppo-{key}"
 
-    with tracking.stage_run("ppo", flatten(cfg, "ppo")) as run:
+    with tracking.stage_run("ppo", flatten(cfg, "ppo")):
         tracking.log_dataset(prompts, "prompts", cfg.prompts, prompts_fingerprint, context="training")
         tracking.log_dataset(eval_prompts, "eval_prompts", cfg.eval_prompts, eval_fingerprint, context="evaluation")
         trainer = PPOTrainer(cfg, policy, reference, critic, reward_model, tokenizer, reward_tokenizer,
@@ -108,11 +107,8 @@ def run(cfg: PPOConfig) -> StageResult:
                 rows = list(zip(queries, responses, scores))[:8]
                 for query, response, value in rows[:3]:
                     print(f"[step {step}] {value:+.2f} {query[-60:]!r} -> {response!r}")
-                if run is not None:
-                    import mlflow
-
-                    mlflow.log_table({"query": [r[0] for r in rows], "response": [r[1] for r in rows],
-                                      "score": [r[2] for r in rows]}, artifact_file=f"samples/step_{step:05d}.json")
+                tracking.log_table({"query": [r[0] for r in rows], "response": [r[1] for r in rows],
+                                    "score": [r[2] for r in rows]}, f"samples/step_{step:05d}.json")
 
         history = trainer.train(on_step)
         metrics = {key: value for key, value in history[-1].items() if key != "step"} if history else {}

@@ -111,7 +111,10 @@ def run(cfg: PPOConfig) -> StageResult:
                                     "score": [r[2] for r in rows]}, f"samples/step_{step:05d}.json")
 
         history = trainer.train(on_step)
-        metrics = {key: value for key, value in history[-1].items() if key != "step"} if history else {}
+        # The final step's metrics, less the timings: they differ run to run and would churn dvc.lock for nothing
+        # (they stay in MLflow, step by step).
+        timings = ("step", "time/rollout", "time/update", "tokens_per_second")
+        metrics = {key: value for key, value in history[-1].items() if key not in timings} if history else {}
         if accelerator.is_main_process:
             metrics |= _compare_on_held_out(cfg, trainer, tokenizer, reward_tokenizer,
                                             _prompt_texts(eval_prompts, tokenizer), accelerator.device)

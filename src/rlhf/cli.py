@@ -50,7 +50,6 @@ def _stage_runner(stage: str) -> Callable[[Params], object]:
 
 def _cmd_stage(args: argparse.Namespace) -> None:
     from rlhf.storage import write_json
-
     from rlhf.tracking import is_main_process
 
     params = load_params(args.params, args.overrides)

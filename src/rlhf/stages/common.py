@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
+
 from rlhf import tracking
 from rlhf.config import TrainingParams, config_hash
 from rlhf.storage import atomic_dir
@@ -26,10 +28,10 @@ class StageResult:
     curves: tuple[tuple[str, str], ...] = (("train", "loss"), ("eval", "eval_loss"))
 
 
-def checkpoint_dir(stage: str, cfg: TrainingParams, data_fingerprint: str, base_model: str | None) -> Path:
-    """Checkpoints live outside the stage output, keyed by the config, the data and the base model's files, so only
+def checkpoint_dir(stage: str, cfg: BaseModel, data_fingerprint: str, *models: str | None) -> Path:
+    """Checkpoints live outside the stage output, keyed by the config, the data and the input models' files, so only
     an identical run resumes (a retrained base model must not resume from checkpoints built on the old one)."""
-    key = f"{config_hash(cfg)}-{data_fingerprint[:8]}-{folder_signature(base_model)}"
+    key = "-".join([config_hash(cfg), data_fingerprint[:8], *(folder_signature(model) for model in models)])
     return tracking.project_root() / "checkpoints" / f"{stage}-{key}"
 
 

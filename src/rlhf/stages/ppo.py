@@ -13,12 +13,12 @@ import torch
 
 from rlhf import tracking
 from rlhf.annotators import get_annotator
-from rlhf.config import ConfigError, PPOConfig, config_hash, flatten
+from rlhf.config import ConfigError, PPOConfig, flatten
 from rlhf.data.formats import load_dataset
 from rlhf.modeling import load_causal_lm, load_reward_model, load_tokenizer
 from rlhf.ppo.rollout import Critic, generate, join, score, sequence_logprobs
 from rlhf.ppo.trainer import PPOTrainer, frozen_copy
-from rlhf.stages.common import StageResult, finish, folder_signature, save_model
+from rlhf.stages.common import StageResult, checkpoint_dir, finish, save_model
 from rlhf.stages.sft import lora_config
 
 
@@ -89,9 +89,7 @@ def run(cfg: PPOConfig) -> StageResult:
         policy = get_peft_model(policy, lora_config(cfg))
     reward_model = load_reward_model(cfg.reward_model, reward_tokenizer).requires_grad_(False)
     critic = Critic(load_reward_model(cfg.reward_model, reward_tokenizer)) if cfg.value_model == "reward" else None
-    key = "-".join([config_hash(cfg), prompts_fingerprint[:8], folder_signature(cfg.policy_model),
-                    folder_signature(cfg.reward_model)])
-    checkpoints = tracking.project_root() / "checkpoints" / f"ppo-{key}"
+    checkpoints = checkpoint_dir("ppo", cfg, prompts_fingerprint, cfg.policy_model, cfg.reward_model)
 
     with tracking.stage_run("ppo", flatten(cfg, "ppo")):
         tracking.log_dataset(prompts, "prompts", cfg.prompts, prompts_fingerprint, context="training")

@@ -10,6 +10,8 @@ import functools
 import importlib
 from collections.abc import Callable, Sequence
 
+from rlhf.config import ConfigError
+
 Annotator = Callable[[Sequence[str]], list[float]]
 
 
@@ -33,11 +35,11 @@ def get_annotator(name: str) -> Annotator | None:
         return None
     module_name, sep, attribute = name.partition(":")
     if not sep:
-        raise ValueError(f"annotator {name!r}: expected 'vader', 'none' or 'module:function'")
+        raise ConfigError(f"gold_annotator {name!r}: expected 'vader', 'none' or 'module:function'")
     try:
         scorer = getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError) as exc:
-        raise ValueError(f"annotator {name!r} cannot be loaded: {exc}") from None
+        raise ConfigError(f"gold_annotator {name!r} cannot be loaded: {exc}") from None
     if not callable(scorer):
-        raise ValueError(f"annotator {name!r} is not callable")
+        raise ConfigError(f"gold_annotator {name!r} is not callable")
     return scorer

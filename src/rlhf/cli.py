@@ -1,4 +1,5 @@
-"""The `rlhf` command: one subcommand per stage, plus `data` (demo, import, validate).
+"""The `rlhf` command: one subcommand per stage, `gate`, the registry (register, promote, rollback, lineage) and
+`data` (demo, import, validate).
 
 DVC stages and Kubeflow components call the same stage functions this file calls; it only parses arguments, loads
 the params, and writes the metrics and plot files that DVC reads.
@@ -15,7 +16,7 @@ from collections.abc import Callable, Sequence
 from rlhf.config import ConfigError, Params, load_params
 from rlhf.data.io import DataError
 
-STAGES = ("pretrain", "sft", "reward", "ppo")
+STAGES = ("pretrain", "sft", "reward", "ppo", "evaluate")
 
 
 def _offline_friendly_environment() -> None:
@@ -42,9 +43,9 @@ def _add_params_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _stage_runner(stage: str) -> Callable[[Params], object]:
-    from rlhf.stages import ppo, pretrain, reward, sft
+    from rlhf.stages import evaluate, ppo, pretrain, reward, sft
 
-    modules = {"pretrain": pretrain, "sft": sft, "reward": reward, "ppo": ppo}
+    modules = {"pretrain": pretrain, "sft": sft, "reward": reward, "ppo": ppo, "evaluate": evaluate}
     return lambda params: modules[stage].run(getattr(params, stage))
 
 
@@ -64,6 +65,47 @@ def _cmd_stage(args: argparse.Namespace) -> None:
         series = [{"step": row["step"], key: row[key]} for row in result.history if key in row]
         write_json(f"{plots_dir}/{name}.json", series)
     print(f"{args.command}: " + ", ".join(f"{key}={value:.4g}" for key, value in result.metrics.items()))
+
+
+class GateFailed(Exception):
+    """A gate did not pass: the command exits 1, so DVC runs nothing downstream."""
+
+
+def _cmd_gate(args: argparse.Namespace) -> None:
+    from rlhf.gates import describe, evaluate_gate, failure_message
+
+    verdict = evaluate_gate(args.gate, load_params(args.params, args.overrides).gates)
+    print(f"gate {args.gate}: {'passed' if verdict['passed'] else 'FAILED'}")
+    print("\n".join(describe(verdict)))
+    if not verdict["passed"]:
+        raise GateFailed(failure_message(verdict))
+
+
+def _cmd_register(args: argparse.Namespace) -> None:
+    from rlhf.registry import register
+
+    register(load_params(args.params, args.overrides).registry)
+
+
+def _cmd_promote(args: argparse.Namespace) -> None:
+    from rlhf.registry import promote
+
+    print(promote(args.model, args.version, args.alias, args.force))
+
+
+def _cmd_rollback(args: argparse.Namespace) -> None:
+    from rlhf.registry import rollback
+
+    print(rollback(args.model))
+
+
+def _cmd_lineage(args: argparse.Namespace) -> None:
+    import json
+
+    from rlhf.registry import format_lineage, lineage
+
+    node = lineage(args.uri)
+    print(json.dumps(node, indent=2) if args.json else "\n".join(format_lineage(node)))
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
@@ -104,7 +146,7 @@ def _cmd_validate(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rlhf", description="RLHF pipeline: pretrain, SFT, reward model, PPO.")
+    parser = argparse.ArgumentParser(prog="rlhf", description="RLHF pipeline: pretrain, SFT, reward model, PPO, evaluation, registry.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     for stage in STAGES:
@@ -113,6 +155,31 @@ def build_parser() -> argparse.ArgumentParser:
         stage_parser.add_argument("--metrics", help=f"metrics JSON to write (default: metrics/{stage}.json)")
         stage_parser.add_argument("--plots", help=f"folder for loss-curve JSON (default: plots/{stage})")
         stage_parser.set_defaults(handler=_cmd_stage)
+
+    gate = commands.add_parser("gate", help="check a gate's thresholds; exit 1 if it fails")
+    gate.add_argument("gate", choices=["reward", "evaluation"])
+    _add_params_options(gate)
+    gate.set_defaults(handler=_cmd_gate)
+
+    register = commands.add_parser("register", help="register the SFT, reward and PPO models in MLflow")
+    _add_params_options(register)
+    register.set_defaults(handler=_cmd_register)
+
+    promote = commands.add_parser("promote", help="point an alias (default champion) at a model version")
+    promote.add_argument("model", help="registered model name, e.g. rlhf-policy")
+    promote.add_argument("version")
+    promote.add_argument("--alias", default="champion")
+    promote.add_argument("--force", action="store_true", help="promote even if the version's gates failed")
+    promote.set_defaults(handler=_cmd_promote)
+
+    rollback = commands.add_parser("rollback", help="make the previous champion the champion again")
+    rollback.add_argument("model")
+    rollback.set_defaults(handler=_cmd_rollback)
+
+    lineage = commands.add_parser("lineage", help="trace a model version to its upstream versions, data and code")
+    lineage.add_argument("uri", help="models:/NAME@ALIAS or models:/NAME/VERSION")
+    lineage.add_argument("--json", action="store_true", help="print JSON instead of a tree")
+    lineage.set_defaults(handler=_cmd_lineage)
 
     data = commands.add_parser("data", help="demo data, importers and validation")
     data_commands = data.add_subparsers(dest="data_command", required=True)
@@ -146,9 +213,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     _offline_friendly_environment()
     _exit_on_sigterm()
     args = build_parser().parse_args(argv)
+    from rlhf.registry import RegistryError
+
     try:
         args.handler(args)
-    except (ConfigError, DataError) as exc:
+    except GateFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except (ConfigError, DataError, RegistryError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

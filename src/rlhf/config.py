@@ -176,14 +176,95 @@ class PPOConfig(Section):
         return self
 
 
+class EvaluateConfig(Section):
+    """The policy against the SFT model on held-out prompts, sampled under the same seed, plus the reward model's
+    pairwise accuracy on the preference pairs the reward stage held out."""
+
+    policy_model: str = "models/ppo"
+    sft_model: str = Field("models/sft", description="the baseline, and the reference for KL")
+    reward_model: str = "models/reward"
+    eval_prompts: str = "data/eval_prompts.jsonl"
+    preferences: str = "data/preferences.jsonl"
+    # Must repeat the reward stage's split (checked below), or the accuracy would include training pairs.
+    preferences_eval_fraction: float = Field(0.1, gt=0, lt=1)
+    preferences_seed: int = 42
+    output_dir: str = Field("reports/evaluation", description="report.md, report.html, plots, samples")
+    seed: int = 42
+    max_new_tokens: int = Field(24, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_k: int = Field(0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    batch_size: int = Field(64, ge=1)
+    gold_annotator: str = Field("vader", description="vader, none or module:function")
+    sample_rows: int = Field(12, ge=0, description="rows of the report's sample table")
+
+
+class GatesConfig(Section):
+    """Thresholds between stages. null turns a check off; gold-score checks are skipped without a gold annotator.
+
+    Proportions (the reward model's accuracy, win rates) are judged by the lower end of their Wilson interval at
+    `confidence`, so a small evaluation set cannot pass a gate by luck; 0 judges the point estimates.
+    """
+
+    confidence: float = Field(0.95, ge=0, lt=1)
+    min_rm_accuracy: float | None = Field(0.75, ge=0, le=1)
+    min_win_rate_rm: float | None = Field(0.6, ge=0, le=1, description="PPO beats SFT by the reward model")
+    min_win_rate_gold: float | None = Field(0.55, ge=0, le=1, description="PPO beats SFT by the gold annotator")
+    min_rm_gain: float | None = Field(0.25, description="PPO minus SFT mean reward-model score, in SFT std")
+    min_gold_gain: float | None = Field(0.05, description="PPO minus SFT mean gold score")
+    max_kl: float | None = Field(6.0, gt=0, description="KL of PPO to SFT on the held-out prompts, nats/response")
+    min_eos_rate: float | None = Field(0.9, ge=0, le=1)
+    max_repetition: float | None = Field(0.2, ge=0, le=1, description="mean share of repeated bigrams per response")
+    reward_metrics: str = "metrics/reward.json"
+    reward_model: str = Field("models/reward", description="its rlhf_run.json names the MLflow run to tag")
+    evaluation_metrics: str = "metrics/evaluate.json"
+    evaluation_report: str = Field("reports/evaluation", description="its rlhf_run.json names the run to tag")
+    output_dir: str = Field("gates", description="one verdict JSON per gate")
+
+
+class RegistryConfig(Section):
+    """MLflow model registry: names, what to register, and how the registered models generate when served."""
+
+    sft_name: str = "rlhf-sft"
+    reward_name: str = "rlhf-reward"
+    policy_name: str = "rlhf-policy"
+    sft_model: str = "models/sft"
+    reward_model: str = "models/reward"
+    policy_model: str = "models/ppo"
+    evaluation_metrics: str = "metrics/evaluate.json"
+    gates_dir: str = "gates"
+    output: str = Field("registry/registered.json", description="the versions and aliases this run produced")
+    prompt_template: str | None = Field(None, description="served models wrap inputs in it, e.g. 'Q: {prompt}\\nA:'")
+    max_new_tokens: int = Field(24, ge=1)
+    do_sample: bool = Field(False, description="served generation: greedy by default, so answers are repeatable")
+
+    @model_validator(mode="after")
+    def _template_has_slot(self) -> "RegistryConfig":
+        if self.prompt_template is not None and "{prompt}" not in self.prompt_template:
+            raise ValueError("prompt_template must contain '{prompt}'")
+        return self
+
+
 class Params(Section):
-    """All of params.yaml. Sections later issues add get their own classes here."""
+    """All of params.yaml: one section per stage, plus the gates and the registry."""
 
     demo: DemoConfig = DemoConfig()
     pretrain: PretrainConfig = PretrainConfig()
     sft: SFTConfig = SFTConfig()
     reward: RewardConfig = RewardConfig()
     ppo: PPOConfig = PPOConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    gates: GatesConfig = GatesConfig()
+    registry: RegistryConfig = RegistryConfig()
+
+    @model_validator(mode="after")
+    def _evaluation_pairs_are_held_out(self) -> "Params":
+        same_split = (self.evaluate.preferences_eval_fraction, self.evaluate.preferences_seed) == (
+            self.reward.eval_fraction, self.reward.seed)
+        if self.evaluate.preferences == self.reward.dataset and not same_split:
+            raise ValueError("evaluate.preferences_eval_fraction and preferences_seed must equal reward.eval_fraction "
+                             "and reward.seed, or the accuracy would count pairs the reward model trained on")
+        return self
 
 
 def _apply_override(raw: dict[str, Any], assignment: str) -> None:

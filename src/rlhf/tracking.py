@@ -114,10 +114,53 @@ def log_table(columns: dict[str, list], artifact_file: str) -> None:
     mlflow.log_table(columns, artifact_file=artifact_file)
 
 
-def log_model_dir(path: str | Path, artifact_path: str = "model") -> None:
-    """The saved model folder as run artifacts (the registry issue logs registrable MLflow models)."""
+def log_artifacts(path: str | Path, artifact_path: str) -> None:
+    """A folder (a saved model, a report) as artifacts of the active run. `rlhf register` logs registrable models."""
     if not is_main_process():
         return
     import mlflow
 
     mlflow.log_artifacts(str(path), artifact_path=artifact_path)
+
+
+PROVENANCE_FILE = "rlhf_run.json"
+
+
+def provenance(stage: str, params_hash: str, datasets: dict[str, str]) -> dict[str, Any]:
+    """Where a stage output came from, saved beside it: the gates tag its MLflow run, the registry copies it into
+    version tags and `rlhf lineage` reads it back from there."""
+    run_id = None
+    if is_main_process():
+        import mlflow
+
+        active = mlflow.active_run()
+        run_id = active.info.run_id if active else None
+    return {"stage": stage, "mlflow_run_id": run_id, "params_hash": params_hash, "datasets": datasets,
+            **{key.removeprefix("rlhf."): value for key, value in lineage_tags().items()}}
+
+
+def read_provenance(folder: str | Path) -> dict[str, Any]:
+    """The provenance saved in a stage output folder ({} for folders from elsewhere, e.g. a hub model)."""
+    import json
+
+    path = Path(folder) / PROVENANCE_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def set_run_tags(run_id: str | None, tags: dict[str, str]) -> None:
+    """Tags a finished run (a gate's verdict on the stage it judged)."""
+    if not run_id or not is_main_process():
+        return
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri())
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+
+
+def log_dict(payload: dict[str, Any], artifact_file: str) -> None:
+    if not is_main_process():
+        return
+    import mlflow
+
+    mlflow.log_dict(payload, artifact_file)

@@ -19,7 +19,9 @@ from _support import PROJECT, base_env, git, make_project, run, tree_hashes
 
 pytestmark = pytest.mark.slow
 
-STAGES = ("pretrain", "sft", "reward", "ppo")
+STAGES = ("pretrain", "sft", "reward", "ppo")  # the training stages, each with a model, metrics and loss curves
+PIPELINE = ("pretrain", "sft", "reward", "gate_reward", "ppo", "evaluate", "gate_evaluation", "register")
+METRICS = [f"metrics/{stage}.json" for stage in (*STAGES, "evaluate")] + ["gates/reward.json", "gates/evaluation.json"]
 OUTPUTS = {"pretrain": "models/pretrained", "sft": "models/sft", "reward": "models/reward", "ppo": "models/ppo"}
 LOSS_CURVES = (("train", "loss"), ("eval", "eval_loss"))
 # dvc.yaml's plot for each stage, and its series: (file in plots/<stage>/, field).
@@ -87,11 +89,11 @@ def pipeline(mlflow_server, tmp_path_factory: pytest.TempPathFactory) -> Pipelin
 
 def test_first_repro_runs_every_stage_in_order(pipeline):
     output = pipeline.first_repro
-    positions = [output.find(f"Running stage '{stage}'") for stage in STAGES]
+    positions = [output.find(f"Running stage '{stage}'") for stage in PIPELINE]
     assert all(position >= 0 for position in positions), output[-3000:]
-    assert positions == sorted(positions), "pretrain -> sft -> reward -> ppo"
+    assert positions == sorted(positions), " -> ".join(PIPELINE)
     lock = yaml.safe_load((pipeline.folder / "dvc.lock").read_text())["stages"]
-    assert set(lock) == set(STAGES)
+    assert set(lock) == set(PIPELINE)
     for stage in STAGES:
         outs = {out["path"]: out for out in lock[stage]["outs"]}
         assert outs[OUTPUTS[stage]]["md5"].endswith(".dir")
@@ -108,7 +110,7 @@ def test_second_repro_runs_nothing(pipeline):
     lock_before = (pipeline.folder / "dvc.lock").read_bytes()
     output = dvc(pipeline.folder, "repro", env=pipeline.env)
     assert "Running stage" not in output, output
-    for stage in STAGES:
+    for stage in PIPELINE:
         assert f"Stage '{stage}' didn't change, skipping" in output
     assert "Data and pipelines are up to date." in output
     assert dvc_json(pipeline.folder, "status", env=pipeline.env) == {}
@@ -118,7 +120,7 @@ def test_second_repro_runs_nothing(pipeline):
 def test_metrics_show_lists_every_stage(pipeline):
     shown = dvc_json(pipeline.folder, "metrics", "show", env=pipeline.env)
     files = shown[""]["data"]
-    assert set(files) == {f"metrics/{stage}.json" for stage in STAGES}
+    assert set(files) == set(METRICS)
     for stage in STAGES:
         on_disk = json.loads((pipeline.folder / "metrics" / f"{stage}.json").read_text())
         assert files[f"metrics/{stage}.json"]["data"] == on_disk
@@ -149,7 +151,7 @@ def test_stage_runs_under_dvc_carry_git_and_data_lineage(pipeline):
     client = MlflowClient(pipeline.server_url)
     experiment = client.get_experiment_by_name(pipeline.experiment)
     runs = client.search_runs([experiment.experiment_id])
-    assert sorted(r.data.tags["rlhf.stage"] for r in runs) == sorted(STAGES)
+    assert sorted(r.data.tags["rlhf.stage"] for r in runs) == sorted((*STAGES, "evaluate", "register"))
     data_md5 = _data_dvc_out(pipeline.folder)["md5"]
     for stage_run in runs:
         assert stage_run.info.status == "FINISHED"
@@ -193,7 +195,8 @@ def test_changing_a_reward_param_reruns_only_the_reward_stage_and_its_downstream
 
     output = dvc(folder, "repro", env=env)
     assert "Running stage 'reward'" in output, output[-3000:]
-    assert "Running stage 'ppo'" in output  # it reads the new reward model
+    for stage in PIPELINE[PIPELINE.index("reward"):]:  # everything downstream reads the new reward model
+        assert f"Running stage '{stage}'" in output, stage
     for stage in ("pretrain", "sft"):
         assert f"Running stage '{stage}'" not in output
         assert f"Stage '{stage}' didn't change, skipping" in output
@@ -202,3 +205,37 @@ def test_changing_a_reward_param_reruns_only_the_reward_stage_and_its_downstream
     lock = yaml.safe_load((folder / "dvc.lock").read_text())["stages"]
     assert lock["reward"]["params"]["params.yaml"]["reward"]["learning_rate"] == params["reward"]["learning_rate"]
     assert dvc_json(folder, "status", env=env) == {}
+
+
+def test_a_gate_out_of_reach_stops_the_pipeline_and_keeps_the_champion(pipeline, tmp_path):
+    """A retrained reward model that fails its gate: DVC stops there, naming the check; PPO, evaluation and
+    registration do not run, and the registry's champions and versions are as before."""
+    from mlflow.tracking import MlflowClient
+
+    folder = tmp_path / "project"
+    shutil.copytree(pipeline.folder, folder, symlinks=True)
+    env = dict(pipeline.env, MLFLOW_EXPERIMENT_NAME=f"{pipeline.experiment}-gated")
+    client = MlflowClient(pipeline.server_url)
+    names = [entry["model"] for entry in json.loads((folder / "registry/registered.json").read_text())["versions"]
+             .values()]
+    before = {name: ({v.version for v in client.search_model_versions(f"name = '{name}'")},
+                     client.get_model_version_by_alias(name, "champion").version) for name in names}
+    ppo_before = tree_hashes(folder / OUTPUTS["ppo"])
+
+    params = yaml.safe_load((folder / "params.yaml").read_text())
+    params["reward"]["learning_rate"] = params["reward"]["learning_rate"] / 2
+    params["gates"]["min_rm_accuracy"] = 0.99
+    (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    result = run(["dvc", "repro"], cwd=folder, env=env, check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "Running stage 'reward'" in output and "Running stage 'gate_reward'" in output
+    assert "gate 'reward' failed: min_rm_accuracy" in output
+    for stage in ("ppo", "evaluate", "gate_evaluation", "register"):
+        assert f"Running stage '{stage}'" not in output, stage
+    verdict = json.loads((folder / "gates/reward.json").read_text())
+    assert verdict["passed"] is False and verdict["failed_checks"] == ["min_rm_accuracy"]
+    assert tree_hashes(folder / OUTPUTS["ppo"]) == ppo_before
+    after = {name: ({v.version for v in client.search_model_versions(f"name = '{name}'")},
+                    client.get_model_version_by_alias(name, "champion").version) for name in names}
+    assert after == before

@@ -14,7 +14,7 @@ from pydantic import BaseModel
 
 from rlhf import tracking
 from rlhf.config import TrainingParams, config_hash
-from rlhf.storage import atomic_dir
+from rlhf.storage import atomic_dir, write_json
 
 
 @dataclass
@@ -105,14 +105,18 @@ def report_dropped_examples(trainer, rows: int) -> dict[str, float]:
     return {"train_examples": float(rows), "train_examples_used": float(used)}
 
 
-def save_model(model, tokenizer, output_dir: str) -> None:
-    """Saves model and tokenizer with `save_pretrained` into a temporary folder renamed into place."""
+def save_model(model, tokenizer, output_dir: str, provenance: dict[str, Any],
+               extra_json: dict[str, Any] | None = None) -> None:
+    """Saves model and tokenizer with `save_pretrained`, its provenance and any extra JSON files, into a temporary
+    folder renamed into place."""
     if not tracking.is_main_process():
         return
     with atomic_dir(output_dir) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-    tracking.log_model_dir(output_dir)
+        for name, payload in {tracking.PROVENANCE_FILE: provenance, **(extra_json or {})}.items():
+            write_json(staging / name, payload)
+    tracking.log_artifacts(output_dir, "model")
 
 
 def finish(checkpoints: Path) -> None:

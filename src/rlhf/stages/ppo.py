@@ -7,60 +7,18 @@ saved with `save_pretrained` (LoRA adapters merged) for the evaluation and regis
 
 from __future__ import annotations
 
-import statistics
-
-import torch
-
 from rlhf import tracking
 from rlhf.annotators import get_annotator
-from rlhf.config import ConfigError, PPOConfig, flatten
+from rlhf.config import ConfigError, PPOConfig, config_hash, flatten
 from rlhf.data.formats import load_dataset
+from rlhf.evaluation import compare, prompt_texts, sample_and_score
 from rlhf.modeling import load_causal_lm, load_reward_model, load_tokenizer
-from rlhf.ppo.rollout import Critic, generate, join, score, sequence_logprobs
+from rlhf.ppo.rollout import Critic
 from rlhf.ppo.trainer import PPOTrainer, frozen_copy
 from rlhf.stages.common import StageResult, checkpoint_dir, finish, save_model
 from rlhf.stages.sft import lora_config
 
-
-def _prompt_texts(dataset, tokenizer) -> list[str]:
-    """Plain prompts as they are; conversational ones through the chat template, ending with the assistant cue."""
-    return [
-        prompt if isinstance(prompt, str)
-        else tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-        for prompt in dataset["prompt"]
-    ]
-
-
-@torch.no_grad()
-def _held_out(cfg, policy, reference_logits, tokenizer, reward_model, reward_tokenizer, prompts, device, label):
-    """Samples once per prompt with a fixed seed; returns per-response scores and summary statistics."""
-    annotator = get_annotator(cfg.gold_annotator)
-    rm_scores, gold, eos, lengths, kls = [], [], [], [], []
-    torch.manual_seed(cfg.seed)
-    for start in range(0, len(prompts), cfg.eval_batch_size):
-        batch = prompts[start : start + cfg.eval_batch_size]
-        samples = generate(policy, tokenizer, batch, cfg, device)
-        context = samples.queries.shape[1]
-        ids, attention, positions = join(samples.queries, samples.query_mask, samples.responses, samples.mask)
-        logprobs = sequence_logprobs(policy(input_ids=ids, attention_mask=attention, position_ids=positions).logits,
-                                     context, samples.responses, cfg.temperature)[1]
-        ref_logprobs = sequence_logprobs(reference_logits(ids, attention, positions), context, samples.responses,
-                                         cfg.temperature)[1]
-        kls += ((logprobs - ref_logprobs) * samples.mask).sum(1).tolist()
-        rm_scores += score(reward_model, reward_tokenizer, batch, samples.texts, device).tolist()
-        gold += annotator(samples.texts) if annotator else []
-        eos += samples.ends_with_eos.float().tolist()
-        lengths += samples.mask.sum(1).tolist()
-    summary = {
-        f"eval/{label}/rm_score": statistics.fmean(rm_scores),
-        f"eval/{label}/rm_score_std": statistics.pstdev(rm_scores),
-        f"eval/{label}/kl": statistics.fmean(kls),
-        f"eval/{label}/eos_rate": statistics.fmean(eos),
-        f"eval/{label}/length": statistics.fmean(lengths),
-    }
-    if gold:
-        summary[f"eval/{label}/gold_score"] = statistics.fmean(gold)
-    return summary
+HISTORY_FILE = "training_history.json"
 
 
 def run(cfg: PPOConfig) -> StageResult:
@@ -95,7 +53,7 @@ def run(cfg: PPOConfig) -> StageResult:
         tracking.log_dataset(prompts, "prompts", cfg.prompts, prompts_fingerprint, context="training")
         tracking.log_dataset(eval_prompts, "eval_prompts", cfg.eval_prompts, eval_fingerprint, context="evaluation")
         trainer = PPOTrainer(cfg, policy, reference, critic, reward_model, tokenizer, reward_tokenizer,
-                             _prompt_texts(prompts, tokenizer), checkpoints, accelerator)
+                             prompt_texts(prompts, tokenizer), checkpoints, accelerator)
 
         def on_step(step: int, metrics: dict[str, float], trainer: PPOTrainer) -> None:
             if step % cfg.logging_steps == 0:
@@ -115,29 +73,32 @@ def run(cfg: PPOConfig) -> StageResult:
         metrics = {key: value for key, value in history[-1].items() if key not in timings} if history else {}
         if accelerator.is_main_process:
             metrics |= _compare_on_held_out(cfg, trainer, tokenizer, reward_tokenizer,
-                                            _prompt_texts(eval_prompts, tokenizer), accelerator.device)
+                                            prompt_texts(eval_prompts, tokenizer), accelerator.device)
             tracking.log_metrics(metrics)
         accelerator.wait_for_everyone()
         policy = trainer.policy.merge_and_unload() if cfg.lora.enabled else trainer.policy
-        save_model(policy, tokenizer, cfg.output_dir)
+        datasets = {"prompts": prompts_fingerprint, "eval_prompts": eval_fingerprint}
+        # The training curves travel with the policy: the evaluation report plots them.
+        save_model(policy, tokenizer, cfg.output_dir, tracking.provenance("ppo", config_hash(cfg), datasets),
+                   extra_json={HISTORY_FILE: history})
     finish(checkpoints)
     curves = (("scores", "objective/scores"), ("kl", "objective/kl"))
     return StageResult(metrics, history, cfg.output_dir, curves)
 
 
 def _compare_on_held_out(cfg, trainer: PPOTrainer, tokenizer, reward_tokenizer, prompts, device) -> dict[str, float]:
-    """The policy against the SFT model on held-out prompts, sampled with the same seed."""
+    """The policy against the SFT model on held-out prompts, sampled with the same seed (`eval/…` metrics)."""
+    annotator = get_annotator(cfg.gold_annotator)
     policy = trainer.policy.eval()
-    common = (trainer.reference_logits, tokenizer, trainer.reward_model, reward_tokenizer, prompts, device)
-    policy_stats = _held_out(cfg, policy, *common, "policy")
+
+    def answers(model) -> list[dict]:
+        return sample_and_score(model, trainer.reference_logits, tokenizer, trainer.reward_model, reward_tokenizer,
+                                prompts, cfg, cfg.eval_batch_size, annotator, device)
+
+    policy_rows = answers(policy)
     if trainer.reference is not None:
-        sft_stats = _held_out(cfg, trainer.reference, *common, "sft")
+        sft_rows = answers(trainer.reference)
     else:
         with policy.disable_adapter():
-            sft_stats = _held_out(cfg, policy, *common, "sft")
-    stats = policy_stats | sft_stats
-    stats["eval/rm_gain_in_sft_std"] = (stats["eval/policy/rm_score"] - stats["eval/sft/rm_score"]) / max(
-        stats["eval/sft/rm_score_std"], 1e-8)
-    if "eval/policy/gold_score" in stats:
-        stats["eval/gold_gain"] = stats["eval/policy/gold_score"] - stats["eval/sft/gold_score"]
-    return stats
+            sft_rows = answers(policy)
+    return {f"eval/{key}": value for key, value in compare(policy_rows, sft_rows).items()}

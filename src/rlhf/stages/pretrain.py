@@ -9,7 +9,7 @@ as in classic causal-LM pretraining).
 from __future__ import annotations
 
 from rlhf import tracking
-from rlhf.config import PretrainConfig, flatten
+from rlhf.config import PretrainConfig, config_hash, flatten
 from rlhf.data.formats import load_dataset, split
 from rlhf.modeling import build_causal_lm, count_parameters, load_causal_lm, load_tokenizer, train_tokenizer
 from rlhf.stages.common import (
@@ -33,7 +33,8 @@ def run(cfg: PretrainConfig) -> StageResult:
     if not cfg.enabled:
         with tracking.stage_run("pretrain", flatten(cfg, "pretrain")):
             tokenizer = load_tokenizer(cfg.base_model)
-            save_model(load_causal_lm(cfg.base_model, tokenizer), tokenizer, cfg.output_dir)
+            save_model(load_causal_lm(cfg.base_model, tokenizer), tokenizer, cfg.output_dir,
+                       tracking.provenance("pretrain", config_hash(cfg), {}))
         return StageResult({"skipped": 1.0}, [], cfg.output_dir)
 
     corpus, fingerprint = load_dataset(cfg.corpus, "text")
@@ -69,6 +70,7 @@ def run(cfg: PretrainConfig) -> StageResult:
             "parameters": float(count_parameters(model)),
         }
         tracking.log_metrics(metrics)
-        save_model(trainer.model, tokenizer, cfg.output_dir)
+        save_model(trainer.model, tokenizer, cfg.output_dir,
+                   tracking.provenance("pretrain", config_hash(cfg), {"corpus": fingerprint}))
     finish(checkpoints)
     return StageResult(metrics, loss_history(trainer), cfg.output_dir)

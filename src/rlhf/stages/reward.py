@@ -8,7 +8,7 @@ higher) and the mean margin are the metrics the gate after this stage reads.
 from __future__ import annotations
 
 from rlhf import tracking
-from rlhf.config import RewardConfig, flatten
+from rlhf.config import RewardConfig, config_hash, flatten
 from rlhf.data.formats import load_dataset, split
 from rlhf.modeling import load_reward_model, load_tokenizer
 from rlhf.stages.common import (
@@ -55,9 +55,11 @@ def run(cfg: RewardConfig) -> StageResult:
             "eval_loss": evaluation["eval_loss"],
             "eval_accuracy": evaluation["eval_accuracy"],
             "eval_margin": evaluation["eval_margin"],
+            "eval_pairs": float(len(held_out)),  # the reward gate's confidence interval needs the sample size
         }
         metrics |= report_dropped_examples(trainer, len(train))
         tracking.log_metrics(metrics)
-        save_model(trainer.model, tokenizer, cfg.output_dir)
+        save_model(trainer.model, tokenizer, cfg.output_dir,
+                   tracking.provenance("reward", config_hash(cfg), {"preferences": fingerprint}))
     finish(checkpoints)
     return StageResult(metrics, loss_history(trainer), cfg.output_dir)

@@ -8,7 +8,7 @@ stages load it like any other.
 from __future__ import annotations
 
 from rlhf import tracking
-from rlhf.config import SFTConfig, flatten
+from rlhf.config import SFTConfig, config_hash, flatten
 from rlhf.data.formats import load_dataset, split
 from rlhf.modeling import load_causal_lm, load_tokenizer
 from rlhf.stages.common import (
@@ -77,6 +77,6 @@ def run(cfg: SFTConfig) -> StageResult:
         metrics |= report_dropped_examples(trainer, len(train))
         tracking.log_metrics(metrics)
         model = trainer.model.merge_and_unload() if cfg.lora.enabled else trainer.model
-        save_model(model, tokenizer, cfg.output_dir)
+        save_model(model, tokenizer, cfg.output_dir, tracking.provenance("sft", config_hash(cfg), {"sft": fingerprint}))
     finish(checkpoints)
     return StageResult(metrics, loss_history(trainer), cfg.output_dir)

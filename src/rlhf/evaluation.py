@@ -1,0 +1,150 @@
+"""Held-out evaluation shared by the PPO stage's closing check and `rlhf evaluate`.
+
+Every model answers the same prompts under the same sampling seed; each answer is scored by the reward model and the
+gold annotator, with its KL to the reference model, whether it ended with EOS, its length and its bigram repetition.
+Summaries and the policy-vs-SFT comparison (gains, win rates) are computed from those rows.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable, Sequence
+from statistics import NormalDist
+from typing import Any
+
+import torch
+
+from rlhf.ppo.rollout import generate, join, score, sequence_logprobs
+
+
+def prompt_texts(dataset, tokenizer) -> list[str]:
+    """Plain prompts as they are; conversational ones through the chat template, ending with the assistant cue."""
+    return [
+        prompt if isinstance(prompt, str)
+        else tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        for prompt in dataset["prompt"]
+    ]
+
+
+@torch.no_grad()
+def sample_and_score(policy, reference_logits: Callable, tokenizer, reward_model, reward_tokenizer,
+                     prompts: Sequence[str], sampling, batch_size: int, annotator, device) -> list[dict[str, Any]]:
+    """One sampled answer per prompt (seeded by `sampling.seed`), scored; one row per prompt.
+
+    `sampling` carries seed, max_new_tokens, temperature, top_k and top_p; `reference_logits(ids, attention,
+    positions)` gives the reference model's logits for the KL.
+    """
+    rows: list[dict[str, Any]] = []
+    torch.manual_seed(sampling.seed)
+    for start in range(0, len(prompts), batch_size):
+        batch = list(prompts[start : start + batch_size])
+        samples = generate(policy, tokenizer, batch, sampling, device)
+        context = samples.queries.shape[1]
+        ids, attention, positions = join(samples.queries, samples.query_mask, samples.responses, samples.mask)
+        logits = policy(input_ids=ids, attention_mask=attention, position_ids=positions).logits
+        logprobs = sequence_logprobs(logits, context, samples.responses, sampling.temperature)[1]
+        ref_logprobs = sequence_logprobs(reference_logits(ids, attention, positions), context, samples.responses,
+                                         sampling.temperature)[1]
+        kls = ((logprobs - ref_logprobs) * samples.mask).sum(1).tolist()
+        rm_scores = score(reward_model, reward_tokenizer, batch, samples.texts, device).tolist()
+        gold = annotator(samples.texts) if annotator else [None] * len(batch)
+        for i, prompt in enumerate(batch):
+            rows.append({
+                "prompt": prompt,
+                "response": samples.texts[i],
+                "rm_score": rm_scores[i],
+                "gold_score": gold[i],
+                "kl": kls[i],
+                "eos": bool(samples.ends_with_eos[i]),
+                "length": int(samples.mask[i].sum()),
+                "repetition": repetition(samples.texts[i]),
+            })
+    return rows
+
+
+def _bigrams(text: str) -> list[tuple[str, str]]:
+    words = text.split()
+    return list(zip(words, words[1:]))
+
+
+def repetition(text: str) -> float:
+    """Share of a response's word bigrams that repeat an earlier one: 0 for none, near 1 for a loop."""
+    bigrams = _bigrams(text)
+    return 1.0 - len(set(bigrams)) / len(bigrams) if bigrams else 0.0
+
+
+def distinct_2(texts: Sequence[str]) -> float:
+    """Distinct bigrams over all bigrams across the responses (Li et al., 2016): low means mode collapse."""
+    bigrams = [bigram for text in texts for bigram in _bigrams(text)]
+    return len(set(bigrams)) / len(bigrams) if bigrams else 0.0
+
+
+def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
+    rm_scores = [row["rm_score"] for row in rows]
+    summary = {
+        "rm_score": statistics.fmean(rm_scores),
+        "rm_score_std": statistics.pstdev(rm_scores),
+        "kl": statistics.fmean(row["kl"] for row in rows),
+        "eos_rate": statistics.fmean(float(row["eos"]) for row in rows),
+        "length": statistics.fmean(row["length"] for row in rows),
+        "repetition": statistics.fmean(row["repetition"] for row in rows),
+        "distinct_2": distinct_2([row["response"] for row in rows]),
+    }
+    if rows and rows[0]["gold_score"] is not None:
+        summary["gold_score"] = statistics.fmean(row["gold_score"] for row in rows)
+    return summary
+
+
+def win_rate(challenger: Sequence[float], baseline: Sequence[float]) -> float:
+    """How often the challenger's answer to a prompt beats the baseline's; a tie counts half."""
+    wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(challenger, baseline, strict=True))
+    return wins / len(baseline)
+
+
+def compare(policy_rows: Sequence[dict[str, Any]], sft_rows: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Summaries of both models (`policy/…`, `sft/…`), the policy's gains over SFT and its win rates."""
+    policy, sft = summarize(policy_rows), summarize(sft_rows)
+    stats = {f"policy/{key}": value for key, value in policy.items()}
+    stats |= {f"sft/{key}": value for key, value in sft.items()}
+    stats["rm_gain_in_sft_std"] = (policy["rm_score"] - sft["rm_score"]) / max(sft["rm_score_std"], 1e-8)
+    stats["win_rate/rm"] = win_rate([r["rm_score"] for r in policy_rows], [r["rm_score"] for r in sft_rows])
+    if "gold_score" in policy:
+        stats["gold_gain"] = policy["gold_score"] - sft["gold_score"]
+        stats["win_rate/gold"] = win_rate([r["gold_score"] for r in policy_rows],
+                                          [r["gold_score"] for r in sft_rows])
+    stats["prompts"] = float(len(policy_rows))
+    return stats
+
+
+@torch.no_grad()
+def pairwise_accuracy(reward_model, reward_tokenizer, pairs, batch_size: int, device) -> float:
+    """How often the reward model scores the chosen answer above the rejected one (plain or conversational pairs)."""
+    correct = 0
+    for start in range(0, len(pairs), batch_size):
+        batch = pairs[start : start + batch_size]
+        chosen, rejected = (
+            score(reward_model, reward_tokenizer, *_conversations(batch["prompt"], batch[side], reward_tokenizer),
+                  device)
+            for side in ("chosen", "rejected")
+        )
+        correct += int((chosen > rejected).sum())
+    return correct / len(pairs)
+
+
+def _conversations(prompts, answers, tokenizer) -> tuple[list[str], list[str]]:
+    """(prompt, answer) texts as the reward model was trained on them; messages go through the chat template."""
+    if isinstance(prompts[0], str):
+        return list(prompts), list(answers)
+    texts = [tokenizer.apply_chat_template(prompt + answer, tokenize=False) for prompt, answer in zip(prompts, answers)]
+    return [""] * len(texts), texts
+
+
+def wilson_lower_bound(proportion: float, n: float, confidence: float) -> float:
+    """Lower end of the Wilson score interval: what a gate trusts of a proportion measured on n samples."""
+    if confidence <= 0 or n <= 0:
+        return proportion
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
+    centre = proportion + z * z / (2 * n)
+    spread = z * math.sqrt(proportion * (1 - proportion) / n + z * z / (4 * n * n))
+    return max(0.0, (centre - spread) / (1 + z * z / n))

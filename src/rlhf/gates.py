@@ -1,0 +1,112 @@
+"""Gates between stages: thresholds from params.yaml checked against a stage's metrics.
+
+The reward gate (after the reward stage) checks the reward model's held-out pairwise accuracy; PPO never starts on a
+failing reward model. The evaluation gate (after `rlhf evaluate`) checks PPO's win rates and gains over SFT, its KL
+to the reference, its EOS rate and its repetition. Each gate writes a JSON verdict (every check with its value and
+threshold) and tags the MLflow run it judged. The CLI exits non-zero on a failed gate, so DVC stops; Kubeflow branches
+on the returned verdict instead.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from rlhf import tracking
+from rlhf.config import ConfigError, GatesConfig
+from rlhf.evaluation import wilson_lower_bound
+from rlhf.storage import write_json
+
+GATES = ("reward", "evaluation")
+GateName = Literal["reward", "evaluation"]
+
+# (threshold key, metric key, direction, sample-size key for a proportion's confidence bound or None)
+_CHECKS: dict[str, tuple[tuple[str, str, str, str | None], ...]] = {
+    "reward": (("min_rm_accuracy", "eval_accuracy", ">=", "eval_pairs"),),
+    "evaluation": (
+        ("min_win_rate_rm", "win_rate/rm", ">=", "prompts"),
+        ("min_win_rate_gold", "win_rate/gold", ">=", "prompts"),
+        ("min_rm_gain", "rm_gain_in_sft_std", ">=", None),
+        ("min_gold_gain", "gold_gain", ">=", None),
+        ("max_kl", "policy/kl", "<=", None),
+        ("min_eos_rate", "policy/eos_rate", ">=", None),
+        ("max_repetition", "policy/repetition", "<=", None),
+    ),
+}
+
+
+
+def _read_metrics(path: str, key: str) -> dict[str, float]:
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"gates.{key}: {path} not found (run the stage it comes from first)")
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"gates.{key}: {path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+
+
+def _check(cfg: GatesConfig, threshold_key: str, metric: str, direction: str, size_key: str | None,
+           metrics: dict[str, float]) -> dict[str, Any]:
+    threshold = getattr(cfg, threshold_key)
+    check: dict[str, Any] = {"check": threshold_key, "metric": metric, "threshold": threshold, "op": direction}
+    if threshold is None:
+        return check | {"status": "skipped", "reason": "threshold is null"}
+    if metric not in metrics:
+        return check | {"status": "skipped", "reason": f"{metric} not measured (no gold annotator?)"}
+    measured = metrics[metric]
+    value = measured
+    if size_key and cfg.confidence > 0:
+        # A proportion counts by the lower end of its confidence interval: 1.0 on 20 samples is not 1.0 on 2000.
+        value = wilson_lower_bound(measured, metrics.get(size_key, 0.0), cfg.confidence)
+        check["measured"] = measured
+        check["judged_on"] = f"lower bound of the {cfg.confidence:.0%} Wilson interval, n={metrics.get(size_key, 0):.0f}"
+    passed = value >= threshold if direction == ">=" else value <= threshold
+    return check | {"value": value, "status": "pass" if passed else "fail"}
+
+
+def evaluate_gate(name: GateName, cfg: GatesConfig) -> dict[str, Any]:
+    """Checks one gate, writes `<output_dir>/<name>.json`, tags the judged MLflow run; returns the verdict."""
+    metrics_key, run_folder = {"reward": ("reward_metrics", cfg.reward_model),
+                               "evaluation": ("evaluation_metrics", cfg.evaluation_report)}[name]
+    metrics = _read_metrics(getattr(cfg, metrics_key), metrics_key)
+    checks = [_check(cfg, *spec, metrics) for spec in _CHECKS[name]]
+    failed = [check for check in checks if check["status"] == "fail"]
+    judged_run = tracking.read_provenance(run_folder).get("mlflow_run_id")
+    verdict = {"gate": name, "passed": not failed, "failed_checks": [check["check"] for check in failed],
+               "checks": checks, "judged_run": judged_run}
+    write_json(Path(cfg.output_dir) / f"{name}.json", verdict)
+    tracking.set_run_tags(judged_run, {f"rlhf.gate.{name}": "passed" if not failed else "failed",
+                                       f"rlhf.gate.{name}.failed_checks": ",".join(verdict["failed_checks"])})
+    return verdict
+
+
+def describe(verdict: dict[str, Any]) -> list[str]:
+    """One line per check, for the console."""
+    lines = []
+    for check in verdict["checks"]:
+        if check["status"] == "skipped":
+            lines.append(f"  skip  {check['check']}: {check['reason']}")
+        else:
+            note = f" ({check['judged_on']}; measured {check['measured']:.4g})" if "judged_on" in check else ""
+            lines.append(f"  {check['status']}  {check['check']}: {check['metric']} = {check['value']:.4g} "
+                         f"{check['op']} {check['threshold']}{note}")
+    return lines
+
+
+def failure_message(verdict: dict[str, Any]) -> str:
+    failed = [check for check in verdict["checks"] if check["status"] == "fail"]
+    details = "; ".join(f"{c['check']} ({c['metric']} {c['value']:.4g}, needs {c['op']} {c['threshold']})"
+                        for c in failed)
+    return f"gate {verdict['gate']!r} failed: {details}; nothing downstream runs"
+
+
+def read_verdicts(folder: str | Path) -> dict[str, dict[str, Any]]:
+    """Every gate's verdict from `folder`; a gate that has not run counts as failed."""
+    verdicts = {}
+    for name in GATES:
+        path = Path(folder) / f"{name}.json"
+        verdicts[name] = (json.loads(path.read_text()) if path.is_file()
+                          else {"gate": name, "passed": False, "failed_checks": ["not run"], "checks": []})
+    return verdicts

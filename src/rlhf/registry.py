@@ -1,0 +1,293 @@
+"""The MLflow model registry: register the SFT, reward and PPO models, promote champions, roll back, trace lineage.
+
+Every version is an `mlflow.transformers` model (so `mlflow.pyfunc.load_model("models:/…")` and `mlflow models
+serve` work), tagged with where it came from: data.dvc md5, params hash, git commit, training run, datasets, the
+pipeline run, the upstream versions (the policy names its SFT and reward versions) and the gate verdicts.
+
+Aliases: a new version becomes `candidate`. It becomes `champion` only if every gate of its run passed and it beats
+the current champion's score (the gold score, or the reward-model score without a gold annotator); the displaced
+champion becomes `previous`. A model folder already registered (same content hash) is not registered again, so
+re-running `rlhf register` for the same pipeline run leaves the registry as it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from importlib.metadata import version as installed_version
+from pathlib import Path
+from typing import Any
+
+from rlhf import tracking
+from rlhf.config import ConfigError, RegistryConfig, flatten
+from rlhf.gates import read_verdicts
+from rlhf.storage import write_json
+
+ROLES = ("sft", "reward", "policy")
+CANDIDATE, CHAMPION, PREVIOUS = "candidate", "champion", "previous"
+TAG = "rlhf."
+
+
+class RegistryError(ValueError):
+    """A registry request that cannot be carried out; the message names the model and version."""
+
+
+def _client():
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking.tracking_uri(), registry_uri=tracking.tracking_uri())
+
+
+def content_hash(folder: str | Path) -> str:
+    """sha256 over a model folder's file names and contents: the identity of a trained model."""
+    digest = hashlib.sha256()
+    for file in sorted(Path(folder).rglob("*")):
+        if file.is_file() and file.name != tracking.PROVENANCE_FILE:
+            digest.update(file.relative_to(folder).as_posix().encode())
+            with open(file, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()
+
+
+def _find_version(client, name: str, model_hash: str):
+    versions = client.search_model_versions(f"name = '{name}' and tags.`{TAG}model_sha256` = '{model_hash}'")
+    return min(versions, key=lambda v: int(v.version), default=None)
+
+
+def _alias_version(client, name: str, alias: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+_DESCRIPTIONS = {
+    "sft": "supervised fine-tuned model (the PPO reference)",
+    "reward": "reward model: one scalar score per prompt + answer, trained on preference pairs",
+    "policy": "PPO policy, trained against the reward model with a KL penalty to the SFT model",
+}
+
+
+def _log_model(role: str, name: str, folder: str, tags: dict[str, str], cfg: RegistryConfig):
+    """Logs one model folder as an MLflow transformers model in the active run; returns its ModelInfo."""
+    import mlflow
+    from huggingface_hub import ModelCard
+
+    from rlhf.modeling import load_causal_lm, load_reward_model, load_tokenizer
+
+    # An absolute path: MLflow looks a relative model name up on the Hugging Face Hub (license), even offline.
+    folder = str(Path(folder).resolve())
+    tokenizer = load_tokenizer(folder)
+    # Our own card: without one MLflow asks the Hugging Face Hub for a card named after the local folder.
+    card = ModelCard(f"---\nlibrary_name: transformers\ntags: [rlhf, {role}]\n---\n# {name}\n\n{_DESCRIPTIONS[role]}, built by the rlhf pipeline.\n\n"
+                     + "".join(f"- {key}: {value}\n" for key, value in sorted(tags.items())))
+    # Explicit requirements: MLflow's inference imports torchvision, which this stack does not use.
+    requirements = [f"{package}=={installed_version(package)}"
+                    for package in ("mlflow", "transformers", "tokenizers", "torch", "accelerate")]
+    common = dict(name=role, model_card=card, pip_requirements=requirements)
+    if role == "reward":
+        return mlflow.transformers.log_model(
+            {"model": load_reward_model(folder, tokenizer), "tokenizer": tokenizer}, task="text-classification",
+            model_config={"function_to_apply": "none"}, **common)
+    return mlflow.transformers.log_model(
+        {"model": load_causal_lm(folder, tokenizer), "tokenizer": tokenizer}, task="text-generation",
+        prompt_template=cfg.prompt_template, model_config={"max_new_tokens": cfg.max_new_tokens,
+                                                           "do_sample": cfg.do_sample}, **common)
+
+
+def _score(role: str, metrics: dict[str, float]) -> tuple[str, float | None]:
+    """What champions are compared on: the SFT model's own score; the policy's for the policy and for the reward
+    model (a reward model is as good as the policy it trains)."""
+    metric = "gold_score" if "policy/gold_score" in metrics else "rm_score"
+    model = "sft" if role == "sft" else "policy"
+    return metric, metrics.get(f"{model}/{metric}")
+
+
+def _beats_champion(client, name: str, metric: str, score: float | None) -> tuple[bool, Any, str]:
+    champion = _alias_version(client, name, CHAMPION)
+    if score is None:
+        return False, champion, "no score"
+    if champion is None:
+        return True, None, "no champion yet"
+    their_metric, their_score = champion.tags.get(f"{TAG}score_metric"), champion.tags.get(f"{TAG}score")
+    if their_metric != metric or their_score is None:
+        return False, champion, f"champion v{champion.version} is scored on {their_metric}, not {metric}"
+    if score > float(their_score):
+        return True, champion, f"{metric} {score:.4g} > champion v{champion.version}'s {float(their_score):.4g}"
+    return False, champion, f"{metric} {score:.4g} does not beat champion v{champion.version}'s {float(their_score):.4g}"
+
+
+def _crown(client, name: str, version: str, champion) -> None:
+    """`version` becomes champion; the champion it displaces becomes previous."""
+    if champion is not None and champion.version != version:
+        client.set_registered_model_alias(name, PREVIOUS, champion.version)
+    client.set_registered_model_alias(name, CHAMPION, version)
+
+
+def _read_json(path: str, key: str) -> dict[str, Any]:
+    if not Path(path).is_file():
+        raise ConfigError(f"registry.{key}: {path} not found (run `rlhf evaluate` first)")
+    return json.loads(Path(path).read_text())
+
+
+def register(cfg: RegistryConfig) -> dict[str, Any]:
+    """Registers the three models of one pipeline run; returns, per role, the version and what happened to it."""
+    import mlflow
+
+    folders = {"sft": cfg.sft_model, "reward": cfg.reward_model, "policy": cfg.policy_model}
+    names = {"sft": cfg.sft_name, "reward": cfg.reward_name, "policy": cfg.policy_name}
+    for role, folder in folders.items():
+        if not Path(folder).is_dir():
+            raise ConfigError(f"registry.{role}_model: {folder} is not a model folder")
+    metrics = _read_json(cfg.evaluation_metrics, "evaluation_metrics")
+    verdicts = read_verdicts(cfg.gates_dir)
+    gates_passed = all(verdict["passed"] for verdict in verdicts.values())
+    hashes = {role: content_hash(folder) for role, folder in folders.items()}
+    # Kubeflow passes its run id; elsewhere the three models' content identifies the run.
+    pipeline_run_id = os.environ.get("RLHF_PIPELINE_RUN_ID") or "local-" + hashlib.sha256(
+        "".join(hashes.values()).encode()).hexdigest()[:16]
+    client = _client()
+    results: dict[str, Any] = {}
+    upstream: dict[str, str] = {}
+    with tracking.stage_run("register", flatten(cfg, "registry") | {"pipeline_run_id": pipeline_run_id}):
+        for role in ROLES:
+            name = names[role]
+            existing = _find_version(client, name, hashes[role])
+            if existing is not None:
+                version, outcome = existing.version, "already registered; unchanged"
+            else:
+                metric, score = _score(role, metrics)
+                provenance = tracking.read_provenance(folders[role])
+                tags = {
+                    "model_sha256": hashes[role], "pipeline_run_id": pipeline_run_id, "role": role,
+                    "training_run_id": provenance.get("mlflow_run_id"), "params_hash": provenance.get("params_hash"),
+                    "git_commit": provenance.get("git_commit") or tracking.git_commit(),
+                    "data_dvc_md5": provenance.get("data_dvc_md5") or tracking.data_dvc_md5(),
+                    "gates": "passed" if gates_passed else "failed",
+                    "score_metric": metric, "score": score,
+                    **{f"gate.{gate}": "passed" if v["passed"] else "failed" for gate, v in verdicts.items()},
+                    **{f"data.{dataset}": fp for dataset, fp in provenance.get("datasets", {}).items()},
+                    # The reward model starts from the SFT model; the policy from SFT, trained against the reward.
+                    **{f"upstream.{up}": upstream[up] for up in {"reward": ["sft"], "policy": ["sft", "reward"]}
+                       .get(role, [])},
+                }
+                tags = {TAG + key: str(value) for key, value in tags.items() if value is not None}
+                info = _log_model(role, name, folders[role], tags, cfg)
+                # One call creates the version with all its tags: a failure leaves no half-tagged version.
+                created = mlflow.register_model(info.model_uri, name, tags=tags)
+                version = created.version
+                client.set_registered_model_alias(name, CANDIDATE, version)
+                promote_it, champion, reason = _beats_champion(client, name, metric, score)
+                if gates_passed and promote_it:
+                    _crown(client, name, version, champion)
+                    outcome = f"new version; champion ({reason})"
+                else:
+                    why = "gates failed: " + ", ".join(
+                        f"{gate}: {', '.join(v['failed_checks'])}" for gate, v in verdicts.items() if not v["passed"]
+                    ) if not gates_passed else reason
+                    outcome = f"new version; candidate only ({why})"
+            upstream[role] = f"{name}/{version}"
+            results[role] = {"model": name, "version": int(version), "outcome": outcome}
+            print(f"{name} v{version}: {outcome}")
+        tracking.log_dict({"pipeline_run_id": pipeline_run_id, "versions": results}, "registered.json")
+    summary = {"pipeline_run_id": pipeline_run_id, "gates_passed": gates_passed, "versions": results}
+    write_json(cfg.output, summary)
+    return summary
+
+
+def _version(client, name: str, version: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version(name, str(version))
+    except MlflowException:
+        raise RegistryError(f"{name} v{version}: no such registered model version") from None
+
+
+def promote(name: str, version: str, alias: str = CHAMPION, force: bool = False) -> str:
+    """Points `alias` at a version; refuses a version whose gates failed unless forced."""
+    client = _client()
+    target = _version(client, name, version)
+    if target.tags.get(f"{TAG}gates") != "passed" and not force:
+        failed = [key.removeprefix(f"{TAG}gate.") for key, value in target.tags.items()
+                  if key.startswith(f"{TAG}gate.") and value != "passed"]
+        raise RegistryError(f"{name} v{version}: its gates did not pass ({', '.join(failed) or 'no verdict'}); "
+                            "use --force to promote it anyway")
+    if alias == CHAMPION:
+        _crown(client, name, target.version, _alias_version(client, name, CHAMPION))
+    else:
+        client.set_registered_model_alias(name, alias, target.version)
+    if force:
+        client.set_model_version_tag(name, target.version, f"{TAG}forced_promotion", alias)
+    return f"{name} v{target.version} is now {alias}"
+
+
+def rollback(name: str) -> str:
+    """champion <- previous. The rolled-back version is tagged; `previous` is cleared (one level of undo)."""
+    client = _client()
+    previous = _alias_version(client, name, PREVIOUS)
+    if previous is None:
+        raise RegistryError(f"{name}: no 'previous' version to roll back to")
+    champion = _alias_version(client, name, CHAMPION)
+    client.set_registered_model_alias(name, CHAMPION, previous.version)
+    client.delete_registered_model_alias(name, PREVIOUS)
+    if champion is not None:
+        client.set_model_version_tag(name, champion.version, f"{TAG}rolled_back", "true")
+    return f"{name}: champion is v{previous.version} again" + (f" (was v{champion.version})" if champion else "")
+
+
+def _parse_uri(uri: str) -> tuple[str, str, bool]:
+    """models:/NAME@ALIAS or models:/NAME/VERSION -> (name, alias or version, is_alias)."""
+    if not uri.startswith("models:/"):
+        raise RegistryError(f"{uri}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+    rest = uri.removeprefix("models:/")
+    if "@" in rest:
+        name, alias = rest.split("@", 1)
+        return name, alias, True
+    name, _, version = rest.rpartition("/")
+    if not name or not version.isdigit():
+        raise RegistryError(f"{uri}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+    return name, version, False
+
+
+def lineage(uri: str) -> dict[str, Any]:
+    """The version behind `uri`, what it was trained from, and (recursively) its upstream versions."""
+    client = _client()
+    name, ref, is_alias = _parse_uri(uri)
+    version = _alias_version(client, name, ref) if is_alias else _version(client, name, ref)
+    if version is None:
+        raise RegistryError(f"{uri}: {name} has no version with alias {ref!r}")
+    tags = {key.removeprefix(TAG): value for key, value in version.tags.items() if key.startswith(TAG)}
+    node: dict[str, Any] = {
+        "model": name, "version": int(version.version), "aliases": sorted(version.aliases),
+        "source": version.source, "run_id": version.run_id,
+        **{key: tags.get(key) for key in ("role", "gates", "score_metric", "score", "training_run_id", "params_hash",
+                                          "git_commit", "data_dvc_md5", "pipeline_run_id", "model_sha256")},
+        "gate_verdicts": {key.removeprefix("gate."): value for key, value in tags.items() if key.startswith("gate.")},
+        "datasets": {key.removeprefix("data."): value for key, value in tags.items() if key.startswith("data.")},
+        "upstream": {},
+    }
+    for key, value in sorted(tags.items()):
+        if key.startswith("upstream."):
+            up_name, _, up_version = value.rpartition("/")
+            node["upstream"][key.removeprefix("upstream.")] = lineage(f"models:/{up_name}/{up_version}")
+    return node
+
+
+def format_lineage(node: dict[str, Any], indent: str = "") -> list[str]:
+    aliases = f" [{', '.join(node['aliases'])}]" if node["aliases"] else ""
+    lines = [f"{indent}{node['model']} v{node['version']}{aliases}  gates: {node['gates']}  "
+             f"{node['score_metric']}: {node['score']}"]
+    detail = indent + "    "
+    lines.append(f"{detail}trained in run {node['training_run_id']}, params {node['params_hash']}, "
+                 f"commit {(node['git_commit'] or '?')[:12]}, data.dvc md5 {node['data_dvc_md5']}")
+    for dataset, fingerprint in node["datasets"].items():
+        lines.append(f"{detail}dataset {dataset}: sha256 {fingerprint[:16]}")
+    for role, upstream in node["upstream"].items():
+        lines.append(f"{detail}{role}:")
+        lines += format_lineage(upstream, detail + "  ")
+    return lines

@@ -1,0 +1,81 @@
+"""Evaluate: the PPO policy against the SFT model on held-out prompts, and the reward model on held-out pairs.
+
+Both policies answer every held-out prompt under the same sampling seed. Each answer is scored by the reward model
+and the gold annotator; the report gives per-model means (scores, KL to the SFT reference, EOS rate, length,
+repetition, distinct-2), PPO's win rates and gains over SFT, and the reward model's pairwise accuracy on the pairs
+the reward stage held out. The metrics feed the evaluation gate; the report (Markdown + HTML with plots) and the
+per-prompt answers go to the output folder and to MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rlhf import tracking
+from rlhf.annotators import get_annotator
+from rlhf.config import ConfigError, EvaluateConfig, config_hash, flatten
+from rlhf.data.formats import load_dataset, split
+from rlhf.evaluation import compare, pairwise_accuracy, prompt_texts, sample_and_score
+from rlhf.modeling import load_causal_lm, load_reward_model, load_tokenizer
+from rlhf.report import write_report
+from rlhf.stages.common import StageResult
+from rlhf.stages.ppo import HISTORY_FILE
+from rlhf.storage import atomic_dir, write_json
+
+
+def run(cfg: EvaluateConfig) -> StageResult:
+    import torch
+    from transformers import set_seed
+
+    set_seed(cfg.seed)
+    eval_prompts, prompts_fingerprint = load_dataset(cfg.eval_prompts, "prompts")
+    preferences, preferences_fingerprint = load_dataset(cfg.preferences, "preference")
+    held_out_pairs = split(preferences, cfg.preferences_eval_fraction, cfg.preferences_seed)[1]
+    annotator = get_annotator(cfg.gold_annotator)
+    tokenizer = load_tokenizer(cfg.policy_model)
+    tokenizer.padding_side = "left"  # generation continues from the right end of every prompt
+    if load_tokenizer(cfg.sft_model).get_vocab() != tokenizer.get_vocab():
+        raise ConfigError("evaluate.sft_model: its tokenizer differs from the policy's, so KL cannot be measured")
+    reward_tokenizer = load_tokenizer(cfg.reward_model)
+    reward_tokenizer.padding_side = "right"
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    policy = load_causal_lm(cfg.policy_model, tokenizer).to(device).eval()
+    sft = load_causal_lm(cfg.sft_model, tokenizer).to(device).eval()
+    reward_model = load_reward_model(cfg.reward_model, reward_tokenizer).to(device).eval()
+    history_file = Path(cfg.policy_model) / HISTORY_FILE
+    history = json.loads(history_file.read_text()) if history_file.is_file() else []
+
+    def sft_logits(ids, attention, positions):
+        return sft(input_ids=ids, attention_mask=attention, position_ids=positions).logits
+
+    def answers(model) -> list[dict]:
+        return sample_and_score(model, sft_logits, tokenizer, reward_model, reward_tokenizer,
+                                prompt_texts(eval_prompts, tokenizer), cfg, cfg.batch_size, annotator, device)
+
+    with tracking.stage_run("evaluate", flatten(cfg, "evaluate")):
+        tracking.log_dataset(eval_prompts, "eval_prompts", cfg.eval_prompts, prompts_fingerprint, "evaluation")
+        tracking.log_dataset(held_out_pairs, "preferences", cfg.preferences, preferences_fingerprint, "evaluation")
+        policy_rows, sft_rows = answers(policy), answers(sft)
+        metrics = compare(policy_rows, sft_rows)
+        metrics["rm_accuracy"] = pairwise_accuracy(reward_model, reward_tokenizer, held_out_pairs, cfg.batch_size,
+                                                   device)
+        metrics["rm_pairs"] = float(len(held_out_pairs))
+        tracking.log_metrics(metrics)
+        datasets = {"eval_prompts": prompts_fingerprint, "preferences": preferences_fingerprint}
+        with atomic_dir(cfg.output_dir) as staging:
+            write_report(staging, metrics, policy_rows, sft_rows, history, cfg.sample_rows)
+            with open(staging / "answers.jsonl", "w", encoding="utf-8") as answers_file:
+                for model, rows in (("sft", sft_rows), ("policy", policy_rows)):
+                    for row in rows:
+                        answers_file.write(json.dumps({"model": model, **row}) + "\n")
+            provenance = tracking.provenance("evaluate", config_hash(cfg), datasets)
+            write_json(staging / tracking.PROVENANCE_FILE, provenance)
+        tracking.log_artifacts(cfg.output_dir, "evaluation")
+        tracking.log_table({"prompt": [row["prompt"] for row in sft_rows],
+                            "sft": [row["response"] for row in sft_rows],
+                            "sft_rm_score": [row["rm_score"] for row in sft_rows],
+                            "ppo": [row["response"] for row in policy_rows],
+                            "ppo_rm_score": [row["rm_score"] for row in policy_rows]}, "evaluation/answers.json")
+    print(f"evaluation report: {Path(cfg.output_dir) / 'report.html'}")
+    return StageResult(metrics, [], cfg.output_dir, curves=())

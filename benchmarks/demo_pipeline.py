@@ -4,7 +4,8 @@ Copies the project's tracked files into a temporary folder, regenerates the demo
 each stage in order (the stages as DVC runs them, interpreter start-up included). Checks the targets: pretrain + sft +
 reward <= 6 min and reward held-out accuracy >= 0.85; PPO <= 5 min and, on the held-out prompts, the policy's reward-
 model score above the SFT model's by >= 1 SFT standard deviation, gold (VADER) score +0.3, KL within the budget and
->= 90% of responses ending with EOS. Prints a table, writes JSON, exits non-zero if a target is missed.
+>= 90% of responses ending with EOS; then evaluate, both gates and register run and a champion policy is registered.
+Prints a table, writes JSON, exits non-zero if a target is missed.
 
     python benchmarks/demo_pipeline.py [--output FILE]
 """
@@ -24,7 +25,8 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("pretrain", "sft", "reward", "ppo")
+STAGES = ("pretrain", "sft", "reward", "gate_reward", "ppo", "evaluate", "gate_evaluation", "register")
+METRICS = ("pretrain", "sft", "reward", "ppo", "evaluate")
 
 
 def _run(command: list[str], cwd: Path) -> None:
@@ -52,6 +54,8 @@ def _checks(timings: dict[str, float], metrics: dict[str, dict[str, float]], kl_
         f"gold score gain {ppo['eval/gold_gain']:+.3f} >= 0.3": ppo["eval/gold_gain"] >= 0.3,
         f"final objective/kl {ppo['objective/kl']:.2f} <= budget {kl_budget}": ppo["objective/kl"] <= kl_budget,
         f"held-out EOS rate {ppo['eval/policy/eos_rate']:.3f} >= 0.9": ppo["eval/policy/eos_rate"] >= 0.9,
+        f"both gates passed, champion rlhf-policy v{metrics['registry']['versions']['policy']['version']} registered":
+            metrics["registry"]["gates_passed"] and "champion" in metrics["registry"]["versions"]["policy"]["outcome"],
     }
 
 
@@ -72,7 +76,8 @@ def main() -> int:
             start = time.perf_counter()
             _run(["dvc", "repro", "-s", stage], project)
             timings[stage] = time.perf_counter() - start
-        metrics = {stage: json.loads((project / "metrics" / f"{stage}.json").read_text()) for stage in STAGES}
+        metrics = {stage: json.loads((project / "metrics" / f"{stage}.json").read_text()) for stage in METRICS}
+        metrics["registry"] = json.loads((project / "registry" / "registered.json").read_text())
         kl_budget = yaml.safe_load((project / "params.yaml").read_text())["ppo"]["kl_budget"]
 
     checks = _checks(timings, metrics, kl_budget)
@@ -83,14 +88,18 @@ def main() -> int:
         "seconds": {stage: round(value, 1) for stage, value in timings.items()},
         "held_out": {key: round(value, 4) for key, value in ppo.items() if key.startswith("eval/")},
         "reward_eval_accuracy": metrics["reward"]["eval_accuracy"],
+        "evaluation": {key: round(value, 4) for key, value in metrics["evaluate"].items()},
         "checks": checks,
     }
-    print(f"{'stage':<10}{'seconds':>10}")
+    print(f"{'stage':<16}{'seconds':>8}")
     for stage in STAGES:
-        print(f"{stage:<10}{timings[stage]:>10.1f}")
+        print(f"{stage:<16}{timings[stage]:>8.1f}")
     print(f"\nheld-out prompts    {'SFT':>8} {'PPO':>8}")
     for name in ("rm_score", "rm_score_std", "gold_score", "kl", "eos_rate", "length"):
         print(f"{name:<20}{ppo[f'eval/sft/{name}']:>8.3f} {ppo[f'eval/policy/{name}']:>8.3f}")
+    evaluation = metrics["evaluate"]
+    print(f"win rate of PPO over SFT: {evaluation['win_rate/rm']:.3f} (reward model), "
+          f"{evaluation['win_rate/gold']:.3f} (gold); RM pairwise accuracy {evaluation['rm_accuracy']:.3f}")
     print()
     for check, passed in checks.items():
         print(f"{'PASS' if passed else 'FAIL'}  {check}")

@@ -88,7 +88,7 @@ def test_demo_pipeline_reproduces_with_dvc(demo_project: Path) -> None:
 
     registered = json.loads((demo_project / "registry/registered.json").read_text())
     assert registered["gates_passed"]
-    champions = {role: client.get_model_version_by_alias(entry["model"], "champion").version
+    champions = {role: str(client.get_model_version_by_alias(entry["model"], "champion").version)
                  for role, entry in registered["versions"].items()}
     assert champions == {role: str(entry["version"]) for role, entry in registered["versions"].items()}
 

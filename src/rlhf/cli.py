@@ -108,6 +108,34 @@ def _cmd_lineage(args: argparse.Namespace) -> None:
     print(json.dumps(node, indent=2) if args.json else "\n".join(format_lineage(node)))
 
 
+def _cmd_pipeline(args: argparse.Namespace) -> None:
+    from rlhf.pipelines import rlhf_pipeline, run
+
+    params = load_params(args.params, args.overrides)
+    if args.pipeline_command == "compile":
+        rlhf_pipeline.compile_pipeline(params, args.output)
+        print(f"wrote {args.output}")
+    elif args.pipeline_command == "submit":
+        print(run.submit(params, args.host, args.experiment, args.namespace, args.run_name))
+    else:
+        if not args.local:
+            raise ConfigError("pipeline run: only --local is supported here; use `rlhf pipeline submit` for a cluster")
+        result = run.run_local(params, args.root)
+        print(f"pipeline run: {result['run_folder']}")
+        for gate, verdict in result["verdicts"].items():
+            if verdict is not None:
+                print(f"gate {gate}: {'passed' if verdict['passed'] else 'FAILED'}")
+        if result["registered"]:
+            for role in ("sft", "reward", "policy"):
+                entry = result["registered"]["versions"][role]
+                print(f"{entry['model']} v{entry['version']}: {entry['outcome']}")
+        failed = [verdict for verdict in result["verdicts"].values() if verdict and not verdict["passed"]]
+        if failed:
+            from rlhf.gates import failure_message
+
+            raise GateFailed(failure_message(failed[0]))
+
+
 def _cmd_demo(args: argparse.Namespace) -> None:
     from rlhf.data.demo import generate
 
@@ -181,6 +209,22 @@ def build_parser() -> argparse.ArgumentParser:
     lineage.add_argument("--json", action="store_true", help="print JSON instead of a tree")
     lineage.set_defaults(handler=_cmd_lineage)
 
+    pipeline = commands.add_parser("pipeline", help="the Kubeflow pipeline: compile, run locally, submit")
+    pipeline_commands = pipeline.add_subparsers(dest="pipeline_command", required=True)
+    compile_parser = pipeline_commands.add_parser("compile", help="write the pipeline's IR YAML")
+    compile_parser.add_argument("-o", "--output", default="rlhf_pipeline.yaml")
+    run_parser = pipeline_commands.add_parser("run", help="run the whole DAG with kfp's local runner")
+    run_parser.add_argument("--local", action="store_true", help="on this machine (the only mode here)")
+    run_parser.add_argument("--root", default="kfp-local", help="where task outputs go (default: kfp-local)")
+    submit_parser = pipeline_commands.add_parser("submit", help="submit a run to a Kubeflow Pipelines cluster")
+    submit_parser.add_argument("--host", required=True, help="the KFP API endpoint, e.g. https://kubeflow.example/pipeline")
+    submit_parser.add_argument("--experiment", help="experiment name (default: kubeflow.experiment)")
+    submit_parser.add_argument("--namespace", help="Kubeflow profile namespace (multi-user clusters)")
+    submit_parser.add_argument("--run-name", help="run name (default: the pipeline's name and a timestamp)")
+    for sub in (compile_parser, run_parser, submit_parser):
+        _add_params_options(sub)
+    pipeline.set_defaults(handler=_cmd_pipeline)
+
     data = commands.add_parser("data", help="demo data, importers and validation")
     data_commands = data.add_subparsers(dest="data_command", required=True)
 
@@ -213,6 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _offline_friendly_environment()
     _exit_on_sigterm()
     args = build_parser().parse_args(argv)
+    from rlhf.pipelines.run import PipelineError
     from rlhf.registry import RegistryError
 
     try:
@@ -220,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GateFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except (ConfigError, DataError, RegistryError) as exc:
+    except (ConfigError, DataError, RegistryError, PipelineError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

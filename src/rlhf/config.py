@@ -245,6 +245,52 @@ class RegistryConfig(Section):
         return self
 
 
+STEPS = ("data", "pretrain", "sft", "reward", "gate_reward", "ppo", "evaluate", "gate_evaluation", "register")
+
+
+class ResourceParams(Section):
+    """Kubernetes resources of one component (limits). Unset: the cluster's defaults."""
+
+    cpu: str | None = Field(None, description='e.g. "4" or "500m"')
+    memory: str | None = Field(None, description='e.g. "16G"')
+    accelerator_type: str | None = Field(None, description='e.g. "nvidia.com/gpu"')
+    accelerator_count: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _count_needs_type(self) -> "ResourceParams":
+        if self.accelerator_count and not self.accelerator_type:
+            raise ValueError("accelerator_count needs accelerator_type (e.g. nvidia.com/gpu)")
+        return self
+
+
+class KubeflowConfig(Section):
+    """How the pipeline runs on Kubeflow: image, resources per step, retries, caching, Kubernetes settings."""
+
+    pipeline_name: str = "rlhf-pipeline"
+    image: str = Field("rlhf-pipeline:latest", description="the project's image (Dockerfile), for every component")
+    data_source: str = Field("demo", description="demo: generate the demo data; else a folder of dataset files")
+    experiment: str = Field("rlhf", description="Kubeflow experiment that `rlhf pipeline submit` files runs under")
+    retries: int = Field(2, ge=0, description="retries of a failed step (transient failures: preemption, network)")
+    caching: bool = True
+    secret: str | None = Field(None, description="a Kubernetes secret exposed to every step as environment variables")
+    secret_env: list[str] = Field(
+        default_factory=lambda: ["MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+                                 "MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                 "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "HF_TOKEN"],
+        description="keys of the secret, each set as the environment variable of the same name (missing keys: unset)")
+    model_cache_pvc: str | None = Field(None, description="a PVC mounted as the Hugging Face cache (HF_HOME)")
+    model_cache_path: str = "/home/rlhf/.cache/huggingface"
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    resources: dict[str, ResourceParams] = Field(default_factory=dict, description="per step, or 'default'")
+
+    @model_validator(mode="after")
+    def _known_steps(self) -> "KubeflowConfig":
+        unknown = set(self.resources) - {*STEPS, "default"}
+        if unknown:
+            raise ValueError(f"resources: unknown step(s) {sorted(unknown)}; steps are {', '.join(STEPS)}")
+        return self
+
+
 class Params(Section):
     """All of params.yaml: one section per stage, plus the gates and the registry."""
 
@@ -256,12 +302,14 @@ class Params(Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     gates: GatesConfig = GatesConfig()
     registry: RegistryConfig = RegistryConfig()
+    kubeflow: KubeflowConfig = KubeflowConfig()
 
     @model_validator(mode="after")
     def _evaluation_pairs_are_held_out(self) -> "Params":
         same_split = (self.evaluate.preferences_eval_fraction, self.evaluate.preferences_seed) == (
             self.reward.eval_fraction, self.reward.seed)
-        if self.evaluate.preferences == self.reward.dataset and not same_split:
+        same_file = Path(self.evaluate.preferences).resolve() == Path(self.reward.dataset).resolve()
+        if same_file and not same_split:
             raise ValueError("evaluate.preferences_eval_fraction and preferences_seed must equal reward.eval_fraction "
                              "and reward.seed, or the accuracy would count pairs the reward model trained on")
         return self
@@ -340,3 +388,24 @@ def config_hash(section: BaseModel) -> str:
     """A short stable hash of a section, naming checkpoint folders so a changed config never resumes an old run."""
     canonical = json.dumps(section.model_dump(mode="json"), sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
+# kfp cannot carry null inside a struct parameter (its compiler rejects None), yet null is meaningful here (a gate
+# check turned off). Sections travel to Kubeflow components with null spelled as this marker, and back.
+KFP_NULL = "<null>"
+
+
+def to_kfp(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: to_kfp(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [to_kfp(item) for item in value]
+    return KFP_NULL if value is None else value
+
+
+def from_kfp(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: from_kfp(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [from_kfp(item) for item in value]
+    return None if value == KFP_NULL else value

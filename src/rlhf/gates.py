@@ -19,6 +19,7 @@ from rlhf.evaluation import wilson_lower_bound
 from rlhf.storage import write_json
 
 GATES = ("reward", "evaluation")
+_GOLD_METRICS = ("win_rate/gold", "gold_gain")  # absent without a gold annotator: those checks are skipped
 GateName = Literal["reward", "evaluation"]
 
 # (threshold key, metric key, direction, sample-size key for a proportion's confidence bound or None)
@@ -48,13 +49,17 @@ def _read_metrics(path: str, key: str) -> dict[str, float]:
 
 
 def _check(cfg: GatesConfig, threshold_key: str, metric: str, direction: str, size_key: str | None,
-           metrics: dict[str, float]) -> dict[str, Any]:
+           metrics: dict[str, float], metrics_key: str) -> dict[str, Any]:
+    metrics_file = getattr(cfg, metrics_key)
     threshold = getattr(cfg, threshold_key)
     check: dict[str, Any] = {"check": threshold_key, "metric": metric, "threshold": threshold, "op": direction}
     if threshold is None:
         return check | {"status": "skipped", "reason": "threshold is null"}
-    if metric not in metrics:
-        return check | {"status": "skipped", "reason": f"{metric} not measured (no gold annotator?)"}
+    if metric not in metrics and metric in _GOLD_METRICS:
+        return check | {"status": "skipped", "reason": f"{metric} not measured (no gold annotator)"}
+    for key in (metric, size_key):
+        if key and key not in metrics:
+            raise ConfigError(f"gates.{metrics_key}: {metrics_file} has no {key!r}; a gate cannot judge without it")
     measured = metrics[metric]
     value = measured
     if size_key and cfg.confidence > 0:
@@ -71,7 +76,7 @@ def evaluate_gate(name: GateName, cfg: GatesConfig) -> dict[str, Any]:
     metrics_key, run_folder = {"reward": ("reward_metrics", cfg.reward_model),
                                "evaluation": ("evaluation_metrics", cfg.evaluation_report)}[name]
     metrics = _read_metrics(getattr(cfg, metrics_key), metrics_key)
-    checks = [_check(cfg, *spec, metrics) for spec in _CHECKS[name]]
+    checks = [_check(cfg, *spec, metrics, metrics_key) for spec in _CHECKS[name]]
     failed = [check for check in checks if check["status"] == "fail"]
     judged_run = tracking.read_provenance(run_folder).get("mlflow_run_id")
     verdict = {"gate": name, "passed": not failed, "failed_checks": [check["check"] for check in failed],

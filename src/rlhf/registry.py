@@ -39,11 +39,15 @@ def _client():
     return MlflowClient(tracking_uri=tracking.tracking_uri(), registry_uri=tracking.tracking_uri())
 
 
+# Files beside a model that describe its run, not the model (the PPO history holds wall-clock timings).
+_NOT_THE_MODEL = {tracking.PROVENANCE_FILE, "training_history.json"}
+
+
 def content_hash(folder: str | Path) -> str:
     """sha256 over a model folder's file names and contents: the identity of a trained model."""
     digest = hashlib.sha256()
     for file in sorted(Path(folder).rglob("*")):
-        if file.is_file() and file.name != tracking.PROVENANCE_FILE:
+        if file.is_file() and file.name not in _NOT_THE_MODEL:
             digest.update(file.relative_to(folder).as_posix().encode())
             with open(file, "rb") as handle:
                 for block in iter(lambda: handle.read(1 << 20), b""):
@@ -217,10 +221,15 @@ def promote(name: str, version: str, alias: str = CHAMPION, force: bool = False)
                   if key.startswith(f"{TAG}gate.") and value != "passed"]
         raise RegistryError(f"{name} v{version}: its gates did not pass ({', '.join(failed) or 'no verdict'}); "
                             "use --force to promote it anyway")
-    if alias == CHAMPION:
-        _crown(client, name, target.version, _alias_version(client, name, CHAMPION))
-    else:
-        client.set_registered_model_alias(name, alias, target.version)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        if alias == CHAMPION:
+            _crown(client, name, target.version, _alias_version(client, name, CHAMPION))
+        else:
+            client.set_registered_model_alias(name, alias, target.version)
+    except MlflowException as exc:  # a reserved or malformed alias name
+        raise RegistryError(f"{name}: cannot set alias {alias!r}: {exc.message}") from None
     if force:
         client.set_model_version_tag(name, target.version, f"{TAG}forced_promotion", alias)
     return f"{name} v{target.version} is now {alias}"
@@ -280,11 +289,14 @@ def lineage(uri: str) -> dict[str, Any]:
 
 def format_lineage(node: dict[str, Any], indent: str = "") -> list[str]:
     aliases = f" [{', '.join(node['aliases'])}]" if node["aliases"] else ""
-    lines = [f"{indent}{node['model']} v{node['version']}{aliases}  gates: {node['gates']}  "
-             f"{node['score_metric']}: {node['score']}"]
+    score = f"{float(node['score']):.4g}" if node["score"] is not None else "none"
+    verdicts = ", ".join(f"{gate} {verdict}" for gate, verdict in sorted(node["gate_verdicts"].items()))
+    lines = [f"{indent}{node['model']} v{node['version']}{aliases}  {node['score_metric']} {score}  "
+             f"gates {node['gates']} ({verdicts})"]
     detail = indent + "    "
-    lines.append(f"{detail}trained in run {node['training_run_id']}, params {node['params_hash']}, "
-                 f"commit {(node['git_commit'] or '?')[:12]}, data.dvc md5 {node['data_dvc_md5']}")
+    lines.append(f"{detail}pipeline run {node['pipeline_run_id']}; trained in MLflow run {node['training_run_id']}")
+    lines.append(f"{detail}params {node['params_hash']}, commit {(node['git_commit'] or '?')[:12]}, "
+                 f"data.dvc md5 {node['data_dvc_md5']}")
     for dataset, fingerprint in node["datasets"].items():
         lines.append(f"{detail}dataset {dataset}: sha256 {fingerprint[:16]}")
     for role, upstream in node["upstream"].items():

@@ -117,7 +117,8 @@ def write_report(folder: Path, metrics: dict[str, float], policy_rows: Sequence[
 
 
 def _markdown_row(cells: list[str]) -> str:
-    return "| " + " | ".join(cell.replace("|", "\\|").replace("\n", " ") for cell in cells) + " |"
+    # Answers are untrusted text: escaped, so a Markdown viewer that renders HTML shows them and runs nothing.
+    return "| " + " | ".join(html.escape(cell).replace("|", "\\|").replace("\n", " ") for cell in cells) + " |"
 
 
 def _html_table(header: list[str], rows: list[list[str]]) -> str:

@@ -66,3 +66,10 @@ def write_json(target: str | Path, payload: Any) -> None:
     with atomic_file(target) as handle:
         json.dump(payload, handle, indent=2, sort_keys=True)
         handle.write("\n")
+
+
+@contextlib.contextmanager
+def scratch_dir() -> Iterator[Path]:
+    """A temporary folder, removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="rlhf-") as folder:
+        yield Path(folder)

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 DEFAULT_EXPERIMENT = "rlhf"
+PARENT_RUN_ENV = "RLHF_PARENT_RUN_ID"
 
 
 def is_main_process() -> bool:
@@ -64,7 +65,8 @@ def lineage_tags() -> dict[str, str]:
 def stage_run(stage: str, params: dict[str, Any]) -> Iterator[Any]:
     """Starts (on the main process) the MLflow run of one stage; it ends FAILED if the block raises.
 
-    Yields the active run, or None on other processes. An active parent run (a pipeline run) becomes its parent.
+    Yields the active run, or None on other processes. An active run, or else the run named by RLHF_PARENT_RUN_ID
+    (the pipeline's run, under Kubeflow), becomes its parent.
     """
     if not is_main_process():
         yield None
@@ -74,7 +76,10 @@ def stage_run(stage: str, params: dict[str, Any]) -> Iterator[Any]:
     mlflow.set_tracking_uri(tracking_uri())
     mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT)
     nested = mlflow.active_run() is not None
-    with mlflow.start_run(run_name=stage, nested=nested, tags={"rlhf.stage": stage, **lineage_tags()}) as run:
+    # Under Kubeflow each stage is its own process: the pipeline's parent run comes by id.
+    parent = None if nested else os.environ.get(PARENT_RUN_ENV)
+    with mlflow.start_run(run_name=stage, nested=nested or bool(parent), parent_run_id=parent,
+                          tags={"rlhf.stage": stage, **lineage_tags()}) as run:
         mlflow.log_params(params)
         yield run
 

@@ -33,10 +33,18 @@ def _tiny_params() -> dict:
     return module.TINY_PARAMS
 
 
+def _merge(base: dict, changes: dict) -> dict:
+    for key, value in changes.items():
+        base[key] = _merge(base.get(key) or {}, value) if isinstance(value, dict) else value
+    return base
+
+
 def integration_params() -> dict:
-    params = copy.deepcopy(_tiny_params())
-    for section, values in INTEGRATION_OVERRIDES.items():
-        params[section].update(values)
+    """The project's params.yaml with TINY_PARAMS and the overrides above on top: DVC wants every param key a stage
+    lists (e.g. gates.output_dir) written in the file, not left to its default."""
+    params = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    for changes in (_tiny_params(), INTEGRATION_OVERRIDES):
+        _merge(params, copy.deepcopy(changes))
     return params
 
 

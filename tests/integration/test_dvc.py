@@ -239,3 +239,58 @@ def test_a_gate_out_of_reach_stops_the_pipeline_and_keeps_the_champion(pipeline,
     after = {name: ({v.version for v in client.search_model_versions(f"name = '{name}'")},
                     client.get_model_version_by_alias(name, "champion").version) for name in names}
     assert after == before
+
+
+def _kfp_metrics(run_folder: Path, task: str) -> dict:
+    return json.loads((run_folder / task / "metrics").read_text())
+
+
+def test_local_kubeflow_run_matches_dvc_and_registers_a_champion(pipeline, tmp_path):
+    """`rlhf pipeline run --local` runs the same DAG with kfp's local runner: each stage gives the metrics the DVC
+    run gave (same params, same seeds), the gates pass, and the policy is registered as champion. Every stage's
+    MLflow run is nested under one pipeline run tagged with the Kubeflow run id, which ends FINISHED."""
+    from mlflow.tracking import MlflowClient
+
+    folder = tmp_path / "project"
+    shutil.copytree(pipeline.folder, folder, symlinks=True)
+    experiment = f"{pipeline.experiment}-kfp"
+    env = dict(pipeline.env, MLFLOW_EXPERIMENT_NAME=experiment)
+    output = run(["rlhf", "pipeline", "run", "--local"], cwd=folder, env=env).stdout
+    run_folder = Path(output.split("pipeline run: ")[1].splitlines()[0])
+    assert run_folder.parent == folder / "kfp-local"
+    assert "gate reward: passed" in output and "gate evaluation: passed" in output
+
+    for stage in (*STAGES, "evaluate"):
+        by_dvc = json.loads((folder / "metrics" / f"{stage}.json").read_text())
+        by_kfp = _kfp_metrics(run_folder, stage)
+        assert set(by_kfp) == set(by_dvc), stage
+        for key, value in by_dvc.items():
+            assert by_kfp[key] == pytest.approx(value, rel=1e-4, abs=1e-6), (stage, key)
+
+    registered = json.loads((run_folder / "register" / "registered").read_text())
+    client = MlflowClient(pipeline.server_url)
+    policy = registered["versions"]["policy"]
+    assert str(client.get_model_version_by_alias(policy["model"], "champion").version) == str(policy["version"])
+
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    parents = [r for r in runs if r.data.tags.get("rlhf.stage") == "pipeline"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert parents[0].data.tags["kfp.run_id"]
+    children = {r.data.tags["rlhf.stage"] for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
+    assert children == {*STAGES, "evaluate", "register"}
+
+
+def test_local_kubeflow_run_skips_everything_after_a_failed_gate(pipeline, tmp_path):
+    """A reward gate out of reach: the local run exits 1 naming the check, PPO and the rest never run (dsl.If
+    skipped them), and nothing is registered."""
+    folder = tmp_path / "project"
+    shutil.copytree(pipeline.folder, folder, symlinks=True)
+    env = dict(pipeline.env, MLFLOW_EXPERIMENT_NAME=f"{pipeline.experiment}-kfp-gated")
+    result = run(["rlhf", "pipeline", "run", "--local", "--set", "gates.min_rm_accuracy=0.99"], cwd=folder, env=env,
+                 check=False)
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "gate 'reward' failed: min_rm_accuracy" in result.stderr
+    run_folder = Path(result.stdout.split("pipeline run: ")[1].splitlines()[0])
+    assert (run_folder / "reward" / "model").is_dir()
+    for task in ("ppo", "evaluate", "gate-evaluation", "register"):
+        assert not (run_folder / task).exists(), task

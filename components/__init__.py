@@ -1,1 +1,0 @@
-"""Kubeflow Pipelines components: thin typed wrappers over the stage functions (filled by the Kubeflow issue)."""

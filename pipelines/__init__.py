@@ -1,1 +1,0 @@
-"""The Kubeflow DAG (filled by the Kubeflow issue)."""

@@ -1,0 +1,1 @@
+"""Kubeflow Pipelines components: `definitions` (one typed component per step) and `steps` (what they run)."""

@@ -1,0 +1,93 @@
+"""One Kubeflow Pipelines v2 component per step, typed with kfp's artifact types.
+
+Each body imports the package and makes one call into `rlhf.components.steps`, which runs the same stage function
+as the CLI and DVC. The functions here are plain; `build_components` turns them into components for a given image
+when the pipeline is built, so importing this module does nothing. (No `from __future__ import annotations`: kfp
+reads the annotations as types.)
+"""
+
+from kfp import dsl
+from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Output
+
+
+def data(demo: dict, source: str, kfp_run_id: str, dataset: Output[Dataset]):
+    from rlhf.components import steps
+
+    steps.prepare_data(demo, source, dataset.path, kfp_run_id)
+
+
+def pretrain(params: dict, kfp_run_id: str, dataset: Input[Dataset], model: Output[Model], metrics: Output[Metrics]):
+    from rlhf.components import steps
+
+    steps.pretrain(params, dataset.path, model.path, metrics, kfp_run_id)
+
+
+def sft(params: dict, kfp_run_id: str, dataset: Input[Dataset], base_model: Input[Model], model: Output[Model],
+        metrics: Output[Metrics]):
+    from rlhf.components import steps
+
+    steps.sft(params, dataset.path, base_model.path, model.path, metrics, kfp_run_id)
+
+
+def reward(params: dict, kfp_run_id: str, dataset: Input[Dataset], sft_model: Input[Model], model: Output[Model],
+           metrics: Output[Metrics]):
+    from rlhf.components import steps
+
+    steps.reward(params, dataset.path, sft_model.path, model.path, metrics, kfp_run_id)
+
+
+def gate_reward(params: dict, kfp_run_id: str, reward_metrics: Input[Metrics], reward_model: Input[Model],
+                verdict: Output[Artifact]) -> str:
+    from rlhf.components import steps
+
+    return steps.gate("reward", params, reward_metrics.path, reward_model.path, verdict.path, kfp_run_id)
+
+
+def ppo(params: dict, kfp_run_id: str, dataset: Input[Dataset], sft_model: Input[Model], reward_model: Input[Model],
+        model: Output[Model], metrics: Output[Metrics]):
+    from rlhf.components import steps
+
+    steps.ppo(params, dataset.path, sft_model.path, reward_model.path, model.path, metrics, kfp_run_id)
+
+
+def evaluate(params: dict, kfp_run_id: str, dataset: Input[Dataset], policy_model: Input[Model],
+             sft_model: Input[Model], reward_model: Input[Model], report: Output[Artifact], metrics: Output[Metrics],
+             report_markdown: Output[Markdown], report_html: Output[HTML]):
+    from rlhf.components import steps
+
+    steps.evaluate(params, dataset.path, policy_model.path, sft_model.path, reward_model.path, report.path, metrics,
+                   report_markdown.path, report_html.path, kfp_run_id)
+
+
+def gate_evaluation(params: dict, kfp_run_id: str, evaluation_metrics: Input[Metrics], report: Input[Artifact],
+                    verdict: Output[Artifact]) -> str:
+    from rlhf.components import steps
+
+    return steps.gate("evaluation", params, evaluation_metrics.path, report.path, verdict.path, kfp_run_id)
+
+
+def register(params: dict, kfp_run_id: str, sft_model: Input[Model], reward_model: Input[Model],
+             policy_model: Input[Model], evaluation_metrics: Input[Metrics], reward_verdict: Input[Artifact],
+             evaluation_verdict: Input[Artifact], registered: Output[Artifact]):
+    from rlhf.components import steps
+
+    steps.register(params, sft_model.path, reward_model.path, policy_model.path, evaluation_metrics.path,
+                   reward_verdict.path, evaluation_verdict.path, registered.path, kfp_run_id)
+
+
+def close_pipeline_run(kfp_run_id: str, status: dsl.PipelineTaskFinalStatus):
+    from rlhf.components import steps
+
+    steps.close_pipeline_run(kfp_run_id, status.state)
+
+
+STEP_FUNCTIONS = (data, pretrain, sft, reward, gate_reward, ppo, evaluate, gate_evaluation, register)
+
+
+def build_components(image: str) -> dict:
+    """The components, by step name, on the project's image. kfp is not installed into the image at run time: the
+    image already has the pinned kfp (and local runs use this environment, offline)."""
+    return {
+        function.__name__: dsl.component(function, base_image=image, install_kfp_package=False)
+        for function in (*STEP_FUNCTIONS, close_pipeline_run)
+    }

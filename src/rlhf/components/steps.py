@@ -1,0 +1,170 @@
+"""What each Kubeflow component does, in plain Python: put the component's artifact paths into the stage's config
+and call the same stage function the CLI and DVC call.
+
+Component bodies (rlhf.components.definitions) only import this module and call one function. Every stage run is
+nested under one MLflow parent run per pipeline run, found (or created) by its `kfp.run_id` tag.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from rlhf import tracking
+from rlhf.config import (
+    DemoConfig,
+    EvaluateConfig,
+    GatesConfig,
+    PPOConfig,
+    PretrainConfig,
+    RegistryConfig,
+    RewardConfig,
+    SFTConfig,
+    from_kfp,
+)
+from rlhf.storage import atomic_dir, scratch_dir, write_json
+
+KFP_RUN_TAG = "kfp.run_id"
+# Set by the benchmark: each step appends {"step", "seconds"} here, its own compute time inside the component.
+TIMINGS_ENV = "RLHF_STEP_TIMINGS"
+
+
+def _parent_run(kfp_run_id: str) -> str:
+    """The MLflow run of this pipeline run (tagged with the Kubeflow run id), created by the first step that asks."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking.tracking_uri())
+    name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or tracking.DEFAULT_EXPERIMENT
+    experiment = client.get_experiment_by_name(name)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(name)
+    found = client.search_runs([experiment_id], f"tags.`{KFP_RUN_TAG}` = '{kfp_run_id}'", max_results=1)
+    if found:
+        return found[0].info.run_id
+    tags = {KFP_RUN_TAG: kfp_run_id, "rlhf.stage": "pipeline", **tracking.lineage_tags()}
+    return client.create_run(experiment_id, run_name=f"pipeline {kfp_run_id}", tags=tags).info.run_id
+
+
+@contextmanager
+def _step(name: str, kfp_run_id: str) -> Iterator[None]:
+    """Runs one step nested under the pipeline's MLflow run, with the Kubeflow run id as the pipeline run id."""
+    start = time.perf_counter()
+    os.environ[tracking.PARENT_RUN_ENV] = _parent_run(kfp_run_id)
+    os.environ["RLHF_PIPELINE_RUN_ID"] = f"kfp-{kfp_run_id}"
+    yield
+    if os.environ.get(TIMINGS_ENV):
+        with open(os.environ[TIMINGS_ENV], "a", encoding="utf-8") as timings:
+            timings.write(json.dumps({"step": name, "seconds": time.perf_counter() - start}) + "\n")
+
+
+def close_pipeline_run(kfp_run_id: str, state: str) -> None:
+    """The exit handler: the pipeline's MLflow run ends FINISHED if every task succeeded, else FAILED."""
+    from mlflow import MlflowClient
+
+    run_id = _parent_run(kfp_run_id)
+    MlflowClient(tracking.tracking_uri()).set_terminated(run_id, "FINISHED" if state == "SUCCEEDED" else "FAILED")
+
+
+def _in(data_dir: str, configured: str) -> str:
+    """A dataset file inside the data artifact: the configured file's name (data/sft.jsonl -> <artifact>/sft.jsonl)."""
+    return str(Path(data_dir) / Path(configured).name)
+
+
+def _configure(config_class: type[BaseModel], section: dict[str, Any], **paths: str) -> Any:
+    """The validated stage config with its paths pointed at the component's artifacts."""
+    return config_class.model_validate({**from_kfp(section), **paths})
+
+
+def _report(metrics: dict[str, float], metrics_artifact) -> None:
+    """Metrics into the Kubeflow Metrics artifact: shown in the UI, and as a JSON file the gates read."""
+    for key, value in metrics.items():
+        metrics_artifact.log_metric(key, float(value))
+    write_json(metrics_artifact.path, metrics)
+
+
+def _train(stage: str, cfg: BaseModel, metrics_artifact, kfp_run_id: str) -> None:
+    """Runs `rlhf.stages.<stage>.run(cfg)`; the import (torch, transformers) counts as the step's own time."""
+    with _step(stage, kfp_run_id):
+        result = importlib.import_module(f"rlhf.stages.{stage}").run(cfg)
+        _report(result.metrics, metrics_artifact)
+
+
+def prepare_data(demo: dict[str, Any], source: str, data_dir: str, kfp_run_id: str) -> None:
+    """`demo`: generate the demo datasets; otherwise copy a folder holding the pipeline's dataset files."""
+    from rlhf.data.demo import generate
+
+    with _step("data", kfp_run_id):
+        if source == "demo":
+            generate(DemoConfig.model_validate(from_kfp(demo)), data_dir)
+        else:
+            with atomic_dir(data_dir) as staging:
+                shutil.copytree(source, staging, dirs_exist_ok=True)
+
+
+def pretrain(section, data_dir, model_dir, metrics_artifact, kfp_run_id) -> None:
+    cfg = _configure(PretrainConfig, section, corpus=_in(data_dir, section["corpus"]), output_dir=model_dir)
+    _train("pretrain", cfg, metrics_artifact, kfp_run_id)
+
+
+def sft(section, data_dir, base_dir, model_dir, metrics_artifact, kfp_run_id) -> None:
+    cfg = _configure(SFTConfig, section, model=base_dir, dataset=_in(data_dir, section["dataset"]),
+                     output_dir=model_dir)
+    _train("sft", cfg, metrics_artifact, kfp_run_id)
+
+
+def reward(section, data_dir, sft_dir, model_dir, metrics_artifact, kfp_run_id) -> None:
+    cfg = _configure(RewardConfig, section, base_model=sft_dir, dataset=_in(data_dir, section["dataset"]),
+                     output_dir=model_dir)
+    _train("reward", cfg, metrics_artifact, kfp_run_id)
+
+
+def ppo(section, data_dir, sft_dir, reward_dir, model_dir, metrics_artifact, kfp_run_id) -> None:
+    cfg = _configure(PPOConfig, section, policy_model=sft_dir, reward_model=reward_dir,
+                     prompts=_in(data_dir, section["prompts"]), eval_prompts=_in(data_dir, section["eval_prompts"]),
+                     output_dir=model_dir)
+    _train("ppo", cfg, metrics_artifact, kfp_run_id)
+
+
+def evaluate(section, data_dir, policy_dir, sft_dir, reward_dir, report_dir, metrics_artifact, markdown_path,
+             html_path, kfp_run_id) -> None:
+    cfg = _configure(EvaluateConfig, section, policy_model=policy_dir, sft_model=sft_dir, reward_model=reward_dir,
+                     eval_prompts=_in(data_dir, section["eval_prompts"]),
+                     preferences=_in(data_dir, section["preferences"]), output_dir=report_dir)
+    _train("evaluate", cfg, metrics_artifact, kfp_run_id)
+    shutil.copyfile(Path(report_dir) / "report.md", markdown_path)
+    shutil.copyfile(Path(report_dir) / "report.html", html_path)
+
+
+def gate(name: str, section, metrics_path: str, judged_dir: str, verdict_path: str, kfp_run_id: str) -> str:
+    """Returns "passed" or "failed" for the pipeline's `dsl.If`; the verdict JSON becomes an artifact."""
+    from rlhf.gates import evaluate_gate
+
+    paths = {"reward": {"reward_metrics": metrics_path, "reward_model": judged_dir},
+             "evaluation": {"evaluation_metrics": metrics_path, "evaluation_report": judged_dir}}[name]
+    with _step(f"gate_{name}", kfp_run_id), scratch_dir() as scratch:
+        cfg = _configure(GatesConfig, section, output_dir=str(scratch), **paths)
+        verdict = evaluate_gate(name, cfg)
+        shutil.copyfile(scratch / f"{name}.json", verdict_path)
+    print(f"gate {name}: {'passed' if verdict['passed'] else 'failed ' + ', '.join(verdict['failed_checks'])}")
+    return "passed" if verdict["passed"] else "failed"
+
+
+def register(section, sft_dir, reward_dir, policy_dir, evaluation_metrics_path, reward_verdict_path,
+             evaluation_verdict_path, registered_path, kfp_run_id) -> None:
+    from rlhf.registry import register as register_models
+
+    with _step("register", kfp_run_id), scratch_dir() as gates_dir:
+        shutil.copyfile(reward_verdict_path, gates_dir / "reward.json")
+        shutil.copyfile(evaluation_verdict_path, gates_dir / "evaluation.json")
+        cfg = _configure(RegistryConfig, section, sft_model=sft_dir, reward_model=reward_dir,
+                         policy_model=policy_dir, evaluation_metrics=evaluation_metrics_path,
+                         gates_dir=str(gates_dir), output=registered_path)
+        register_models(cfg)

@@ -1,0 +1,99 @@
+"""The Kubeflow DAG: data -> pretrain -> sft -> reward -> gate -> ppo -> evaluate -> gate -> register.
+
+Each gate returns "passed" or "failed"; `dsl.If` runs the rest only on "passed", so a failed gate skips everything
+downstream. The whole DAG sits in an exit handler that closes the pipeline's MLflow parent run (FINISHED or FAILED).
+The pipeline's parameters are params.yaml's sections (validated before compiling or submitting); resources, retries,
+caching and Kubernetes settings come from its `kubeflow` section.
+"""
+
+# No `from __future__ import annotations`: kfp reads the pipeline function's annotations as types.
+from collections.abc import Callable
+from typing import Any
+
+from rlhf.config import KubeflowConfig, Params, to_kfp
+
+SECTIONS = ("demo", "pretrain", "sft", "reward", "ppo", "evaluate", "gates", "registry")
+
+
+def pipeline_arguments(params: Params) -> dict[str, Any]:
+    """The pipeline's run arguments: each params.yaml section as a dict, and the data source."""
+    return {section: to_kfp(getattr(params, section).model_dump(mode="json")) for section in SECTIONS} | {
+        "data_source": params.kubeflow.data_source}
+
+
+def _configure(task, step: str, settings: KubeflowConfig, cached: bool = True):
+    """Resources, retries, caching and the optional Kubernetes settings of one task."""
+    from kfp import kubernetes
+
+    resources = settings.resources.get(step) or settings.resources.get("default")
+    if resources is not None:
+        if resources.cpu:
+            task.set_cpu_request(resources.cpu).set_cpu_limit(resources.cpu)
+        if resources.memory:
+            task.set_memory_request(resources.memory).set_memory_limit(resources.memory)
+        if resources.accelerator_type:
+            task.set_accelerator_type(resources.accelerator_type)
+            task.set_accelerator_limit(resources.accelerator_count or 1)
+    if settings.retries:
+        task.set_retry(num_retries=settings.retries, backoff_duration="30s", backoff_factor=2.0)
+    task.set_caching_options(enable_caching=settings.caching and cached)
+    if settings.secret:
+        kubernetes.use_secret_as_env(task, settings.secret, {key: key for key in settings.secret_env}, optional=True)
+    if settings.model_cache_pvc:
+        kubernetes.mount_pvc(task, settings.model_cache_pvc, mount_path=settings.model_cache_path)
+    for key, value in settings.node_selector.items():
+        kubernetes.add_node_selector(task, key, value)
+    return task.set_display_name(step)
+
+
+def build_pipeline(params: Params) -> Callable:
+    """The pipeline function, its parameters defaulting to `params` (what `compile` bakes in as defaults)."""
+    from kfp import dsl
+
+    from rlhf.components.definitions import build_components
+
+    settings = params.kubeflow
+    ops = build_components(settings.image)
+    defaults = pipeline_arguments(params)
+
+    def step(name: str, cached: bool = True, **inputs):
+        return _configure(ops[name](kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, **inputs), name, settings, cached)
+
+    @dsl.pipeline(name=settings.pipeline_name,
+                  description="RLHF: pretrain, SFT, reward model, PPO, evaluation, gated registration in MLflow")
+    def rlhf_pipeline(demo: dict = defaults["demo"], pretrain: dict = defaults["pretrain"],
+                      sft: dict = defaults["sft"], reward: dict = defaults["reward"], ppo: dict = defaults["ppo"],
+                      evaluate: dict = defaults["evaluate"], gates: dict = defaults["gates"],
+                      registry: dict = defaults["registry"], data_source: str = defaults["data_source"]):
+        close = step("close_pipeline_run", cached=False)
+        with dsl.ExitHandler(close, name="rlhf"):
+            data = step("data", demo=demo, source=data_source)
+            dataset = data.outputs["dataset"]
+            pretrained = step("pretrain", params=pretrain, dataset=dataset)
+            tuned = step("sft", params=sft, dataset=dataset, base_model=pretrained.outputs["model"])
+            scorer = step("reward", params=reward, dataset=dataset, sft_model=tuned.outputs["model"])
+            reward_gate = step("gate_reward", params=gates, reward_metrics=scorer.outputs["metrics"],
+                               reward_model=scorer.outputs["model"])
+            with dsl.If(reward_gate.outputs["Output"] == "passed", name="reward-model-passed"):
+                policy = step("ppo", params=ppo, dataset=dataset, sft_model=tuned.outputs["model"],
+                              reward_model=scorer.outputs["model"])
+                evaluation = step("evaluate", params=evaluate, dataset=dataset, policy_model=policy.outputs["model"],
+                                  sft_model=tuned.outputs["model"], reward_model=scorer.outputs["model"])
+                evaluation_gate = step("gate_evaluation", params=gates,
+                                       evaluation_metrics=evaluation.outputs["metrics"],
+                                       report=evaluation.outputs["report"])
+                with dsl.If(evaluation_gate.outputs["Output"] == "passed", name="policy-passed"):
+                    step("register", params=registry, sft_model=tuned.outputs["model"],
+                         reward_model=scorer.outputs["model"], policy_model=policy.outputs["model"],
+                         evaluation_metrics=evaluation.outputs["metrics"],
+                         reward_verdict=reward_gate.outputs["verdict"],
+                         evaluation_verdict=evaluation_gate.outputs["verdict"])
+
+    return rlhf_pipeline
+
+
+def compile_pipeline(params: Params, package_path: str) -> None:
+    """Writes the pipeline's IR YAML (what Kubeflow runs and `kfp.components.load_component_from_file` loads)."""
+    from kfp import compiler
+
+    compiler.Compiler().compile(pipeline_func=build_pipeline(params), package_path=package_path)

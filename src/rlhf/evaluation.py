@@ -7,10 +7,8 @@ Summaries and the policy-vs-SFT comparison (gains, win rates) are computed from 
 
 from __future__ import annotations
 
-import math
 import statistics
 from collections.abc import Callable, Sequence
-from statistics import NormalDist
 from typing import Any
 
 import torch
@@ -138,13 +136,3 @@ def _conversations(prompts, answers, tokenizer) -> tuple[list[str], list[str]]:
         return list(prompts), list(answers)
     texts = [tokenizer.apply_chat_template(prompt + answer, tokenize=False) for prompt, answer in zip(prompts, answers)]
     return [""] * len(texts), texts
-
-
-def wilson_lower_bound(proportion: float, n: float, confidence: float) -> float:
-    """Lower end of the Wilson score interval: what a gate trusts of a proportion measured on n samples."""
-    if confidence <= 0 or n <= 0:
-        return proportion
-    z = NormalDist().inv_cdf(0.5 + confidence / 2)
-    centre = proportion + z * z / (2 * n)
-    spread = z * math.sqrt(proportion * (1 - proportion) / n + z * z / (4 * n * n))
-    return max(0.0, (centre - spread) / (1 + z * z / n))

@@ -10,12 +10,13 @@ on the returned verdict instead.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any, Literal
 
 from rlhf import tracking
 from rlhf.config import ConfigError, GatesConfig
-from rlhf.evaluation import wilson_lower_bound
 from rlhf.storage import write_json
 
 GATES = ("reward", "evaluation")
@@ -36,6 +37,16 @@ _CHECKS: dict[str, tuple[tuple[str, str, str, str | None], ...]] = {
     ),
 }
 
+
+
+def wilson_lower_bound(proportion: float, n: float, confidence: float) -> float:
+    """Lower end of the Wilson score interval: what a gate trusts of a proportion measured on n samples."""
+    if confidence <= 0 or n <= 0:
+        return proportion
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
+    centre = proportion + z * z / (2 * n)
+    spread = z * math.sqrt(proportion * (1 - proportion) / n + z * z / (4 * n * n))
+    return max(0.0, (centre - spread) / (1 + z * z / n))
 
 
 def _read_metrics(path: str, key: str) -> dict[str, float]:

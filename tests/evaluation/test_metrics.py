@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from rlhf.evaluation import compare, distinct_2, repetition, summarize, wilson_lower_bound, win_rate
+from rlhf.evaluation import compare, distinct_2, repetition, summarize, win_rate
+from rlhf.gates import wilson_lower_bound
 
 
 def _row(response: str, rm: float, gold: float | None = None, kl: float = 0.0, eos: bool = True) -> dict:

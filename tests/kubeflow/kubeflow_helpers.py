@@ -45,12 +45,14 @@ def repo_params() -> dict:
 
 
 def write_project(folder: Path, kubeflow: dict | None = None) -> Path:
-    """`folder` with the project's params.yaml, plus a kubeflow section when given; returns the folder."""
+    """`folder` with the project's params.yaml, its kubeflow section replaced by `kubeflow` (none: the defaults);
+    returns the folder."""
     folder.mkdir(parents=True, exist_ok=True)
-    text = REPO_PARAMS.read_text(encoding="utf-8")
+    params = yaml.safe_load(REPO_PARAMS.read_text(encoding="utf-8"))
+    params.pop("kubeflow", None)
     if kubeflow is not None:
-        text += "\n" + yaml.safe_dump({"kubeflow": copy.deepcopy(kubeflow)}, sort_keys=False)
-    (folder / "params.yaml").write_text(text, encoding="utf-8")
+        params["kubeflow"] = copy.deepcopy(kubeflow)
+    (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
     return folder
 
 

@@ -8,10 +8,8 @@ nested under one MLflow parent run per pipeline run, found (or created) by its `
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import shutil
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,8 +32,6 @@ from rlhf.config import (
 from rlhf.storage import atomic_dir, scratch_dir, write_json
 
 KFP_RUN_TAG = "kfp.run_id"
-# Set by the benchmark: each step appends {"step", "seconds"} here, its own compute time inside the component.
-TIMINGS_ENV = "RLHF_STEP_TIMINGS"
 
 
 def _parent_run(kfp_run_id: str) -> str:
@@ -54,15 +50,11 @@ def _parent_run(kfp_run_id: str) -> str:
 
 
 @contextmanager
-def _step(name: str, kfp_run_id: str) -> Iterator[None]:
+def _step(kfp_run_id: str) -> Iterator[None]:
     """Runs one step nested under the pipeline's MLflow run, with the Kubeflow run id as the pipeline run id."""
-    start = time.perf_counter()
     os.environ[tracking.PARENT_RUN_ENV] = _parent_run(kfp_run_id)
     os.environ["RLHF_PIPELINE_RUN_ID"] = f"kfp-{kfp_run_id}"
     yield
-    if os.environ.get(TIMINGS_ENV):
-        with open(os.environ[TIMINGS_ENV], "a", encoding="utf-8") as timings:
-            timings.write(json.dumps({"step": name, "seconds": time.perf_counter() - start}) + "\n")
 
 
 def close_pipeline_run(kfp_run_id: str, state: str) -> None:
@@ -91,8 +83,8 @@ def _report(metrics: dict[str, float], metrics_artifact) -> None:
 
 
 def _train(stage: str, cfg: BaseModel, metrics_artifact, kfp_run_id: str) -> None:
-    """Runs `rlhf.stages.<stage>.run(cfg)`; the import (torch, transformers) counts as the step's own time."""
-    with _step(stage, kfp_run_id):
+    """Runs `rlhf.stages.<stage>.run(cfg)` and reports its metrics."""
+    with _step(kfp_run_id):
         result = importlib.import_module(f"rlhf.stages.{stage}").run(cfg)
         _report(result.metrics, metrics_artifact)
 
@@ -101,7 +93,7 @@ def prepare_data(demo: dict[str, Any], source: str, data_dir: str, kfp_run_id: s
     """`demo`: generate the demo datasets; otherwise copy a folder holding the pipeline's dataset files."""
     from rlhf.data.demo import generate
 
-    with _step("data", kfp_run_id):
+    with _step(kfp_run_id):
         if source == "demo":
             generate(DemoConfig.model_validate(from_kfp(demo)), data_dir)
         else:
@@ -149,7 +141,7 @@ def gate(name: str, section, metrics_path: str, judged_dir: str, verdict_path: s
 
     paths = {"reward": {"reward_metrics": metrics_path, "reward_model": judged_dir},
              "evaluation": {"evaluation_metrics": metrics_path, "evaluation_report": judged_dir}}[name]
-    with _step(f"gate_{name}", kfp_run_id), scratch_dir() as scratch:
+    with _step(kfp_run_id), scratch_dir() as scratch:
         cfg = _configure(GatesConfig, section, output_dir=str(scratch), **paths)
         verdict = evaluate_gate(name, cfg)
         shutil.copyfile(scratch / f"{name}.json", verdict_path)
@@ -161,7 +153,7 @@ def register(section, sft_dir, reward_dir, policy_dir, evaluation_metrics_path, 
              evaluation_verdict_path, registered_path, kfp_run_id) -> None:
     from rlhf.registry import register as register_models
 
-    with _step("register", kfp_run_id), scratch_dir() as gates_dir:
+    with _step(kfp_run_id), scratch_dir() as gates_dir:
         shutil.copyfile(reward_verdict_path, gates_dir / "reward.json")
         shutil.copyfile(evaluation_verdict_path, gates_dir / "evaluation.json")
         cfg = _configure(RegistryConfig, section, sft_model=sft_dir, reward_model=reward_dir,

@@ -10,8 +10,6 @@ from __future__ import annotations
 import importlib
 import os
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -49,12 +47,10 @@ def _parent_run(kfp_run_id: str) -> str:
     return client.create_run(experiment_id, run_name=f"pipeline {kfp_run_id}", tags=tags).info.run_id
 
 
-@contextmanager
-def _step(kfp_run_id: str) -> Iterator[None]:
-    """Runs one step nested under the pipeline's MLflow run, with the Kubeflow run id as the pipeline run id."""
+def _join_pipeline_run(kfp_run_id: str) -> None:
+    """This step's MLflow runs nest under the pipeline's run; registered versions carry the Kubeflow run id."""
     os.environ[tracking.PARENT_RUN_ENV] = _parent_run(kfp_run_id)
     os.environ["RLHF_PIPELINE_RUN_ID"] = f"kfp-{kfp_run_id}"
-    yield
 
 
 def close_pipeline_run(kfp_run_id: str, state: str) -> None:
@@ -84,21 +80,21 @@ def _report(metrics: dict[str, float], metrics_artifact) -> None:
 
 def _train(stage: str, cfg: BaseModel, metrics_artifact, kfp_run_id: str) -> None:
     """Runs `rlhf.stages.<stage>.run(cfg)` and reports its metrics."""
-    with _step(kfp_run_id):
-        result = importlib.import_module(f"rlhf.stages.{stage}").run(cfg)
-        _report(result.metrics, metrics_artifact)
+    _join_pipeline_run(kfp_run_id)
+    result = importlib.import_module(f"rlhf.stages.{stage}").run(cfg)
+    _report(result.metrics, metrics_artifact)
 
 
 def prepare_data(demo: dict[str, Any], source: str, data_dir: str, kfp_run_id: str) -> None:
     """`demo`: generate the demo datasets; otherwise copy a folder holding the pipeline's dataset files."""
     from rlhf.data.demo import generate
 
-    with _step(kfp_run_id):
-        if source == "demo":
-            generate(DemoConfig.model_validate(from_kfp(demo)), data_dir)
-        else:
-            with atomic_dir(data_dir) as staging:
-                shutil.copytree(source, staging, dirs_exist_ok=True)
+    _join_pipeline_run(kfp_run_id)
+    if source == "demo":
+        generate(DemoConfig.model_validate(from_kfp(demo)), data_dir)
+    else:
+        with atomic_dir(data_dir) as staging:
+            shutil.copytree(source, staging, dirs_exist_ok=True)
 
 
 def pretrain(section, data_dir, model_dir, metrics_artifact, kfp_run_id) -> None:
@@ -141,7 +137,8 @@ def gate(name: str, section, metrics_path: str, judged_dir: str, verdict_path: s
 
     paths = {"reward": {"reward_metrics": metrics_path, "reward_model": judged_dir},
              "evaluation": {"evaluation_metrics": metrics_path, "evaluation_report": judged_dir}}[name]
-    with _step(kfp_run_id), scratch_dir() as scratch:
+    _join_pipeline_run(kfp_run_id)
+    with scratch_dir() as scratch:
         cfg = _configure(GatesConfig, section, output_dir=str(scratch), **paths)
         verdict = evaluate_gate(name, cfg)
         shutil.copyfile(scratch / f"{name}.json", verdict_path)
@@ -153,7 +150,8 @@ def register(section, sft_dir, reward_dir, policy_dir, evaluation_metrics_path, 
              evaluation_verdict_path, registered_path, kfp_run_id) -> None:
     from rlhf.registry import register as register_models
 
-    with _step(kfp_run_id), scratch_dir() as gates_dir:
+    _join_pipeline_run(kfp_run_id)
+    with scratch_dir() as gates_dir:
         shutil.copyfile(reward_verdict_path, gates_dir / "reward.json")
         shutil.copyfile(evaluation_verdict_path, gates_dir / "evaluation.json")
         cfg = _configure(RegistryConfig, section, sft_model=sft_dir, reward_model=reward_dir,

@@ -49,9 +49,11 @@ def run(cfg: EvaluateConfig) -> StageResult:
     def sft_logits(ids, attention, positions):
         return sft(input_ids=ids, attention_mask=attention, position_ids=positions).logits
 
+    prompts = prompt_texts(eval_prompts, tokenizer)
+
     def answers(model) -> list[dict]:
-        return sample_and_score(model, sft_logits, tokenizer, reward_model, reward_tokenizer,
-                                prompt_texts(eval_prompts, tokenizer), cfg, cfg.batch_size, annotator, device)
+        return sample_and_score(model, sft_logits, tokenizer, reward_model, reward_tokenizer, prompts, cfg,
+                                cfg.batch_size, annotator, device)
 
     with tracking.stage_run("evaluate", flatten(cfg, "evaluate")):
         tracking.log_dataset(eval_prompts, "eval_prompts", cfg.eval_prompts, prompts_fingerprint, "evaluation")

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from servers import ARTIFACT_BUCKET, DATA_BUCKET, S3Endpoint
 
 # The real sample datasets live beside the project (never inside it): <project>/../shared/datasets.
 SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
@@ -57,10 +59,13 @@ def _one_torch_thread():
 
 
 @pytest.fixture(autouse=True)
-def _isolated_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No test reaches a tracking server or the network unless it sets that up itself."""
-    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID", "RANK"):
-        monkeypatch.delenv(key, raising=False)
+def _isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """No test reaches a tracking server, S3 or the network unless it sets that up itself."""
+    for key in list(os.environ):
+        if key.startswith(("MLFLOW_", "AWS_", "RLHF_")) or key == "RANK":
+            monkeypatch.delenv(key)
+    # s3:// inputs are cached per test session, not in the user's ~/.cache.
+    monkeypatch.setenv("RLHF_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "rlhf-cache"))
     # Subprocesses find this environment's `rlhf`, `dvc` and `mlflow` even when the venv is not activated.
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     for key, value in {"MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
@@ -99,3 +104,39 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_demo_data: Pat
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS, sort_keys=False))
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@pytest.fixture
+def launch_two() -> tuple[str, ...]:
+    """`accelerate launch` with two processes, as a command prefix for `-m MODULE`. Each launch gets a free port for
+    its process group, so launches in parallel test workers do not meet on accelerate's default port."""
+    from servers import free_port
+
+    return ("accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+            "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no", "-m")
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[S3Endpoint]:
+    """A real S3 endpoint on 127.0.0.1 for the session (moto's server behind a relay that can take it down), with
+    the buckets the tests use: MLflow's artifacts, and DVC remotes and stage inputs and outputs."""
+    endpoint = S3Endpoint()
+    endpoint.start()
+    for bucket in (ARTIFACT_BUCKET, DATA_BUCKET):
+        endpoint.client().create_bucket(Bucket=bucket)
+    try:
+        yield endpoint
+    finally:
+        endpoint.stop()
+
+
+@pytest.fixture
+def s3(s3_endpoint: S3Endpoint, monkeypatch: pytest.MonkeyPatch) -> Iterator[S3Endpoint]:
+    """The session's S3 endpoint, set in this process's environment, and brought back up after the test if the test
+    took it down."""
+    for key, value in s3_endpoint.env.items():
+        monkeypatch.setenv(key, value)
+    yield s3_endpoint
+    s3_endpoint.cut_when(None)
+    if not s3_endpoint.running:
+        s3_endpoint.start()

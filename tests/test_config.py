@@ -125,3 +125,16 @@ def test_flatten_and_hash() -> None:
     changed = load_params(None, ["sft.learning_rate=0.001"])
     assert config_hash(params.sft) == config_hash(Params().sft)
     assert config_hash(changed.sft) != config_hash(params.sft)
+
+
+@pytest.mark.parametrize("override", ["gates.output_dir=s3://bucket/gates", "registry.output=s3://bucket/r.json",
+                                      "gates.reward_metrics=s3://bucket/metrics/reward.json"])
+def test_metrics_and_verdict_files_must_be_local(override: str, tmp_path: Path) -> None:
+    """Models and datasets may live on s3://; the small files DVC and the gates read may not, and the error says
+    which key and why."""
+    section, _, rest = override.partition(".")
+    key = rest.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"^defaults with --set overrides: {section}: .*{key}: metrics, verdicts "
+                                          r"and registry records are local files"):
+        load_params(None, [override])
+    assert load_params(None, ["sft.output_dir=s3://bucket/models/sft"]).sft.output_dir == "s3://bucket/models/sft"

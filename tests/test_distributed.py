@@ -20,12 +20,10 @@ def _sft(workdir: Path, *launcher: str) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_sft_under_accelerate_launch_with_two_processes(workdir: Path) -> None:
+def test_sft_under_accelerate_launch_with_two_processes(workdir: Path, launch_two: tuple[str, ...]) -> None:
     subprocess.run(["rlhf", "pretrain"], cwd=workdir, check=True, capture_output=True)
     single = _sft(workdir)
-    launcher = ("accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                "--mixed_precision", "no", "--dynamo_backend", "no", "-m")
-    distributed = _sft(workdir, *launcher)
+    distributed = _sft(workdir, *launch_two)
     # Data parallel: each optimiser step sees one batch per process, so an epoch takes about half the steps.
     assert distributed[-1]["step"] <= single[-1]["step"] // 2 + 1
     assert (workdir / "models" / "sft" / "model.safetensors").exists()

@@ -16,10 +16,6 @@ import mlflow
 import pytest
 import yaml
 
-LAUNCH_TWO = ("accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "rlhf.cli")
-
-
 def _rlhf(workdir: Path, *args: str, launcher: tuple[str, ...] = ("rlhf",)) -> subprocess.CompletedProcess:
     # Without GPUs, ACCELERATE_USE_CPU makes launched processes form a gloo (MULTI_CPU) group.
     env = {**os.environ, "ACCELERATE_USE_CPU": "true"}
@@ -113,8 +109,8 @@ def test_killed_ppo_resumes_from_its_checkpoint(supervised: Path) -> None:
 
 
 @pytest.mark.slow
-def test_ppo_under_accelerate_launch_with_two_processes(supervised: Path) -> None:
-    _rlhf(supervised, "ppo", launcher=LAUNCH_TWO)
+def test_ppo_under_accelerate_launch_with_two_processes(supervised: Path, launch_two: tuple[str, ...]) -> None:
+    _rlhf(supervised, "ppo", launcher=(*launch_two, "rlhf.cli"))
     metrics = json.loads((supervised / "metrics" / "ppo.json").read_text())
     # Two processes each sample 8 prompts a step: 48 episodes take 3 steps, counted across processes.
     steps = [row["step"] for row in json.loads((supervised / "plots" / "ppo" / "scores.json").read_text())]

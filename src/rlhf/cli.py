@@ -259,16 +259,46 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from rlhf.pipelines.run import PipelineError
     from rlhf.registry import RegistryError
+    from rlhf.s3 import StorageError
 
     try:
         args.handler(args)
     except GateFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except (ConfigError, DataError, RegistryError, PipelineError) as exc:
+    except (ConfigError, DataError, RegistryError, PipelineError, StorageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        message = _service_error(exc)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _service_error(exc: Exception) -> str | None:
+    """One line for a failure of the tracking server or of S3 underneath a library (MLflow's own S3 uploads);
+    None for anything else, which keeps its traceback."""
+    import re
+
+    module = type(exc).__module__
+    if module.startswith("mlflow"):
+        from rlhf.tracking import tracking_uri
+
+        text = " ".join(str(getattr(exc, "message", exc)).split())
+        # "API request to URL failed with exception HTTPConnectionPool(...): Max retries exceeded ... (Caused by
+        # ResponseError('too many 500 error responses'))": the request and the cause are what matter.
+        failed = re.search(r"API request to \S*?(/api/\S+) failed with exception .*Caused by \w+\((.*)\)\)", text)
+        if failed:
+            text = f"{failed.group(1)} failed: {failed.group(2).strip(chr(34) + chr(39))}"
+        return f"MLflow at {tracking_uri()}: {text[:400]}"
+    if module.startswith(("botocore", "boto3", "s3transfer")):
+        from rlhf.s3 import describe
+
+        return describe(exc, None)
+    return None
 
 
 if __name__ == "__main__":

@@ -25,6 +25,14 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def _require_local(section: Section, *keys: str) -> None:
+    """Metrics and verdict files are small local files that DVC and the gates read; s3:// is for data and models."""
+    for key in keys:
+        if str(getattr(section, key)).startswith("s3://"):
+            raise ValueError(f"{key}: metrics, verdicts and registry records are local files (DVC reads them); "
+                             "s3:// is for datasets, models and reports")
+
+
 class TrainingParams(Section):
     """Optimisation settings shared by every trainer-based stage."""
 
@@ -221,6 +229,11 @@ class GatesConfig(Section):
     evaluation_report: str = Field("reports/evaluation", description="its rlhf_run.json names the run to tag")
     output_dir: str = Field("gates", description="one verdict JSON per gate")
 
+    @model_validator(mode="after")
+    def _local_files(self) -> "GatesConfig":
+        _require_local(self, "reward_metrics", "evaluation_metrics", "output_dir")
+        return self
+
 
 class RegistryConfig(Section):
     """MLflow model registry: names, what to register, and how the registered models generate when served."""
@@ -242,6 +255,7 @@ class RegistryConfig(Section):
     def _template_has_slot(self) -> "RegistryConfig":
         if self.prompt_template is not None and "{prompt}" not in self.prompt_template:
             raise ValueError("prompt_template must contain '{prompt}'")
+        _require_local(self, "evaluation_metrics", "gates_dir", "output")
         return self
 
 
@@ -278,6 +292,10 @@ class KubeflowConfig(Section):
                                  "MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                                  "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "HF_TOKEN"],
         description="keys of the secret, each set as the environment variable of the same name (missing keys: unset)")
+    env: dict[str, str] = Field(default_factory=dict, description="plain environment variables of every step, e.g. "
+                                "RLHF_CHECKPOINT_DIR: s3://bucket/checkpoints (non-secret settings)")
+    pipeline_root: str | None = Field(None, description="where the cluster keeps the steps' artifacts, e.g. "
+                                      "s3://bucket/pipeline-root (default: the cluster's own)")
     model_cache_pvc: str | None = Field(None, description="a PVC mounted as the Hugging Face cache (HF_HOME)")
     model_cache_path: str = "/home/rlhf/.cache/huggingface"
     node_selector: dict[str, str] = Field(default_factory=dict)

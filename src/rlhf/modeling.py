@@ -1,8 +1,9 @@
 """Loading and building models and tokenizers.
 
-Every stage loads with `from_pretrained`, so a hub id (gpt2, Qwen/Qwen2.5-0.5B, ...) and a local folder written by an
-earlier stage are interchangeable. With no base model the pipeline builds its own: a byte-level BPE tokenizer trained
-on the corpus and a small GPT-2-style decoder.
+Every stage loads with `from_pretrained`, so a hub id (gpt2, Qwen/Qwen2.5-0.5B, ...), a local folder written by an
+earlier stage and an `s3://` folder (downloaded once into the local cache, `rlhf.storage.fetch`) are interchangeable.
+With no base model the pipeline builds its own: a byte-level BPE tokenizer trained on the corpus and a small
+GPT-2-style decoder.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from rlhf.config import ArchitectureParams, ConfigError, TokenizerParams
+from rlhf.storage import fetch
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -76,7 +78,7 @@ def load_tokenizer(name_or_path: str):
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(fetch(name_or_path))
     except OSError as exc:
         # from_pretrained treats a missing local folder as a Hub id; say both in one line.
         raise ConfigError(
@@ -92,7 +94,7 @@ def load_tokenizer(name_or_path: str):
 def load_causal_lm(name_or_path: str, tokenizer):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(fetch(name_or_path))
     model.config.pad_token_id = tokenizer.pad_token_id
     return model
 
@@ -101,7 +103,7 @@ def load_reward_model(name_or_path: str, tokenizer):
     """A sequence classifier with one output, the scalar reward; its head is new when loading from a causal LM."""
     from transformers import AutoModelForSequenceClassification
 
-    model = AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=1)
+    model = AutoModelForSequenceClassification.from_pretrained(fetch(name_or_path), num_labels=1)
     # Sequence classifiers score the last non-pad token, so they must know which token pads.
     model.config.pad_token_id = tokenizer.pad_token_id
     return model

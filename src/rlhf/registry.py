@@ -22,7 +22,7 @@ from typing import Any
 from rlhf import tracking
 from rlhf.config import ConfigError, RegistryConfig, flatten
 from rlhf.gates import read_verdicts
-from rlhf.storage import write_json
+from rlhf.storage import fetch, write_json
 
 ROLES = ("sft", "reward", "policy")
 CANDIDATE, CHAMPION, PREVIOUS = "candidate", "champion", "previous"
@@ -138,63 +138,83 @@ def _read_json(path: str, key: str) -> dict[str, Any]:
     return json.loads(Path(path).read_text())
 
 
+def _version_tags(role: str, model_hash: str, pipeline_run_id: str, folder: str, score: tuple[str, float | None],
+                  verdicts: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """Where a version came from: the tags it is created with (its upstream versions are added at creation)."""
+    provenance = tracking.read_provenance(folder)
+    metric, value = score
+    tags = {
+        "model_sha256": model_hash, "pipeline_run_id": pipeline_run_id, "role": role,
+        "training_run_id": provenance.get("mlflow_run_id"), "params_hash": provenance.get("params_hash"),
+        "git_commit": provenance.get("git_commit") or tracking.git_commit(),
+        "data_dvc_md5": provenance.get("data_dvc_md5") or tracking.data_dvc_md5(),
+        "gates": "passed" if all(v["passed"] for v in verdicts.values()) else "failed",
+        "score_metric": metric, "score": value,
+        **{f"gate.{gate}": "passed" if v["passed"] else "failed" for gate, v in verdicts.items()},
+        **{f"data.{dataset}": fp for dataset, fp in provenance.get("datasets", {}).items()},
+    }
+    return {TAG + key: str(value) for key, value in tags.items() if value is not None}
+
+
+def _place(client, name: str, version: str, score: tuple[str, float | None], gates_passed: bool,
+           verdicts: dict[str, dict[str, Any]]) -> str:
+    """A new version becomes candidate, and champion if its gates passed and it beats the champion; says which."""
+    client.set_registered_model_alias(name, CANDIDATE, version)
+    promote_it, champion, reason = _beats_champion(client, name, *score)
+    if gates_passed and promote_it:
+        _crown(client, name, version, champion)
+        return f"new version; champion ({reason})"
+    why = "gates failed: " + ", ".join(
+        f"{gate}: {', '.join(v['failed_checks'])}" for gate, v in verdicts.items() if not v["passed"]
+    ) if not gates_passed else reason
+    return f"new version; candidate only ({why})"
+
+
 def register(cfg: RegistryConfig) -> dict[str, Any]:
-    """Registers the three models of one pipeline run; returns, per role, the version and what happened to it."""
+    """Registers the three models of one pipeline run; returns, per role, the version and what happened to it.
+
+    In three steps, so that a failure (a lost storage endpoint, say) leaves the registry as it was or consistent:
+    every new model is uploaded first (the slow part); then each version is created with all its tags in one call;
+    then the aliases move.
+    """
     import mlflow
 
-    folders = {"sft": cfg.sft_model, "reward": cfg.reward_model, "policy": cfg.policy_model}
-    names = {"sft": cfg.sft_name, "reward": cfg.reward_name, "policy": cfg.policy_name}
-    for role, folder in folders.items():
-        if not Path(folder).is_dir():
-            raise ConfigError(f"registry.{role}_model: {folder} is not a model folder")
     metrics = _read_json(cfg.evaluation_metrics, "evaluation_metrics")
     verdicts = read_verdicts(cfg.gates_dir)
     gates_passed = all(verdict["passed"] for verdict in verdicts.values())
+    configured = {"sft": cfg.sft_model, "reward": cfg.reward_model, "policy": cfg.policy_model}
+    names = {"sft": cfg.sft_name, "reward": cfg.reward_name, "policy": cfg.policy_name}
+    folders = {role: fetch(folder) for role, folder in configured.items()}  # s3:// models: a verified local copy
+    for role, folder in folders.items():
+        if not Path(folder).is_dir():
+            raise ConfigError(f"registry.{role}_model: {folder} is not a model folder")
     hashes = {role: content_hash(folder) for role, folder in folders.items()}
     # Kubeflow passes its run id; elsewhere the three models' content identifies the run.
     pipeline_run_id = os.environ.get("RLHF_PIPELINE_RUN_ID") or "local-" + hashlib.sha256(
         "".join(hashes.values()).encode()).hexdigest()[:16]
     client = _client()
-    results: dict[str, Any] = {}
-    upstream: dict[str, str] = {}
     with tracking.stage_run("register", flatten(cfg, "registry") | {"pipeline_run_id": pipeline_run_id}):
+        existing = {role: _find_version(client, names[role], hashes[role]) for role in ROLES}
+        new_roles = [role for role in ROLES if existing[role] is None]
+        scores = {role: _score(role, metrics) for role in new_roles}
+        tags = {role: _version_tags(role, hashes[role], pipeline_run_id, folders[role], scores[role], verdicts)
+                for role in new_roles}
+        logged = {role: _log_model(role, names[role], folders[role], tags[role], cfg) for role in new_roles}
+
+        versions = {role: existing[role].version for role in ROLES if existing[role] is not None}
+        for role in ROLES:  # upstream first: the reward version names its SFT version, the policy both
+            if role in logged:
+                # The reward model starts from the SFT model; the policy from SFT, trained against the reward model.
+                upstream = {f"{TAG}upstream.{up}": f"{names[up]}/{versions[up]}"
+                            for up in {"reward": ["sft"], "policy": ["sft", "reward"]}.get(role, [])}
+                versions[role] = mlflow.register_model(logged[role].model_uri, names[role],
+                                                       tags=tags[role] | upstream).version
+
+        results: dict[str, Any] = {}
         for role in ROLES:
-            name = names[role]
-            existing = _find_version(client, name, hashes[role])
-            if existing is not None:
-                version, outcome = existing.version, "already registered; unchanged"
-            else:
-                metric, score = _score(role, metrics)
-                provenance = tracking.read_provenance(folders[role])
-                tags = {
-                    "model_sha256": hashes[role], "pipeline_run_id": pipeline_run_id, "role": role,
-                    "training_run_id": provenance.get("mlflow_run_id"), "params_hash": provenance.get("params_hash"),
-                    "git_commit": provenance.get("git_commit") or tracking.git_commit(),
-                    "data_dvc_md5": provenance.get("data_dvc_md5") or tracking.data_dvc_md5(),
-                    "gates": "passed" if gates_passed else "failed",
-                    "score_metric": metric, "score": score,
-                    **{f"gate.{gate}": "passed" if v["passed"] else "failed" for gate, v in verdicts.items()},
-                    **{f"data.{dataset}": fp for dataset, fp in provenance.get("datasets", {}).items()},
-                    # The reward model starts from the SFT model; the policy from SFT, trained against the reward.
-                    **{f"upstream.{up}": upstream[up] for up in {"reward": ["sft"], "policy": ["sft", "reward"]}
-                       .get(role, [])},
-                }
-                tags = {TAG + key: str(value) for key, value in tags.items() if value is not None}
-                info = _log_model(role, name, folders[role], tags, cfg)
-                # One call creates the version with all its tags: a failure leaves no half-tagged version.
-                created = mlflow.register_model(info.model_uri, name, tags=tags)
-                version = created.version
-                client.set_registered_model_alias(name, CANDIDATE, version)
-                promote_it, champion, reason = _beats_champion(client, name, metric, score)
-                if gates_passed and promote_it:
-                    _crown(client, name, version, champion)
-                    outcome = f"new version; champion ({reason})"
-                else:
-                    why = "gates failed: " + ", ".join(
-                        f"{gate}: {', '.join(v['failed_checks'])}" for gate, v in verdicts.items() if not v["passed"]
-                    ) if not gates_passed else reason
-                    outcome = f"new version; candidate only ({why})"
-            upstream[role] = f"{name}/{version}"
+            name, version = names[role], versions[role]
+            outcome = "already registered; unchanged" if role not in logged else _place(
+                client, name, version, scores[role], gates_passed, verdicts)
             results[role] = {"model": name, "version": int(version), "outcome": outcome}
             print(f"{name} v{version}: {outcome}")
         tracking.log_dict({"pipeline_run_id": pipeline_run_id, "versions": results}, "registered.json")

@@ -145,10 +145,13 @@ def provenance(stage: str, params_hash: str, datasets: dict[str, str]) -> dict[s
 
 
 def read_provenance(folder: str | Path) -> dict[str, Any]:
-    """The provenance saved in a stage output folder ({} for folders from elsewhere, e.g. a hub model)."""
+    """The provenance saved in a stage output folder, local or s3:// ({} for folders from elsewhere, e.g. a hub
+    model)."""
     import json
 
-    path = Path(folder) / PROVENANCE_FILE
+    from rlhf.storage import fetch
+
+    path = Path(fetch(folder)) / PROVENANCE_FILE
     return json.loads(path.read_text()) if path.is_file() else {}
 
 

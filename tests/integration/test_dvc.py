@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 from _support import PROJECT, base_env, git, make_project, run, tree_hashes
+from servers import DATA_BUCKET
 
 pytestmark = pytest.mark.slow
 
@@ -159,6 +161,19 @@ def test_stage_runs_under_dvc_carry_git_and_data_lineage(pipeline):
         assert stage_run.data.tags["rlhf.data_dvc_md5"] == data_md5
 
 
+def _pull_into_a_fresh_clone(folder: Path, clone: Path, env: dict[str, str]) -> Path:
+    """`git clone` then `dvc pull`: data/, models/ and metrics/ come back byte for byte and DVC sees nothing to do."""
+    git(clone.parent, "clone", "-q", str(folder), str(clone))
+    assert not (clone / "data").exists() and not (clone / "models").exists()
+    dvc(clone, "pull", env=env)
+    for name in ("data", "models", "metrics"):
+        expected = tree_hashes(folder / name)
+        assert expected, name
+        assert tree_hashes(clone / name) == expected, f"{name}/ differs after dvc pull"
+    assert dvc_json(clone, "status", env=env) == {}
+    return clone
+
+
 def test_push_then_pull_into_a_fresh_clone_restores_data_and_models(pipeline, tmp_path):
     folder, env = pipeline.folder, pipeline.env
     remote = tmp_path / "remote"
@@ -171,15 +186,34 @@ def test_push_then_pull_into_a_fresh_clone_restores_data_and_models(pipeline, tm
     dvc(folder, "push", env=env)
     assert any(path.is_file() for path in remote.rglob("*"))
 
-    clone = tmp_path / "clone"
-    git(tmp_path, "clone", "-q", str(folder), str(clone))
-    assert not (clone / "data").exists() and not (clone / "models").exists()
-    dvc(clone, "pull", env=env)
-    for name in ("data", "models", "metrics"):
-        expected = tree_hashes(folder / name)
-        assert expected, name
-        assert tree_hashes(clone / name) == expected, f"{name}/ differs after dvc pull"
-    assert dvc_json(clone, "status", env=env) == {}
+    _pull_into_a_fresh_clone(folder, tmp_path / "clone", env)
+
+
+def test_push_to_an_s3_remote_then_pull_into_a_fresh_clone_restores_every_file(pipeline, tmp_path, s3_endpoint):
+    """The deployment's DVC remote: an S3 bucket (`dvc remote add -d storage s3://…` plus `endpointurl`), credentials
+    from the environment. `dvc push` stores data/ and every stage output there; `dvc pull` in a fresh clone restores
+    them byte for byte, and the champion the pipeline registered loads back from the tracking server (whose
+    artifacts are in the same S3 endpoint)."""
+    folder = tmp_path / "project"
+    shutil.copytree(pipeline.folder, folder, symlinks=True)
+    env = dict(pipeline.env, **s3_endpoint.env)
+    remote = f"s3://{DATA_BUCKET}/dvc-{uuid.uuid4().hex[:8]}"
+    dvc(folder, "remote", "add", "-d", "-f", "storage", remote, env=env)
+    dvc(folder, "remote", "modify", "storage", "endpointurl", s3_endpoint.url, env=env)
+    git(folder, "add", "-A")
+    git(folder, "commit", "-q", "-m", "pipeline outputs, S3 remote")
+    dvc(folder, "push", env=env)
+    bucket, prefix = remote.removeprefix("s3://").split("/", 1)
+    pages = s3_endpoint.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/")
+    pushed = [item for page in pages for item in page.get("Contents", [])]
+    assert len(pushed) >= sum(len(tree_hashes(folder / name)) for name in ("data", *OUTPUTS.values()))
+
+    clone = _pull_into_a_fresh_clone(folder, tmp_path / "clone", env)
+
+    policy = json.loads((folder / "registry/registered.json").read_text())["versions"]["policy"]["model"]
+    code = "import mlflow, sys; print(mlflow.pyfunc.load_model(sys.argv[1]).predict(['A review.'])[0])"
+    answer = run([sys.executable, "-c", code, f"models:/{policy}@champion"], cwd=clone, env=env)
+    assert answer.stdout.strip()
 
 
 def test_changing_a_reward_param_reruns_only_the_reward_stage_and_its_downstream(pipeline, tmp_path):

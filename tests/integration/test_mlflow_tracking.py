@@ -154,7 +154,7 @@ def test_dataset_inputs_record_training_and_evaluation_splits(tracked, stage):
 
 
 @pytest.mark.parametrize("stage", STAGES)
-def test_saved_model_folder_is_downloadable_from_the_server(tracked, stage, tmp_path):
+def test_saved_model_folder_is_downloadable_from_the_server(tracked, stage, tmp_path, s3_endpoint):
     run_id = tracked.runs[stage].info.run_id
     listed = {artifact.path for artifact in tracked.client.list_artifacts(run_id, "model")}
     assert {"model/config.json", "model/model.safetensors", "model/tokenizer.json"} <= listed
@@ -163,9 +163,13 @@ def test_saved_model_folder_is_downloadable_from_the_server(tracked, stage, tmp_
     for name in ("config.json", "model.safetensors"):
         downloaded = Path(tracked.client.download_artifacts(run_id, f"model/{name}", str(tmp_path)))
         assert hashlib.sha256(downloaded.read_bytes()).digest() == hashlib.sha256((local / name).read_bytes()).digest()
-    # Proxied artifact storage: the files went through the server into its --artifacts-destination.
-    stored = [path for path in tracked.server.artifacts.rglob("model.safetensors") if run_id in path.parts]
+    # Proxied artifact storage: the files went through the server into its --artifacts-destination, an S3 bucket.
+    bucket, prefix = tracked.server.artifacts.removeprefix("s3://").split("/", 1)
+    pages = s3_endpoint.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/")
+    stored = [item for page in pages for item in page.get("Contents", [])
+              if run_id in item["Key"].split("/") and item["Key"].endswith("/model/model.safetensors")]
     assert len(stored) == 1
+    assert stored[0]["Size"] == (local / "model.safetensors").stat().st_size
 
 
 def _malformed_preferences(folder: Path) -> str:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import sys
-import uuid
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ from _support import base_env, run
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "registry"))
 
-from registry_helpers import NAMES, ROLES, ModelStore, Project, aliases, gold_metrics, versions  # noqa: E402
+from registry_helpers import ROLES, aliases, server_project, versions  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -39,14 +38,7 @@ def test_register_on_a_tracking_server_then_serve_the_champion_from_it(mlflow_se
 
     from rlhf.registry import content_hash
 
-    project = Project(tmp_path / "project", ModelStore(tmp_path / "models"))
-    project.root.mkdir()
-    project.write_params()
-    project.pipeline_run(metrics=gold_metrics(policy=0.5))
-    suffix = uuid.uuid4().hex[:8]
-    names = {role: f"{NAMES[role]}-{suffix}" for role in ROLES}
-    overrides = [arg for role in ROLES for arg in ("--set", f"registry.{role}_name={names[role]}")]
-    register = ["rlhf", "register", *overrides]
+    project, names, register = server_project(tmp_path)
     env = base_env(MLFLOW_TRACKING_URI=mlflow_server.url, OMP_NUM_THREADS="1")
 
     run(register, cwd=project.root, env=env)

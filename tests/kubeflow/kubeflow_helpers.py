@@ -31,6 +31,8 @@ FULL_KUBEFLOW = {
     "secret": "rlhf-mlflow",
     "secret_env": ["MLFLOW_TRACKING_URI", "AWS_ACCESS_KEY_ID", "HF_TOKEN"],
     "model_cache_pvc": "hf-model-cache",
+    "env": {"RLHF_CHECKPOINT_DIR": "s3://rlhf-team/checkpoints", "AWS_DEFAULT_REGION": "eu-west-1"},
+    "pipeline_root": "s3://rlhf-team/pipeline-root",
     "node_selector": {"cloud.google.com/gke-nodepool": "trainers", "disktype": "ssd"},
     "resources": {
         "default": {"cpu": "2", "memory": "6G"},

@@ -303,6 +303,17 @@ def test_kubernetes_settings_apply_to_every_executor(full: Compiled) -> None:
         assert config["nodeSelector"]["labels"] == FULL_KUBEFLOW["node_selector"], name
 
 
+def test_environment_and_pipeline_root_reach_every_executor(full: Compiled, plain: Compiled) -> None:
+    """kubeflow.env becomes each step's environment (e.g. the checkpoint mirror on S3); kubeflow.pipeline_root is
+    where the cluster keeps the artifacts. Without them, neither appears."""
+    assert full.spec["defaultPipelineRoot"] == FULL_KUBEFLOW["pipeline_root"]
+    for name, executor in full.executors.items():
+        env = {item["name"]: item["value"] for item in executor["container"].get("env", [])}
+        assert env == FULL_KUBEFLOW["env"], name
+    assert "defaultPipelineRoot" not in plain.spec
+    assert not any(executor["container"].get("env") for executor in plain.executors.values())
+
+
 @pytest.mark.parametrize(("variant", "image"), [("plain", "rlhf-pipeline:latest"),
                                                 ("full", FULL_KUBEFLOW["image"])])
 def test_every_executor_runs_the_project_image_without_pip_install(variant: str, image: str,

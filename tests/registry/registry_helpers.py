@@ -173,6 +173,21 @@ class Project:
         return self.root / FOLDERS[role]
 
 
+def server_project(root: Path) -> tuple[Project, dict[str, str], list[str]]:
+    """A project with one finished pipeline run, for registering on a shared tracking server: the registered model
+    names carry a unique suffix. Returns the project, the names by role and the `rlhf register` command."""
+    import uuid
+
+    project = Project(root / "project", ModelStore(root / "models"))
+    project.root.mkdir()
+    project.write_params()
+    project.pipeline_run(metrics=gold_metrics(policy=0.5))
+    suffix = uuid.uuid4().hex[:8]
+    names = {role: f"{NAMES[role]}-{suffix}" for role in ROLES}
+    overrides = [arg for role in ROLES for arg in ("--set", f"registry.{role}_name={names[role]}")]
+    return project, names, ["rlhf", "register", *overrides]
+
+
 # --------------------------------------------------------------------------------------------- registry reads
 
 

@@ -27,7 +27,7 @@ from rlhf.config import (
     SFTConfig,
     from_kfp,
 )
-from rlhf.storage import atomic_dir, scratch_dir, write_json
+from rlhf.storage import atomic_dir, fetch, scratch_dir, write_json
 
 KFP_RUN_TAG = "kfp.run_id"
 
@@ -86,7 +86,8 @@ def _train(stage: str, cfg: BaseModel, metrics_artifact, kfp_run_id: str) -> Non
 
 
 def prepare_data(demo: dict[str, Any], source: str, data_dir: str, kfp_run_id: str) -> None:
-    """`demo`: generate the demo datasets; otherwise copy a folder holding the pipeline's dataset files."""
+    """`demo`: generate the demo datasets; otherwise copy a folder (local or s3://) holding the pipeline's dataset
+    files."""
     from rlhf.data.demo import generate
 
     _join_pipeline_run(kfp_run_id)
@@ -94,7 +95,7 @@ def prepare_data(demo: dict[str, Any], source: str, data_dir: str, kfp_run_id: s
         generate(DemoConfig.model_validate(from_kfp(demo)), data_dir)
     else:
         with atomic_dir(data_dir) as staging:
-            shutil.copytree(source, staging, dirs_exist_ok=True)
+            shutil.copytree(fetch(source), staging, dirs_exist_ok=True)
 
 
 def pretrain(section, data_dir, model_dir, metrics_artifact, kfp_run_id) -> None:

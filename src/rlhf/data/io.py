@@ -2,7 +2,9 @@
 
 Local `.jsonl`/`.json` (optionally gzipped) are parsed here, line by line, so a malformed line or a non-UTF-8 byte is
 reported as `file:line`; `.parquet` and `.csv` go through `datasets`; folders are either a `save_to_disk` dataset or
-a set of such files; anything else that looks like `owner/name[:split]` is loaded from the Hugging Face Hub.
+a set of such files; `s3://` files and folders are read from a verified local copy (`rlhf.storage.fetch`), errors
+still naming the `s3://` location; anything else that looks like `owner/name[:split]` is loaded from the Hugging
+Face Hub.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rlhf.storage import atomic_file
+from rlhf.storage import atomic_file, fetch
+from rlhf.s3 import is_s3
 
 
 class DataError(ValueError):
@@ -37,26 +40,26 @@ class Rows:
         return len(self.records)
 
 
-def _read_bytes(path: Path):
+def _read_bytes(path: Path, name: str):
     raw = path.read_bytes()
     if path.name.endswith(".gz"):
         try:
             raw = gzip.decompress(raw)
         except OSError as exc:
-            raise DataError(f"{path}: not a valid gzip file ({exc})") from None
+            raise DataError(f"{name}: not a valid gzip file ({exc})") from None
     return raw
 
 
-def _decode(path: Path, raw: bytes) -> str:
+def _decode(name: str, raw: bytes) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not UTF-8 (byte 0x{raw[exc.start]:02x})") from None
+        raise DataError(f"{name}:{line}: not UTF-8 (byte 0x{raw[exc.start]:02x})") from None
 
 
-def _read_jsonl(path: Path) -> Rows:
-    text = _decode(path, _read_bytes(path))
+def _read_jsonl(path: Path, name: str) -> Rows:
+    text = _decode(name, _read_bytes(path, name))
     records, origins = [], []
     # Split on "\n" only: splitlines() would also break inside strings holding U+2028 and similar characters.
     for number, line in enumerate(text.split("\n"), start=1):
@@ -65,31 +68,31 @@ def _read_jsonl(path: Path) -> Rows:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{number}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+            raise DataError(f"{name}:{number}: malformed JSON ({exc.msg} at column {exc.colno})") from None
         if not isinstance(record, dict):
-            raise DataError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+            raise DataError(f"{name}:{number}: expected a JSON object, got {type(record).__name__}")
         records.append(record)
-        origins.append(f"{path}:{number}")
-    return Rows(records, origins, str(path))
+        origins.append(f"{name}:{number}")
+    return Rows(records, origins, name)
 
 
-def _read_json(path: Path) -> Rows:
-    text = _decode(path, _read_bytes(path))
+def _read_json(path: Path, name: str) -> Rows:
+    text = _decode(name, _read_bytes(path, name))
     try:
         payload = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise DataError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+        raise DataError(f"{name}:{exc.lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
     if isinstance(payload, dict) and isinstance(payload.get("data"), list):
         payload = payload["data"]
     if not isinstance(payload, list):
-        raise DataError(f"{path}: expected a JSON array of objects")
+        raise DataError(f"{name}: expected a JSON array of objects")
     for index, record in enumerate(payload):
         if not isinstance(record, dict):
-            raise DataError(f"{path}: item {index}: expected a JSON object, got {type(record).__name__}")
-    return Rows(payload, [f"{path} item {index}" for index in range(len(payload))], str(path))
+            raise DataError(f"{name}: item {index}: expected a JSON object, got {type(record).__name__}")
+    return Rows(payload, [f"{name} item {index}" for index in range(len(payload))], name)
 
 
-def _read_table(path: Path) -> Rows:
+def _read_table(path: Path, name: str) -> Rows:
     import pandas as pd
 
     try:
@@ -99,22 +102,22 @@ def _read_table(path: Path) -> Rows:
             # Every cell is text: pandas would otherwise turn "NA" or "" into null and "123" into a number.
             frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     except Exception as exc:  # pyarrow and pandas raise many types; the user needs the file and the reason
-        raise DataError(f"{path}: cannot be read as {path.suffix[1:]} ({str(exc).splitlines()[0]})") from None
+        raise DataError(f"{name}: cannot be read as {path.suffix[1:]} ({str(exc).splitlines()[0]})") from None
     records = frame.to_dict("records")
     # A header line precedes CSV rows, so row N sits on line N + 2.
-    origins = [f"{path}:{i + 2}" if path.suffix == ".csv" else f"{path} row {i}" for i in range(len(records))]
-    return Rows(records, origins, str(path))
+    origins = [f"{name}:{i + 2}" if path.suffix == ".csv" else f"{name} row {i}" for i in range(len(records))]
+    return Rows(records, origins, name)
 
 
-def _read_file(path: Path) -> Rows:
-    name = path.name
+def _read_file(path: Path, name: str) -> Rows:
+    """Reads one local file; messages call it `name` (its path, or the s3:// location it was downloaded from)."""
     if name.endswith((".jsonl", ".jsonl.gz")):
-        return _read_jsonl(path)
+        return _read_jsonl(path, name)
     if name.endswith((".json", ".json.gz")):
-        return _read_json(path)
+        return _read_json(path, name)
     if name.endswith((".parquet", ".csv")):
-        return _read_table(path)
-    raise DataError(f"{path}: unsupported file type (expected one of {', '.join(_SUFFIXES)})")
+        return _read_table(path, name)
+    raise DataError(f"{name}: unsupported file type (expected one of {', '.join(_SUFFIXES)})")
 
 
 def _read_hub(dataset_id: str) -> Rows:
@@ -129,10 +132,12 @@ def _read_hub(dataset_id: str) -> Rows:
 
 
 def read_rows(source: str | Path) -> Rows:
-    """Loads every record of a file, a folder of files, a `save_to_disk` folder or a Hub dataset id."""
-    path = Path(source)
+    """Loads every record of a file, a folder of files, a `save_to_disk` folder, an s3:// file or folder, or a Hub
+    dataset id."""
+    name = str(source).rstrip("/") if is_s3(source) else str(Path(source))
+    path = Path(fetch(source))
     if path.is_file():
-        return _read_file(path)
+        return _read_file(path, name)
     if path.is_dir():
         if any((path / marker).exists() for marker in ("dataset_info.json", "state.json", "dataset_dict.json")):
             import datasets
@@ -141,14 +146,12 @@ def read_rows(source: str | Path) -> Rows:
             if isinstance(loaded, datasets.DatasetDict):
                 loaded = loaded["train"]
             records = loaded.to_list()
-            return Rows(records, [f"{path} row {index}" for index in range(len(records))], str(path))
+            return Rows(records, [f"{name} row {index}" for index in range(len(records))], name)
         files = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(_SUFFIXES))
         if not files:
-            raise DataError(f"{path}: folder holds no dataset files ({', '.join(_SUFFIXES)})")
-        parts = [_read_file(p) for p in files]
-        return Rows(
-            [r for part in parts for r in part.records], [o for part in parts for o in part.origins], str(path)
-        )
+            raise DataError(f"{name}: folder holds no dataset files ({', '.join(_SUFFIXES)})")
+        parts = [_read_file(p, f"{name}/{p.name}") for p in files]
+        return Rows([r for part in parts for r in part.records], [o for part in parts for o in part.origins], name)
     if str(source).count("/") == 1 and not str(source).startswith((".", "/")) and not Path(str(source)).suffix:
         return _read_hub(str(source))
     raise DataError(f"{source}: no such file or folder")

@@ -22,7 +22,7 @@ def pipeline_arguments(params: Params) -> dict[str, Any]:
 
 
 def _configure(task, step: str, settings: KubeflowConfig, cached: bool = True):
-    """Resources, retries, caching and the optional Kubernetes settings of one task."""
+    """Resources, retries, caching, environment variables and the optional Kubernetes settings of one task."""
     from kfp import kubernetes
 
     resources = settings.resources.get(step) or settings.resources.get("default")
@@ -37,6 +37,8 @@ def _configure(task, step: str, settings: KubeflowConfig, cached: bool = True):
     if settings.retries:
         task.set_retry(num_retries=settings.retries, backoff_duration="30s", backoff_factor=2.0)
     task.set_caching_options(enable_caching=settings.caching and cached)
+    for key, value in settings.env.items():
+        task.set_env_variable(key, value)
     if settings.secret:
         kubernetes.use_secret_as_env(task, settings.secret, {key: key for key in settings.secret_env}, optional=True)
     if settings.model_cache_pvc:
@@ -59,7 +61,7 @@ def build_pipeline(params: Params) -> Callable:
     def step(name: str, cached: bool = True, **inputs):
         return _configure(ops[name](kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, **inputs), name, settings, cached)
 
-    @dsl.pipeline(name=settings.pipeline_name,
+    @dsl.pipeline(name=settings.pipeline_name, pipeline_root=settings.pipeline_root,
                   description="RLHF: pretrain, SFT, reward model, PPO, evaluation, gated registration in MLflow")
     def rlhf_pipeline(demo: dict = defaults["demo"], pretrain: dict = defaults["pretrain"],
                       sft: dict = defaults["sft"], reward: dict = defaults["reward"], ppo: dict = defaults["ppo"],

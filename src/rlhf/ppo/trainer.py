@@ -19,6 +19,7 @@ import torch
 from rlhf.config import PPOConfig
 from rlhf.ppo import core
 from rlhf.ppo.rollout import PolicyAndValue, generate, join, score, sequence_logprobs
+from rlhf.storage import mirror_checkpoint, restore_checkpoint
 
 # TRL's PPO metric names, so users of TRL (and of the seed tutorial) recognise them.
 STEP_METRICS = (
@@ -220,6 +221,7 @@ class PPOTrainer:
                 import shutil
 
                 shutil.rmtree(older, ignore_errors=True)
+            mirror_checkpoint(folder)
         self.accelerator.wait_for_everyone()
 
     def _checkpoints(self) -> list[Path]:
@@ -228,6 +230,7 @@ class PPOTrainer:
         return sorted(p for p in self.checkpoint_dir.glob("step-*") if (p / "COMPLETE").exists())
 
     def resume(self) -> bool:
+        restore_checkpoint(self.checkpoint_dir)
         checkpoints = self._checkpoints()
         if not checkpoints:
             return False

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +13,15 @@ from pydantic import BaseModel
 
 from rlhf import tracking
 from rlhf.config import TrainingParams, config_hash
-from rlhf.storage import atomic_dir, write_json
+from rlhf.storage import (
+    atomic_dir,
+    checkpoints_root,
+    fetch,
+    mirror_checkpoint,
+    remove_checkpoints,
+    restore_checkpoint,
+    write_json,
+)
 
 
 @dataclass
@@ -32,17 +39,25 @@ def checkpoint_dir(stage: str, cfg: BaseModel, data_fingerprint: str, *models: s
     """Checkpoints live outside the stage output, keyed by the config, the data and the input models' files, so only
     an identical run resumes (a retrained base model must not resume from checkpoints built on the old one)."""
     key = "-".join([config_hash(cfg), data_fingerprint[:8], *(folder_signature(model) for model in models)])
-    return tracking.project_root() / "checkpoints" / f"{stage}-{key}"
+    return checkpoints_root() / f"{stage}-{key}"
 
 
 def folder_signature(path: str | None) -> str:
-    """A cheap signature of a local model folder (file names, sizes, mtimes); hub ids sign as themselves."""
+    """A cheap signature of a model folder, local or s3:// (file names and sizes, plus the provenance file that names
+    the run which trained it, or else mtimes); hub ids sign as themselves.
+
+    A pipeline output's signature survives a fresh download (on another machine, a rescheduled pod), whose mtimes
+    differ, so a resumed run there finds its checkpoints."""
     digest = hashlib.sha256(str(path).encode())
-    folder = Path(path) if path else None
+    folder = Path(fetch(path)) if path else None
     if folder is not None and folder.is_dir():
+        provenance = folder / tracking.PROVENANCE_FILE
         for file in sorted(folder.iterdir()):
             stat = file.stat()
-            digest.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+            stamp = "" if provenance.is_file() else f":{stat.st_mtime_ns}"
+            digest.update(f"{file.name}:{stat.st_size}{stamp}".encode())
+        if provenance.is_file():
+            digest.update(provenance.read_bytes())
     return digest.hexdigest()[:8]
 
 
@@ -89,8 +104,24 @@ def _last_complete_checkpoint(checkpoints: Path) -> Path | None:
     return max(complete, key=lambda folder: int(folder.name.removeprefix("checkpoint-")), default=None)
 
 
+def _mirror_on_save():
+    from transformers import TrainerCallback
+
+    class MirrorCheckpoints(TrainerCallback):
+        """Each checkpoint the trainer completes goes to RLHF_CHECKPOINT_DIR, when that is s3://."""
+
+        def on_save(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                mirror_checkpoint(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
+    return MirrorCheckpoints()
+
+
 def train_resuming(trainer, checkpoints: Path) -> dict[str, float]:
-    """Trains, resuming from the newest complete checkpoint in `checkpoints` if an earlier attempt was interrupted."""
+    """Trains, resuming from the newest complete checkpoint in `checkpoints` (or in its s3:// mirror) if an earlier
+    attempt was interrupted."""
+    restore_checkpoint(checkpoints)
+    trainer.add_callback(_mirror_on_save())
     last = _last_complete_checkpoint(checkpoints)
     if last:
         print(f"Resuming from checkpoint {last}")
@@ -108,7 +139,7 @@ def report_dropped_examples(trainer, rows: int) -> dict[str, float]:
 def save_model(model, tokenizer, output_dir: str, provenance: dict[str, Any],
                extra_json: dict[str, Any] | None = None) -> None:
     """Saves model and tokenizer with `save_pretrained`, its provenance and any extra JSON files, into a temporary
-    folder renamed into place."""
+    folder renamed into place (or uploaded, for an s3:// output) and logged to the stage's MLflow run."""
     if not tracking.is_main_process():
         return
     with atomic_dir(output_dir) as staging:
@@ -116,13 +147,13 @@ def save_model(model, tokenizer, output_dir: str, provenance: dict[str, Any],
         tokenizer.save_pretrained(staging)
         for name, payload in {tracking.PROVENANCE_FILE: provenance, **(extra_json or {})}.items():
             write_json(staging / name, payload)
-    tracking.log_artifacts(output_dir, "model")
+        tracking.log_artifacts(staging, "model")
 
 
 def finish(checkpoints: Path) -> None:
     """A finished stage no longer needs its checkpoints."""
     if tracking.is_main_process():
-        shutil.rmtree(checkpoints, ignore_errors=True)
+        remove_checkpoints(checkpoints)
 
 
 def loss_history(trainer) -> list[dict[str, float]]:

@@ -21,7 +21,7 @@ from rlhf.modeling import load_causal_lm, load_reward_model, load_tokenizer
 from rlhf.report import write_report
 from rlhf.stages.common import StageResult
 from rlhf.stages.ppo import HISTORY_FILE
-from rlhf.storage import atomic_dir, write_json
+from rlhf.storage import atomic_dir, fetch, write_json
 
 
 def run(cfg: EvaluateConfig) -> StageResult:
@@ -43,7 +43,7 @@ def run(cfg: EvaluateConfig) -> StageResult:
     policy = load_causal_lm(cfg.policy_model, tokenizer).to(device).eval()
     sft = load_causal_lm(cfg.sft_model, tokenizer).to(device).eval()
     reward_model = load_reward_model(cfg.reward_model, reward_tokenizer).to(device).eval()
-    history_file = Path(cfg.policy_model) / HISTORY_FILE
+    history_file = Path(fetch(cfg.policy_model)) / HISTORY_FILE
     history = json.loads(history_file.read_text()) if history_file.is_file() else []
 
     def sft_logits(ids, attention, positions):
@@ -73,11 +73,11 @@ def run(cfg: EvaluateConfig) -> StageResult:
                         answers_file.write(json.dumps({"model": model, **row}) + "\n")
             provenance = tracking.provenance("evaluate", config_hash(cfg), datasets)
             write_json(staging / tracking.PROVENANCE_FILE, provenance)
-        tracking.log_artifacts(cfg.output_dir, "evaluation")
+            tracking.log_artifacts(staging, "evaluation")
         tracking.log_table({"prompt": [row["prompt"] for row in sft_rows],
                             "sft": [row["response"] for row in sft_rows],
                             "sft_rm_score": [row["rm_score"] for row in sft_rows],
                             "ppo": [row["response"] for row in policy_rows],
                             "ppo_rm_score": [row["rm_score"] for row in policy_rows]}, "evaluation/answers.json")
-    print(f"evaluation report: {Path(cfg.output_dir) / 'report.html'}")
+    print(f"evaluation report: {cfg.output_dir.rstrip('/')}/report.html")
     return StageResult(metrics, [], cfg.output_dir, curves=())

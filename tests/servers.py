@@ -118,7 +118,8 @@ class S3Endpoint:
                 continue
             with self._lock:
                 if self._listener is not listener:
-                    client.close(), server.close()
+                    client.close()
+                    server.close()
                     return
                 self._connections |= {client, server}
             threading.Thread(target=self._pump, args=(client, server, True), daemon=True).start()
@@ -129,9 +130,6 @@ class S3Endpoint:
         try:
             while data := source.recv(65536):
                 if from_client:
-                    if os.environ.get("RELAY_LOG"):
-                        with open(os.environ["RELAY_LOG"], "ab") as log:
-                            log.write(b"".join(m + b"\n" for m in re.findall(rb"[A-Z]+ /[^ ]* HTTP/1.1", data)))
                     window, tail = tail + data, data[-512:]
                     tripwire, drops = self._tripwire, self._drops
                     if tripwire is not None and tripwire[0].search(window):
@@ -149,11 +147,14 @@ class S3Endpoint:
         except OSError:
             pass
         finally:
-            for sock in (source, target):
+            with self._lock:
+                self._connections -= {source, target}
+            for sock in (source, target):  # wakes the other direction's pump, which closes its own source
                 try:
                     sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+            source.close()
 
 
 class PostgresServer:

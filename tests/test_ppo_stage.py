@@ -16,6 +16,7 @@ import mlflow
 import pytest
 import yaml
 
+
 def _rlhf(workdir: Path, *args: str, launcher: tuple[str, ...] = ("rlhf",)) -> subprocess.CompletedProcess:
     # Without GPUs, ACCELERATE_USE_CPU makes launched processes form a gloo (MULTI_CPU) group.
     env = {**os.environ, "ACCELERATE_USE_CPU": "true"}

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rlhf.storage import atomic_file, fetch
 from rlhf.s3 import is_s3
+from rlhf.storage import atomic_file, fetch
 
 
 class DataError(ValueError):

@@ -43,10 +43,11 @@ def _add_params_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _stage_runner(stage: str) -> Callable[[Params], object]:
-    from rlhf.stages import evaluate, ppo, pretrain, reward, sft
+    import importlib
 
-    modules = {"pretrain": pretrain, "sft": sft, "reward": reward, "ppo": ppo, "evaluate": evaluate}
-    return lambda params: modules[stage].run(getattr(params, stage))
+    # Only the stage that runs is imported: a bad input should fail before the other stages' libraries load.
+    module = importlib.import_module(f"rlhf.stages.{stage}")
+    return lambda params: module.run(getattr(params, stage))
 
 
 def _cmd_stage(args: argparse.Namespace) -> None:
@@ -112,15 +113,28 @@ def _cmd_pipeline(args: argparse.Namespace) -> None:
     from rlhf.pipelines import rlhf_pipeline, run
 
     params = load_params(args.params, args.overrides)
+    if getattr(args, "allow_local_tracking", False):
+        params = params.model_copy(update={"kubeflow": params.kubeflow.model_copy(
+            update={"allow_local_tracking": True})})
     if args.pipeline_command == "compile":
-        rlhf_pipeline.compile_pipeline(params, args.output)
+        for warning in rlhf_pipeline.compile_pipeline(params, args.output):
+            print(f"warning: {warning}", file=sys.stderr)
         print(f"wrote {args.output}")
     elif args.pipeline_command == "submit":
+        for warning in rlhf_pipeline.check_cluster_settings(params.kubeflow):
+            print(f"warning: {warning}", file=sys.stderr)
         print(run.submit(params, args.host, args.experiment, args.namespace, args.run_name))
     else:
         if not args.local:
             raise ConfigError("pipeline run: only --local is supported here; use `rlhf pipeline submit` for a cluster")
-        result = run.run_local(params, args.root)
+        image = None
+        if args.runner == "docker":
+            from rlhf.image import checkout, current
+
+            image = current(checkout(), args.image, args.engine)
+        elif args.image:
+            raise ConfigError("pipeline run: --image needs --runner docker")
+        result = run.run_local(params, args.root, image=image)
         print(f"pipeline run: {result['run_folder']}")
         for gate, verdict in result["verdicts"].items():
             if verdict is not None:
@@ -134,6 +148,21 @@ def _cmd_pipeline(args: argparse.Namespace) -> None:
             from rlhf.gates import failure_message
 
             raise GateFailed(failure_message(failed[0]))
+
+
+def _cmd_image(args: argparse.Namespace) -> None:
+    from rlhf import image
+
+    root = image.checkout()
+    if root is None:
+        raise image.ImageError("rlhf image build needs the project's checkout (its Dockerfile and src/); rlhf runs "
+                               "from an installed package here")
+    built = image.build(root, args.variant, args.base, args.tag, args.engine, args.torch_index_url,
+                        args.host_pip, args.debian_base)
+    print(f"built {built.image}: {built.size_bytes / 1e9:.2f} GB, in {built.seconds:.0f} s")
+    if args.push:
+        image.push(built.image, args.engine)
+        print(f"pushed {built.image}")
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
@@ -162,6 +191,15 @@ def _cmd_import(args: argparse.Namespace) -> None:
             import mlflow
 
             mlflow.log_dict(details, "import_report.json")
+
+
+def _cmd_hh_chat(args: argparse.Namespace) -> None:
+    from rlhf.data.importers import build_hh_chat
+
+    report = build_hh_chat(args.source, args.output, alpaca=args.alpaca, sft_rows=args.sft_rows,
+                           hh_sft_prompts=args.hh_sft_prompts, rl_prompts=args.rl_prompts,
+                           eval_prompts=args.eval_prompts, pairs=args.pairs, seed=args.seed)
+    print(report.summary())
 
 
 def _cmd_validate(args: argparse.Namespace) -> None:
@@ -216,6 +254,13 @@ def build_parser() -> argparse.ArgumentParser:
     run_parser = pipeline_commands.add_parser("run", help="run the whole DAG with kfp's local runner")
     run_parser.add_argument("--local", action="store_true", help="on this machine (the only mode here)")
     run_parser.add_argument("--root", default="kfp-local", help="where task outputs go (default: kfp-local)")
+    run_parser.add_argument("--runner", choices=("subprocess", "docker"), default="subprocess",
+                            help="subprocess: each step in this Python (default); docker: each step in the project's "
+                                 "image, through kfp's DockerRunner (podman or docker)")
+    run_parser.add_argument("--image", help="with --runner docker: the image (default: the one `rlhf image build` "
+                                            "made from this source)")
+    run_parser.add_argument("--engine", choices=("podman", "docker"), help="with --runner docker (default: podman "
+                                                                           "if installed, else docker)")
     submit_parser = pipeline_commands.add_parser("submit", help="submit a run to a Kubeflow Pipelines cluster")
     submit_parser.add_argument("--host", required=True, help="the KFP API endpoint, e.g. https://kubeflow.example/pipeline")
     submit_parser.add_argument("--experiment", help="experiment name (default: kubeflow.experiment)")
@@ -223,7 +268,27 @@ def build_parser() -> argparse.ArgumentParser:
     submit_parser.add_argument("--run-name", help="run name (default: the pipeline's name and a timestamp)")
     for sub in (compile_parser, run_parser, submit_parser):
         _add_params_options(sub)
+    for sub in (compile_parser, submit_parser):
+        sub.add_argument("--allow-local-tracking", action="store_true",
+                         help="accept that the steps track to a SQLite file inside each pod (no tracking server)")
     pipeline.set_defaults(handler=_cmd_pipeline)
+
+    image_parser = commands.add_parser("image", help="the project's container image")
+    image_commands = image_parser.add_subparsers(dest="image_command", required=True)
+    build = image_commands.add_parser("build", help="build the image with podman or docker, tagged by its source")
+    build.add_argument("--variant", choices=("cpu", "cuda"), default="cpu", help="PyTorch build (default: cpu)")
+    build.add_argument("--base", help="base image (default: python:3.11-slim); any Debian with python3-venv")
+    build.add_argument("--debian-base", action="store_true",
+                       help="make a Debian bookworm base with debootstrap (no registry needed) and build on it")
+    build.add_argument("--tag", help="also tag it so, e.g. REGISTRY/rlhf-pipeline:1.0 (default: "
+                                     "localhost/rlhf-pipeline:VARIANT-SOURCEHASH)")
+    build.add_argument("--torch-index-url", help="where torch comes from (default: PyTorch's index for the variant; "
+                                                 "empty: pip's own configuration)")
+    build.add_argument("--host-pip", action="store_true", help="podman: pip in the build uses this machine's pip "
+                                                               "configuration (mirrors, wheel folders, CA bundle)")
+    build.add_argument("--engine", choices=("podman", "docker"), help="default: podman if installed, else docker")
+    build.add_argument("--push", action="store_true", help="push the image after building it")
+    image_parser.set_defaults(handler=_cmd_image)
 
     data = commands.add_parser("data", help="demo data, importers and validation")
     data_commands = data.add_subparsers(dest="data_command", required=True)
@@ -239,6 +304,21 @@ def build_parser() -> argparse.ArgumentParser:
     importer.add_argument("-o", "--output", required=True, help="output .jsonl file")
     importer.add_argument("--no-track", action="store_true", help="do not record the import in MLflow")
     importer.set_defaults(handler=_cmd_import)
+
+    chat = data_commands.add_parser(
+        "hh-chat", help="a chat model's datasets from raw HH-RLHF (+ Alpaca for SFT): preferences, SFT, RL and "
+        "evaluation prompts, in one folder")
+    chat.add_argument("source", help="raw HH-RLHF file or folder ({chosen, rejected} transcripts)")
+    chat.add_argument("-o", "--output", required=True, help="output folder (kubeflow.data_source of a recipe)")
+    chat.add_argument("--alpaca", help="raw Alpaca file: its rows become SFT conversations")
+    chat.add_argument("--sft-rows", type=int, default=512, help="Alpaca rows to keep (default 512)")
+    chat.add_argument("--hh-sft-prompts", type=int, default=0,
+                      help="HH prompts whose chosen dialogue becomes an SFT row (default 0)")
+    chat.add_argument("--rl-prompts", type=int, default=256, help="PPO prompts (default 256)")
+    chat.add_argument("--eval-prompts", type=int, default=128, help="held-out evaluation prompts (default 128)")
+    chat.add_argument("--pairs", type=int, help="keep the pairs of this many prompts (default: every other prompt)")
+    chat.add_argument("--seed", type=int, default=0)
+    chat.set_defaults(handler=_cmd_hh_chat)
 
     validate = data_commands.add_parser("validate", help="check a dataset file against a format")
     validate.add_argument("file")
@@ -257,6 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _offline_friendly_environment()
     _exit_on_sigterm()
     args = build_parser().parse_args(argv)
+    from rlhf.image import ImageError
     from rlhf.pipelines.run import PipelineError
     from rlhf.registry import RegistryError
     from rlhf.s3 import StorageError
@@ -266,7 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GateFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except (ConfigError, DataError, RegistryError, PipelineError, StorageError) as exc:
+    except (ConfigError, DataError, RegistryError, PipelineError, StorageError, ImageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:

@@ -33,7 +33,19 @@ def _require_local(section: Section, *keys: str) -> None:
                              "s3:// is for datasets, models and reports")
 
 
-class TrainingParams(Section):
+Dtype = Literal["auto", "bf16", "fp16", "fp32"]
+
+
+class ModelLoading(Section):
+    """How a stage loads the models it is given (TRL's ModelConfig keys)."""
+
+    dtype: Dtype = Field("fp32", description="weights' dtype on load: fp32 (train with `bf16: true` for mixed "
+                         "precision), bf16, fp16, or auto (as stored)")
+    trust_remote_code: bool = Field(False, description="run model code shipped with a Hub model (only for sources "
+                                    "you trust)")
+
+
+class TrainingParams(ModelLoading):
     """Optimisation settings shared by every trainer-based stage."""
 
     seed: int = 42
@@ -123,9 +135,11 @@ class RewardConfig(TrainingParams):
     dataset: str = "data/preferences.jsonl"
     output_dir: str = "models/reward"
     center_rewards_coefficient: float | None = Field(None, ge=0)
+    lora: LoraParams = Field(LoraParams(), description="adapters on the backbone (the scoring head trains in full), "
+                             "merged into the saved model")
 
 
-class PPOConfig(Section):
+class PPOConfig(ModelLoading):
     """PPO against the reward model with a KL penalty to the reference (the SFT model)."""
 
     policy_model: str = "models/sft"
@@ -149,9 +163,10 @@ class PPOConfig(Section):
     max_grad_norm: float = Field(1.0, gt=0)
     # Sampling
     max_new_tokens: int = Field(24, ge=1)
-    temperature: float = Field(1.0, gt=0)
-    top_k: int = Field(0, ge=0, description="0: off")
-    top_p: float = Field(1.0, gt=0, le=1)
+    # null: the model's generation_config (plain sampling if it sets nothing)
+    temperature: float | None = Field(None, gt=0)
+    top_k: int | None = Field(None, ge=0, description="0: off")
+    top_p: float | None = Field(None, gt=0, le=1)
     missing_eos_penalty: float | None = Field(1.0, ge=0, description="subtracted from the score of a response without EOS")
     # Objective
     kl_estimator: Literal["k1", "k3"] = "k1"
@@ -184,7 +199,7 @@ class PPOConfig(Section):
         return self
 
 
-class EvaluateConfig(Section):
+class EvaluateConfig(ModelLoading):
     """The policy against the SFT model on held-out prompts, sampled under the same seed, plus the reward model's
     pairwise accuracy on the preference pairs the reward stage held out."""
 
@@ -199,11 +214,13 @@ class EvaluateConfig(Section):
     output_dir: str = Field("reports/evaluation", description="report.md, report.html, plots, samples")
     seed: int = 42
     max_new_tokens: int = Field(24, ge=1)
-    temperature: float = Field(1.0, gt=0)
-    top_k: int = Field(0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
+    # null: the model's generation_config (plain sampling if it sets nothing)
+    temperature: float | None = Field(None, gt=0)
+    top_k: int | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
     batch_size: int = Field(64, ge=1)
     gold_annotator: str = Field("vader", description="vader, none or module:function")
+    dtype: Dtype = Field("auto", description="weights' dtype on load: auto (as stored), bf16, fp16 or fp32")
     sample_rows: int = Field(12, ge=0, description="rows of the report's sample table")
 
 
@@ -250,6 +267,7 @@ class RegistryConfig(Section):
     prompt_template: str | None = Field(None, description="served models wrap inputs in it, e.g. 'Q: {prompt}\\nA:'")
     max_new_tokens: int = Field(24, ge=1)
     do_sample: bool = Field(False, description="served generation: greedy by default, so answers are repeatable")
+    trust_remote_code: bool = False
 
     @model_validator(mode="after")
     def _template_has_slot(self) -> "RegistryConfig":
@@ -277,11 +295,21 @@ class ResourceParams(Section):
         return self
 
 
+UNPUBLISHED_IMAGE = "rlhf-pipeline:latest"
+
+
 class KubeflowConfig(Section):
     """How the pipeline runs on Kubeflow: image, resources per step, retries, caching, Kubernetes settings."""
 
     pipeline_name: str = "rlhf-pipeline"
-    image: str = Field("rlhf-pipeline:latest", description="the project's image (Dockerfile), for every component")
+    image: str = Field(UNPUBLISHED_IMAGE, description="the project's image (CPU variant), REGISTRY/NAME:TAG, for "
+                       "every step without an accelerator")
+    cuda_image: str | None = Field(None, description="the CUDA variant, for steps whose resources request an "
+                                   "accelerator (required by them)")
+    mlflow_integration: bool = Field(False, description="the cluster's Kubeflow MLflow integration injects "
+                                     "MLFLOW_RUN_ID, MLFLOW_TRACKING_URI and MLFLOW_EXPERIMENT_ID into every task")
+    allow_local_tracking: bool = Field(False, description="compile or submit although tracking would go to a SQLite "
+                                       "file inside each pod (lost with it)")
     data_source: str = Field("demo", description="demo: generate the demo data; else a folder of dataset files")
     experiment: str = Field("rlhf", description="Kubeflow experiment that `rlhf pipeline submit` files runs under")
     retries: int = Field(2, ge=0, description="retries of a failed step (transient failures: preemption, network)")
@@ -306,7 +334,30 @@ class KubeflowConfig(Section):
         unknown = set(self.resources) - {*STEPS, "default"}
         if unknown:
             raise ValueError(f"resources: unknown step(s) {sorted(unknown)}; steps are {', '.join(STEPS)}")
+        gpu_steps = [step for step in self.resources if self.resources[step].accelerator_type]
+        if gpu_steps and not self.cuda_image:
+            raise ValueError(f"resources.{gpu_steps[0]} requests {self.resources[gpu_steps[0]].accelerator_type} but "
+                             "cuda_image is not set: the default image is the CPU build; build the CUDA variant "
+                             "(rlhf image build --variant cuda --tag REGISTRY/rlhf-pipeline:TAG-cuda --push) and "
+                             "set kubeflow.cuda_image")
         return self
+
+    def step_image(self, step: str) -> str:
+        """The CUDA image for a step that requests an accelerator, else the CPU one."""
+        resources = self.resources.get(step) or self.resources.get("default")
+        return self.cuda_image if resources is not None and resources.accelerator_type else self.image
+
+    def tracking_problem(self) -> str | None:
+        """Why the steps would track to a SQLite file inside their pods, or None when a server is configured."""
+        if self.mlflow_integration or self.allow_local_tracking:
+            return None
+        uri = self.env.get("MLFLOW_TRACKING_URI")
+        if uri:
+            in_the_pod = uri.startswith(("sqlite:", "file:")) or "://" not in uri
+            return f"env.MLFLOW_TRACKING_URI is {uri}, a file inside each pod" if in_the_pod else None
+        if self.secret and "MLFLOW_TRACKING_URI" in self.secret_env:
+            return None
+        return "no tracking server is set, so every step would track to a SQLite file inside its own pod"
 
 
 class Params(Section):

@@ -13,31 +13,28 @@ from typing import Any
 
 import torch
 
-from rlhf.ppo.rollout import generate, join, score, sequence_logprobs
-
-
-def prompt_texts(dataset, tokenizer) -> list[str]:
-    """Plain prompts as they are; conversational ones through the chat template, ending with the assistant cue."""
-    return [
-        prompt if isinstance(prompt, str)
-        else tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-        for prompt in dataset["prompt"]
-    ]
+from rlhf.chat import Prompt, display, format_prompt
+from rlhf.modeling import stop_token_ids
+from rlhf.ppo.rollout import generate, join, score, sequence_logprobs, with_model_sampling
 
 
 @torch.no_grad()
 def sample_and_score(policy, reference_logits: Callable, tokenizer, reward_model, reward_tokenizer,
-                     prompts: Sequence[str], sampling, batch_size: int, annotator, device) -> list[dict[str, Any]]:
+                     prompts: Sequence[Prompt], sampling, batch_size: int, annotator, device) -> list[dict[str, Any]]:
     """One sampled answer per prompt (seeded by `sampling.seed`), scored; one row per prompt.
 
-    `sampling` carries seed, max_new_tokens, temperature, top_k and top_p; `reference_logits(ids, attention,
-    positions)` gives the reference model's logits for the KL.
+    Prompts are as in the data (text or messages). `sampling` carries seed, max_new_tokens, temperature, top_k and
+    top_p (null: the policy's generation_config); `reference_logits(ids, attention, positions)` gives the reference
+    model's logits for the KL.
     """
     rows: list[dict[str, Any]] = []
+    sampling = with_model_sampling(sampling, policy)
+    stop_ids = stop_token_ids(policy, tokenizer)
     torch.manual_seed(sampling.seed)
     for start in range(0, len(prompts), batch_size):
         batch = list(prompts[start : start + batch_size])
-        samples = generate(policy, tokenizer, batch, sampling, device)
+        samples = generate(policy, tokenizer, [format_prompt(prompt, tokenizer) for prompt in batch], sampling,
+                           device, stop_ids)
         context = samples.queries.shape[1]
         ids, attention, positions = join(samples.queries, samples.query_mask, samples.responses, samples.mask)
         logits = policy(input_ids=ids, attention_mask=attention, position_ids=positions).logits
@@ -49,7 +46,7 @@ def sample_and_score(policy, reference_logits: Callable, tokenizer, reward_model
         gold = annotator(samples.texts) if annotator else [None] * len(batch)
         for i, prompt in enumerate(batch):
             rows.append({
-                "prompt": prompt,
+                "prompt": display(prompt),
                 "response": samples.texts[i],
                 "rm_score": rm_scores[i],
                 "gold_score": gold[i],
@@ -117,22 +114,17 @@ def compare(policy_rows: Sequence[dict[str, Any]], sft_rows: Sequence[dict[str, 
 
 @torch.no_grad()
 def pairwise_accuracy(reward_model, reward_tokenizer, pairs, batch_size: int, device) -> float:
-    """How often the reward model scores the chosen answer above the rejected one (plain or conversational pairs)."""
+    """How often the reward model scores the chosen answer above the rejected one (plain or conversational pairs,
+    rendered as the reward stage trained on them)."""
+    from tqdm.auto import tqdm
+
+    # Pairs of similar length share a batch, so little of each batch is padding (real dialogues vary tenfold).
+    size = [len(str(row["prompt"])) + len(str(row["chosen"])) + len(str(row["rejected"])) for row in pairs]
+    order = sorted(range(len(pairs)), key=size.__getitem__)
     correct = 0
-    for start in range(0, len(pairs), batch_size):
-        batch = pairs[start : start + batch_size]
-        chosen, rejected = (
-            score(reward_model, reward_tokenizer, *_conversations(batch["prompt"], batch[side], reward_tokenizer),
-                  device)
-            for side in ("chosen", "rejected")
-        )
+    for start in tqdm(range(0, len(pairs), batch_size), desc="reward model on held-out pairs", leave=False):
+        batch = pairs.select(order[start : start + batch_size])
+        chosen, rejected = (score(reward_model, reward_tokenizer, batch["prompt"], batch[side], device)
+                            for side in ("chosen", "rejected"))
         correct += int((chosen > rejected).sum())
     return correct / len(pairs)
-
-
-def _conversations(prompts, answers, tokenizer) -> tuple[list[str], list[str]]:
-    """(prompt, answer) texts as the reward model was trained on them; messages go through the chat template."""
-    if isinstance(prompts[0], str):
-        return list(prompts), list(answers)
-    texts = [tokenizer.apply_chat_template(prompt + answer, tokenize=False) for prompt, answer in zip(prompts, answers)]
-    return [""] * len(texts), texts

@@ -22,6 +22,7 @@ from typing import Any
 from rlhf import tracking
 from rlhf.config import ConfigError, RegistryConfig, flatten
 from rlhf.gates import read_verdicts
+from rlhf.modeling import require_causal_lm, require_reward_model
 from rlhf.storage import fetch, write_json
 
 ROLES = ("sft", "reward", "policy")
@@ -81,11 +82,12 @@ def _log_model(role: str, name: str, folder: str, tags: dict[str, str], cfg: Reg
     import mlflow
     from huggingface_hub import ModelCard
 
-    from rlhf.modeling import load_causal_lm, load_reward_model, load_tokenizer
+    from rlhf.modeling import load_causal_lm, load_reward_model, load_tokenizer, uses_chat_template
 
     # An absolute path: MLflow looks a relative model name up on the Hugging Face Hub (license), even offline.
     folder = str(Path(folder).resolve())
-    tokenizer = load_tokenizer(folder)
+    key, loading = f"registry.{role}_model", {"dtype": "auto", "trust_remote_code": cfg.trust_remote_code}
+    tokenizer = load_tokenizer(folder, key, cfg.trust_remote_code)
     # Our own card: without one MLflow asks the Hugging Face Hub for a card named after the local folder.
     card = ModelCard(f"---\nlibrary_name: transformers\ntags: [rlhf, {role}]\n---\n# {name}\n\n{_DESCRIPTIONS[role]}, built by the rlhf pipeline.\n\n"
                      + "".join(f"- {key}: {value}\n" for key, value in sorted(tags.items())))
@@ -95,12 +97,16 @@ def _log_model(role: str, name: str, folder: str, tags: dict[str, str], cfg: Reg
     common = dict(name=role, model_card=card, pip_requirements=requirements)
     if role == "reward":
         return mlflow.transformers.log_model(
-            {"model": load_reward_model(folder, tokenizer), "tokenizer": tokenizer}, task="text-classification",
-            model_config={"function_to_apply": "none"}, **common)
+            {"model": load_reward_model(folder, tokenizer, key, **loading), "tokenizer": tokenizer},
+            task="text-classification", model_config={"function_to_apply": "none"}, **common)
+    generation = {"model": load_causal_lm(folder, tokenizer, key, **loading), "tokenizer": tokenizer}
+    if uses_chat_template(tokenizer):
+        # A chat model serves OpenAI-style chat requests ({"messages": [...]}) through its own chat template.
+        return mlflow.transformers.log_model(generation, task="llm/v1/chat", model_config={
+            "max_new_tokens": cfg.max_new_tokens, "do_sample": cfg.do_sample}, **common)
     return mlflow.transformers.log_model(
-        {"model": load_causal_lm(folder, tokenizer), "tokenizer": tokenizer}, task="text-generation",
-        prompt_template=cfg.prompt_template, model_config={"max_new_tokens": cfg.max_new_tokens,
-                                                           "do_sample": cfg.do_sample}, **common)
+        generation, task="text-generation", prompt_template=cfg.prompt_template,
+        model_config={"max_new_tokens": cfg.max_new_tokens, "do_sample": cfg.do_sample}, **common)
 
 
 def _score(role: str, metrics: dict[str, float]) -> tuple[str, float | None]:
@@ -188,6 +194,8 @@ def register(cfg: RegistryConfig) -> dict[str, Any]:
     for role, folder in folders.items():
         if not Path(folder).is_dir():
             raise ConfigError(f"registry.{role}_model: {folder} is not a model folder")
+        check = require_reward_model if role == "reward" else require_causal_lm
+        check(folder, f"registry.{role}_model", cfg.trust_remote_code)
     hashes = {role: content_hash(folder) for role, folder in folders.items()}
     # Kubeflow passes its run id; elsewhere the three models' content identifies the run.
     pipeline_run_id = os.environ.get("RLHF_PIPELINE_RUN_ID") or "local-" + hashlib.sha256(

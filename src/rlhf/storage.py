@@ -106,7 +106,8 @@ def cache_root() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "rlhf")
 
 
-def _lock(path: Path):
+def lock(path: Path):
+    """A file lock beside `path`, so that processes sharing the cache fill it once."""
     from filelock import FileLock
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -126,7 +127,7 @@ def fetch(location: str | Path) -> str:
     cached = cache_root() / "s3" / bucket / (key or "_bucket")
     # What the cached copy was made from, kept beside it: inside, it would become part of the model folder.
     source_file = cached.with_name(f".{cached.name}.source.json")
-    with _lock(cached):
+    with lock(cached):
         recorded = json.loads(source_file.read_text()) if source_file.is_file() and cached.exists() else None
         info = s3.head(uri) if key else None
         if info is not None:
@@ -170,7 +171,7 @@ def restore_checkpoint(local_dir: Path) -> None:
     if mirror is None:
         return
     folders = {name.split("/", 1)[0] for name in s3.list_objects(mirror) if "/" in name}
-    with _lock(local_dir):
+    with lock(local_dir):
         for name in sorted(folders, key=_step, reverse=True):
             manifest = s3.get_json(s3.join(mirror, name, s3.MANIFEST))
             if not manifest or not manifest.get("complete"):

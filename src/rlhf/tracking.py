@@ -38,13 +38,22 @@ def tracking_uri() -> str:
 
 
 def git_commit() -> str | None:
+    """The checkout's commit; in the image (no git, no checkout) the one it was built from (RLHF_GIT_COMMIT)."""
     try:
         result = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=project_root(), capture_output=True, text=True, check=True
         )
     except (OSError, subprocess.CalledProcessError):
-        return None
+        return os.environ.get("RLHF_GIT_COMMIT") or None
     return result.stdout.strip()
+
+
+def injected_run() -> str | None:
+    """The run Kubeflow Pipelines' MLflow integration made for this task (MLFLOW_RUN_ID, with MLFLOW_TRACKING_URI
+    and MLFLOW_EXPERIMENT_ID, in that experiment and nested under the pipeline run's own MLflow run): the stage logs
+    into it."""
+    return os.environ.get("MLFLOW_RUN_ID") or None
+
 
 
 def data_dvc_md5() -> str | None:
@@ -57,7 +66,9 @@ def data_dvc_md5() -> str | None:
 
 
 def lineage_tags() -> dict[str, str]:
-    tags = {"rlhf.git_commit": git_commit(), "rlhf.data_dvc_md5": data_dvc_md5()}
+    # rlhf.image_source: the source hash of the image the run ran in (absent outside the image).
+    tags = {"rlhf.git_commit": git_commit(), "rlhf.data_dvc_md5": data_dvc_md5(),
+            "rlhf.image_source": os.environ.get("RLHF_IMAGE_SOURCE")}
     return {key: value for key, value in tags.items() if value}
 
 
@@ -74,12 +85,25 @@ def stage_run(stage: str, params: dict[str, Any]) -> Iterator[Any]:
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri())
+    tags = {"rlhf.stage": stage, **lineage_tags()}
+    if injected_run() and mlflow.active_run() is None:
+        # Kubeflow made this task's run, under its pipeline run, and closes it when the task ends. While it is
+        # active the variable is unset: the trainers' MLflow callback would otherwise start the same run again.
+        run_id = os.environ.pop("MLFLOW_RUN_ID")
+        try:
+            with mlflow.start_run(run_id=run_id, tags=tags) as run:
+                mlflow.log_params(params)
+                yield run
+        finally:
+            os.environ["MLFLOW_RUN_ID"] = run_id
+        return
+    # By name: MLFLOW_EXPERIMENT_ID is also what mlflow.set_experiment leaves behind for subprocesses, whatever the
+    # tracking store; an injected task run carries its experiment itself.
     mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT)
     nested = mlflow.active_run() is not None
     # Under Kubeflow each stage is its own process: the pipeline's parent run comes by id.
     parent = None if nested else os.environ.get(PARENT_RUN_ENV)
-    with mlflow.start_run(run_name=stage, nested=nested or bool(parent), parent_run_id=parent,
-                          tags={"rlhf.stage": stage, **lineage_tags()}) as run:
+    with mlflow.start_run(run_name=stage, nested=nested or bool(parent), parent_run_id=parent, tags=tags) as run:
         mlflow.log_params(params)
         yield run
 

@@ -285,3 +285,76 @@ def test_alpaca_bad_field_raises_with_origin(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"alpaca\.json item 0: missing field 'output'"):
         import_alpaca(str(source), str(tmp_path / "sft.jsonl"))
     assert not (tmp_path / "sft.jsonl").exists()
+
+
+# --- chat datasets (rlhf data hh-chat) -------------------------------------------------------------------------------
+
+
+def test_hh_transcripts_become_chat_messages() -> None:
+    from rlhf.data.importers import hh_messages
+
+    assert hh_messages(f"{H} Hi there{A} Hello! How can I help?{H} Tell me a joke.{A}") == [
+        {"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello! How can I help?"},
+        {"role": "user", "content": "Tell me a joke."}]
+    assert hh_messages(f"Be brief.{H} Hi{A} Hello") == [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"}]
+
+
+def test_hh_chat_splits_prompts_whole_and_writes_valid_chat_datasets(tmp_path: Path) -> None:
+    from rlhf.data.importers import build_hh_chat
+
+    rows = [pair(f"{H} Question {i}?{A}", f" Kind answer {i}.", f" Rude answer {i}.") for i in range(30)]
+    rows += [pair(f"{H} Question 0?{A}", " Another kind answer.", " Another rude one.")]  # a second pair, same prompt
+    rows += [pair(f"{H} Empty?{A}", " ", " Something.")]  # dropped: empty_final_answer
+    source = write_lines(tmp_path / "hh.jsonl", rows)
+    alpaca = tmp_path / "alpaca.json"
+    alpaca.write_text(json.dumps([{"instruction": "Add 2 and 3.", "input": "", "output": "5"},
+                                  {"instruction": "Translate.", "input": "Bonjour", "output": "Hello"},
+                                  {"instruction": "Draw a cat.", "input": "", "output": "<nooutput>"}]))
+
+    report = build_hh_chat(str(source), str(tmp_path / "out"), alpaca=str(alpaca), sft_rows=10, hh_sft_prompts=2,
+                           rl_prompts=5, eval_prompts=4, seed=1)
+
+    assert report.pairs_read == 32 and report.pairs_dropped == {"empty_final_answer": 1}
+    out = {name: [json.loads(line) for line in (tmp_path / "out" / name).read_text().splitlines()]
+           for name in ("preferences.jsonl", "sft.jsonl", "prompts.jsonl", "eval_prompts.jsonl")}
+    assert report.written == {name: len(records) for name, records in out.items()}
+    for name, kind in (("preferences.jsonl", "preference"), ("sft.jsonl", "sft"), ("prompts.jsonl", "prompts"),
+                       ("eval_prompts.jsonl", "prompts")):
+        formats.validate(io.read_rows(tmp_path / "out" / name), kind)
+
+    prompt_sets = {name: {json.dumps(record["prompt"]) for record in out[name]}
+                   for name in ("preferences.jsonl", "prompts.jsonl", "eval_prompts.jsonl")}
+    assert len(prompt_sets["eval_prompts.jsonl"]) == 4 and len(prompt_sets["prompts.jsonl"]) == 5
+    assert not prompt_sets["eval_prompts.jsonl"] & (prompt_sets["preferences.jsonl"] | prompt_sets["prompts.jsonl"])
+    assert not prompt_sets["prompts.jsonl"] & prompt_sets["preferences.jsonl"]
+    # 30 distinct prompts: 4 evaluation, 5 RL, 2 for SFT, the other 19 keep every pair (question 0 has two)
+    assert len(prompt_sets["preferences.jsonl"]) == 19
+    assert len(out["preferences.jsonl"]) == 19 + ('[{"content": "Question 0?", "role": "user"}]'
+                                                   in prompt_sets["preferences.jsonl"])
+    first = out["preferences.jsonl"][0]
+    assert first["prompt"][-1]["role"] == "user" and first["chosen"][0]["content"].startswith("Kind answer")
+    # Alpaca rows as one user and one assistant turn (input appended; <nooutput> rows left out), then HH dialogues
+    sft = [record["messages"] for record in out["sft.jsonl"]]
+    assert {"role": "user", "content": "Translate.\n\nBonjour"} in [messages[0] for messages in sft]
+    assert len(sft) == 2 + 2 and all(messages[-1]["role"] == "assistant" for messages in sft)
+    assert sum(messages[-1]["content"].startswith(("Kind answer", "Another kind")) for messages in sft) == 2
+
+
+def test_hh_chat_refuses_more_held_out_prompts_than_there_are(tmp_path: Path) -> None:
+    from rlhf.data.importers import build_hh_chat
+
+    source = write_lines(tmp_path / "hh.jsonl", [pair(f"{H} Q{i}?{A}", " Yes.", " No.") for i in range(5)])
+    with pytest.raises(DataError, match="5 distinct prompts, too few for 3 evaluation, 2 RL"):
+        build_hh_chat(str(source), str(tmp_path / "out"), hh_sft_prompts=1, rl_prompts=2, eval_prompts=3)
+    assert not (tmp_path / "out").exists()
+
+
+def test_hh_chat_on_the_shared_sample(hh_sample: Path, alpaca_sample: Path, tmp_path: Path) -> None:
+    from rlhf.data.importers import build_hh_chat
+
+    report = build_hh_chat(str(hh_sample), str(tmp_path / "out"), alpaca=str(alpaca_sample))
+    assert report.pairs_dropped == {"earlier_turns_differ": 1, "empty_final_answer": 4}
+    assert report.written == {"preferences.jsonl": 1210, "sft.jsonl": 512, "prompts.jsonl": 256,
+                              "eval_prompts.jsonl": 128}

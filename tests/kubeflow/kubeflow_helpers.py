@@ -26,6 +26,7 @@ STEP_TASKS = ("data", "pretrain", "sft", "reward", "gate-reward", "ppo", "evalua
 # A kubeflow section that turns on every setting the pipeline knows.
 FULL_KUBEFLOW = {
     "image": "registry.example.com/ml/rlhf:1.4.2",
+    "cuda_image": "registry.example.com/ml/rlhf:1.4.2-cuda",
     "retries": 3,
     "caching": True,
     "secret": "rlhf-mlflow",
@@ -46,14 +47,19 @@ def repo_params() -> dict:
     return yaml.safe_load(REPO_PARAMS.read_text(encoding="utf-8"))
 
 
+# The defaults, except that the steps may track to a file in their pods: these tests look at the compiled spec, and
+# the refusal of pod-local tracking has its own tests.
+LOCAL_TRACKING = {"allow_local_tracking": True}
+# ... and a published image, so that submission prints no warning.
+SUBMITTABLE = {**LOCAL_TRACKING, "image": "registry.example.com/ml/rlhf:1.4.2"}
+
+
 def write_project(folder: Path, kubeflow: dict | None = None) -> Path:
-    """`folder` with the project's params.yaml, its kubeflow section replaced by `kubeflow` (none: the defaults);
-    returns the folder."""
+    """`folder` with the project's params.yaml, its kubeflow section replaced by `kubeflow` (none: the defaults with
+    local tracking allowed); returns the folder."""
     folder.mkdir(parents=True, exist_ok=True)
     params = yaml.safe_load(REPO_PARAMS.read_text(encoding="utf-8"))
-    params.pop("kubeflow", None)
-    if kubeflow is not None:
-        params["kubeflow"] = copy.deepcopy(kubeflow)
+    params["kubeflow"] = copy.deepcopy(LOCAL_TRACKING if kubeflow is None else kubeflow)
     (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
     return folder
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 from google.protobuf import json_format
 from kfp.pipeline_spec import pipeline_spec_pb2
 from kubeflow_helpers import (
     FULL_KUBEFLOW,
     LAYOUT,
+    LOCAL_TRACKING,
     STEP_TASKS,
     Compiled,
     artifact_types,
@@ -54,7 +56,7 @@ def full(tmp_path_factory: pytest.TempPathFactory) -> Compiled:
 @pytest.fixture(scope="module")
 def unretried(tmp_path_factory: pytest.TempPathFactory) -> Compiled:
     """params.yaml with retries and caching turned off."""
-    return _compile(write_project(tmp_path_factory.mktemp("off"), {"retries": 0, "caching": False}))
+    return _compile(write_project(tmp_path_factory.mktemp("off"), {**LOCAL_TRACKING, "retries": 0, "caching": False}))
 
 
 # --- the file is valid IR ---------------------------------------------------------------------------------------
@@ -318,13 +320,78 @@ def test_environment_and_pipeline_root_reach_every_executor(full: Compiled, plai
                                                 ("full", FULL_KUBEFLOW["image"])])
 def test_every_executor_runs_the_project_image_without_pip_install(variant: str, image: str,
                                                                   request: pytest.FixtureRequest) -> None:
-    """Every executor runs kubeflow.image, and none installs packages at start-up (the image already has kfp)."""
+    """Every executor runs kubeflow.image (a step with an accelerator, kubeflow.cuda_image), and none installs
+    packages at start-up (the image already has kfp)."""
     compiled: Compiled = request.getfixturevalue(variant)
     for name, executor in compiled.executors.items():
         container = executor["container"]
-        assert container["image"] == image, name
+        expected = FULL_KUBEFLOW["cuda_image"] if name == "exec-ppo" and variant == "full" else image
+        assert container["image"] == expected, name
         script = " ".join(container.get("command", []) + container.get("args", []))
         assert "pip install" not in script and "pip3 install" not in script, name
+
+
+# --- fit for a cluster --------------------------------------------------------------------------------------------
+
+
+def _project_with_repo_kubeflow(folder: Path, **changes) -> Path:
+    """The project's params.yaml with its own kubeflow section, changed by `changes`."""
+    params = repo_params()
+    params["kubeflow"] |= changes
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return folder
+
+
+def test_pod_local_tracking_is_refused_unless_allowed(tmp_path: Path, rlhf) -> None:
+    """The shipped params name no tracking server: compile refuses with one line (each pod would keep its runs in a
+    SQLite file that dies with it) and writes nothing; --allow-local-tracking compiles, with a warning that the
+    image is the unpublished default."""
+    project = _project_with_repo_kubeflow(tmp_path)
+    refused = rlhf("pipeline", "compile", "-o", "out.yaml", cwd=project)
+    assert refused.code == 2 and len(refused.err_lines) == 1
+    assert refused.err_lines[0].startswith("error: kubeflow: ") and "SQLite file inside its own pod" in refused.err
+    assert "--allow-local-tracking" in refused.err
+    assert not (project / "out.yaml").exists()
+
+    allowed = rlhf("pipeline", "compile", "-o", "out.yaml", "--allow-local-tracking", cwd=project)
+    assert allowed.code == 0
+    assert "warning: kubeflow.image is rlhf-pipeline:latest, which no registry has" in allowed.err
+    assert (project / "out.yaml").exists()
+
+
+@pytest.mark.parametrize("changes", [
+    {"secret": "mlflow-credentials"},  # its keys include MLFLOW_TRACKING_URI by default
+    {"env": {"MLFLOW_TRACKING_URI": "http://mlflow.mlflow.svc:5000"}},
+    {"mlflow_integration": True},
+])
+def test_a_tracking_server_from_secret_env_or_kubeflow_integration_is_accepted(tmp_path: Path, rlhf,
+                                                                              changes: dict) -> None:
+    project = _project_with_repo_kubeflow(tmp_path, image="registry.example.com/rlhf:1", **changes)
+    result = rlhf("pipeline", "compile", "-o", "out.yaml", cwd=project)
+    assert result.code == 0, result.err
+    assert "warning" not in result.err
+
+
+def test_a_sqlite_tracking_uri_in_env_is_refused(tmp_path: Path, rlhf) -> None:
+    project = _project_with_repo_kubeflow(tmp_path, env={"MLFLOW_TRACKING_URI": "sqlite:///mlflow.db"})
+    result = rlhf("pipeline", "compile", "-o", "out.yaml", cwd=project)
+    assert result.code == 2 and "env.MLFLOW_TRACKING_URI is sqlite:///mlflow.db" in result.err
+
+
+def test_submit_refuses_pod_local_tracking_before_contacting_the_cluster(tmp_path: Path, rlhf) -> None:
+    """The host is closed: the error is the tracking one, so nothing was sent."""
+    project = _project_with_repo_kubeflow(tmp_path)
+    result = rlhf("pipeline", "submit", "--host", "http://127.0.0.1:9", cwd=project)
+    assert result.code == 2 and "SQLite file inside its own pod" in result.err
+
+
+def test_shipped_params_request_no_gpu_while_the_image_is_the_cpu_build(tmp_path: Path, rlhf) -> None:
+    """GPUs are opt-in: the shipped params request none, and a step that asks for one needs kubeflow.cuda_image."""
+    project = _project_with_repo_kubeflow(tmp_path, allow_local_tracking=True)
+    assert rlhf("pipeline", "compile", "-o", "out.yaml", cwd=project).code == 0
+    for name, executor in read_compiled(project / "out.yaml").executors.items():
+        assert "accelerator" not in executor["container"].get("resources", {}), name
 
 
 # --- validation ---------------------------------------------------------------------------------------------------
@@ -333,6 +400,8 @@ def test_every_executor_runs_the_project_image_without_pip_install(variant: str,
 @pytest.mark.parametrize(("kubeflow", "words"), [
     ({"resources": {"trainer": {"cpu": "4"}}}, ["trainer", "unknown step"]),
     ({"resources": {"ppo": {"accelerator_count": 2}}}, ["kubeflow.resources.ppo", "accelerator_type"]),
+    ({"resources": {"sft": {"accelerator_type": "nvidia.com/gpu", "accelerator_count": 1}}},
+     ["resources.sft requests nvidia.com/gpu", "cuda_image"]),
 ])
 def test_bad_kubeflow_settings_fail_before_compiling(tmp_path: Path, rlhf, kubeflow: dict, words: list[str]) -> None:
     """An unknown resources step, or an accelerator count without a type, is a ConfigError naming it: the CLI

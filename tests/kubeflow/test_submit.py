@@ -19,7 +19,7 @@ import pytest
 from google.protobuf import json_format
 from kfp.pipeline_spec import pipeline_spec_pb2
 from kfp_api_server import KfpApiServer
-from kubeflow_helpers import FULL_KUBEFLOW, LAYOUT, read_compiled, write_project
+from kubeflow_helpers import FULL_KUBEFLOW, LAYOUT, SUBMITTABLE, read_compiled, write_project
 
 from rlhf.config import KFP_NULL, load_params
 from rlhf.pipelines.rlhf_pipeline import compile_pipeline, pipeline_arguments
@@ -30,7 +30,7 @@ OVERRIDE = "ppo.learning_rate=0.0002"
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
     """A scratch folder holding the project's params.yaml (no kubeflow section)."""
-    return write_project(tmp_path / "project")
+    return write_project(tmp_path / "project", SUBMITTABLE)
 
 
 def _submit(rlhf, project: Path, host: str, *extra: str):
@@ -220,7 +220,7 @@ def test_server_error_gives_one_line_with_status_and_body(rlhf, project: Path, k
 def unreachable(tmp_path_factory: pytest.TempPathFactory):
     """`rlhf pipeline submit` run as a process against a port nothing listens on (bound, never listening, so no
     other process can take it meanwhile): its exit code, stderr, time taken and host."""
-    project = write_project(tmp_path_factory.mktemp("unreachable"))
+    project = write_project(tmp_path_factory.mktemp("unreachable"), SUBMITTABLE)
     home = tmp_path_factory.mktemp("home")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

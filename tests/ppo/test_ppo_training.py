@@ -194,14 +194,14 @@ def test_resume_after_an_interruption_continues_the_same_run(make_policy, tokeni
 def test_lora_policy_uses_the_disabled_adapters_as_reference(make_policy, tokenizer, prompts, tmp_path: Path) -> None:
     from peft import get_peft_model
 
-    from rlhf.stages.sft import lora_config
+    from rlhf.stages.common import lora_config
 
     torch.manual_seed(0)
     cfg = config(total_episodes=3 * 8, learning_rate=5e-3,
                  lora=LoraParams(enabled=True, r=4, alpha=8, dropout=0.0))  # all-linear, as the stage default
     base = make_policy()
     original = snapshot(base)
-    policy = get_peft_model(base, lora_config(cfg))
+    policy = get_peft_model(base, lora_config(cfg.lora))
     base_names = {name for name, p in policy.named_parameters() if "lora_" not in name}
     lora_before = {name: p.detach().clone() for name, p in policy.named_parameters() if "lora_" in name}
     assert lora_before and all(not p.requires_grad for name, p in policy.named_parameters() if name in base_names)
@@ -237,7 +237,7 @@ def test_lora_policy_uses_the_disabled_adapters_as_reference(make_policy, tokeni
     ids, attention, positions = join(samples.queries, samples.query_mask, samples.responses, mask)
     with torch.no_grad():
         base_logits = make_policy()(input_ids=ids, attention_mask=attention, position_ids=positions).logits
-        expected = sequence_logprobs(base_logits, batch["context"], samples.responses, cfg.temperature)[1] * mask
+        expected = sequence_logprobs(base_logits, batch["context"], samples.responses, trainer.cfg.temperature)[1] * mask
     torch.testing.assert_close(batch["ref_logprobs"], expected, atol=1e-5, rtol=0)
     assert not torch.allclose(batch["logprobs"], expected, atol=1e-4)
 
@@ -354,9 +354,9 @@ def test_prompt_batches_walk_seeded_permutations_of_the_prompts(make_policy, tok
     drawn: list[list[str]] = []
     original_rollout = trainer.rollout
 
-    def record_rollout(batch_prompts):
-        drawn.append(list(batch_prompts))
-        return original_rollout(batch_prompts)
+    def record_rollout(indices):
+        drawn.append([trainer.prompts[i] for i in indices])
+        return original_rollout(indices)
 
     trainer.rollout = record_rollout
     trainer.train(no_callback)

@@ -101,7 +101,7 @@ def test_generate_masks_everything_after_the_first_eos(tokenizer) -> None:
     assert policy.kwargs["do_sample"] is True
     assert (policy.kwargs["temperature"], policy.kwargs["top_k"], policy.kwargs["top_p"]) == (0.9, 5, 0.8)
     assert policy.kwargs["max_new_tokens"] == width
-    assert (policy.kwargs["eos_token_id"], policy.kwargs["pad_token_id"]) == (eos, pad)
+    assert (policy.kwargs["eos_token_id"], policy.kwargs["pad_token_id"]) == ([eos], pad)
 
     stop = len(great) + 1
     assert samples.mask.tolist() == [[1.0] * stop + [0.0] * (width - stop), [1.0] * width, [1.0] + [0.0] * (width - 1)]

@@ -86,7 +86,7 @@ def build_model_folder(folder: Path, role: str, seed: int, tokenizer: Any, sft_f
     # The role is part of the seed: SFT seed 1 and policy seed 1 are different models.
     torch.manual_seed(seed * 10 + ROLES.index(role))
     if role == "reward":
-        model = load_reward_model(str(sft_folder), tokenizer)
+        model = load_reward_model(str(sft_folder), tokenizer, new_head=True)
     else:
         model = build_causal_lm(tokenizer, ArchitectureParams(n_layer=1, n_head=2, n_embd=32, n_positions=64))
     model.save_pretrained(folder)

@@ -68,8 +68,8 @@ def reward_trained(session_project: Path, sft_trained: Trained) -> Trained:
     initial: dict[str, Any] = {}
     original = reward_stage.load_reward_model
 
-    def recording_load(name_or_path: str, tokenizer: Any) -> Any:
-        model = original(name_or_path, tokenizer)
+    def recording_load(name_or_path: str, tokenizer: Any, *args: Any, **kwargs: Any) -> Any:
+        model = original(name_or_path, tokenizer, *args, **kwargs)
         initial.update({name: tensor.detach().clone() for name, tensor in model.state_dict().items()})
         return model
 

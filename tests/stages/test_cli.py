@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,6 +118,116 @@ def test_missing_base_model_is_a_one_line_error(workdir: Path) -> None:
     assert len(errors) == 1, result.stderr[-3000:]
     assert errors[0].startswith("error: ") and "models/pretrained" in errors[0]
     assert not (workdir / "models").exists() and not (workdir / "metrics").exists()
+
+
+def offline_env(**extra: str) -> dict[str, str]:
+    """No Hub cache, no HF_HUB_OFFLINE: the loader must find out by itself that the Hub is out of reach."""
+    env = {key: value for key, value in cli_env().items() if key != "HF_HUB_OFFLINE"}
+    return {**env, **extra}
+
+
+@contextlib.contextmanager
+def hub_endpoint(kind: str) -> Iterator[str]:
+    """A stand-in for the Hugging Face Hub on 127.0.0.1: `closed` (connection refused), `silent` (accepts, never
+    answers: the probe must time out), `empty` (answers 404 for every model)."""
+    if kind == "closed":
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        yield f"http://127.0.0.1:{port}"
+        return
+    if kind == "silent":
+        with socket.socket() as server:
+            server.bind(("127.0.0.1", 0))
+            server.listen()
+            yield f"http://127.0.0.1:{server.getsockname()[1]}"
+        return
+
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_error(404)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize(
+    ("base_model", "hub", "expected"),
+    [
+        ("gpt2", "closed", "the Hub cannot be reached"),
+        ("gpt2", "silent", "the Hub cannot be reached"),  # no answer at all: the probe gives up after 4 s
+        ("gpt2", "empty", "has no model of that name (HTTP 404)"),
+        ("models/pretraind", "closed", "the Hub cannot be reached"),  # a typo reads as a Hub id
+        ("./models/pretraind", "closed", "no such model folder or file"),
+        ("models/base.gguf", "closed", "no such GGUF file"),
+    ],
+)
+def test_a_model_that_is_not_here_fails_in_seconds_offline(base_model: str, hub: str, expected: str,
+                                                           workdir: Path, tmp_path: Path) -> None:
+    with hub_endpoint(hub) as endpoint:
+        env = offline_env(HF_ENDPOINT=endpoint, HF_HOME=str(tmp_path / "hf-home"))
+        started = time.monotonic()
+        result = subprocess.run([*RLHF, "pretrain", "--set", f"pretrain.base_model={base_model}"], cwd=workdir,
+                                env=env, capture_output=True, text=True, timeout=120, check=False)
+        elapsed = time.monotonic() - started
+
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = error_lines(result)
+    assert len(errors) == 1, result.stderr[-3000:]
+    assert errors[0].startswith(f"error: pretrain.base_model: {base_model}") and expected in errors[0]
+    assert elapsed < 10, f"took {elapsed:.1f} s"
+    assert not (workdir / "models").exists() and not (workdir / "mlflow.db").exists()
+
+
+def test_hub_offline_setting_is_named_in_the_error(workdir: Path, tmp_path: Path) -> None:
+    result = subprocess.run([*RLHF, "sft", "--set", "sft.model=HuggingFaceTB/SmolLM2-135M-Instruct"], cwd=workdir,
+                            env={**cli_env(), "HF_HOME": str(tmp_path / "hf-home")}, capture_output=True, text=True,
+                            timeout=120, check=False)
+    assert result.returncode == 2
+    assert error_lines(result) == [
+        f"error: sft.model: HuggingFaceTB/SmolLM2-135M-Instruct: no such folder here and not in the Hugging Face "
+        f"cache ({tmp_path / 'hf-home' / 'hub'}), and HF_HUB_OFFLINE is set"]
+
+
+def test_a_folder_without_a_model_is_named(workdir: Path) -> None:
+    (workdir / "models" / "empty").mkdir(parents=True)
+    result = rlhf("sft", "--set", "sft.model=models/empty", cwd=workdir)
+    assert result.returncode == 2
+    assert error_lines(result) == ["error: sft.model: models/empty is a folder but not a model (it has no "
+                                   "config.json)"]
+
+
+@pytest.mark.parametrize(("stage", "key"), [("ppo", "ppo.reward_model"), ("evaluate", "evaluate.reward_model")])
+def test_a_causal_lm_given_as_the_reward_model_is_refused(stage: str, key: str, workdir: Path, sft_trained: Trained,
+                                                          reward_trained: Trained) -> None:
+    models = {"ppo.policy_model": sft_trained.output, "evaluate.sft_model": sft_trained.output,
+              "evaluate.policy_model": sft_trained.output}
+    overrides = [f"--set={name}={path}" for name, path in models.items()] + [f"--set={key}={sft_trained.output}"]
+    result = rlhf(stage, *overrides, cwd=workdir)
+
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = error_lines(result)
+    assert len(errors) == 1, result.stderr[-3000:]
+    assert errors[0] == (f"error: {key}: {sft_trained.output} is GPT2LMHeadModel, not a reward model (a sequence "
+                         "classifier with one output); give the reward stage's output")
+    assert not (workdir / "models").exists() and not (workdir / "metrics").exists()
+    assert not (workdir / "reports").exists()
+
+
+def test_a_reward_model_given_as_the_policy_is_refused(workdir: Path, reward_trained: Trained) -> None:
+    result = rlhf("ppo", f"--set=ppo.policy_model={reward_trained.output}",
+                  f"--set=ppo.reward_model={reward_trained.output}", cwd=workdir)
+    assert result.returncode == 2
+    assert error_lines(result) == [f"error: ppo.policy_model: {reward_trained.output} is a reward model "
+                                   "(GPT2ForSequenceClassification); expected a causal language model"]
 
 
 # ---------------------------------------------------------------------------------------------- resume

@@ -112,7 +112,7 @@ def test_continued_pretraining_from_base_model(workdir: Path, pretrained: Traine
 
 
 def test_pretrain_disabled_saves_base_unchanged(workdir: Path, pretrained: Trained) -> None:
-    from transformers import AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rlhf.stages import pretrain
 
@@ -120,10 +120,11 @@ def test_pretrain_disabled_saves_base_unchanged(workdir: Path, pretrained: Train
     result = pretrain.run(cfg)
 
     output = workdir / "models" / "pretrained"
-    assert result.metrics == {"skipped": 1.0}
     before, after = state_dict(pretrained.output), state_dict(output)
     assert before.keys() == after.keys()
     assert all(torch.equal(before[name], after[name]) for name in before)
+    parameters = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(str(output)).parameters())
+    assert result.metrics == {"skipped": 1.0, "parameters": float(parameters)}
     assert AutoTokenizer.from_pretrained(str(output)).get_vocab() == AutoTokenizer.from_pretrained(
         str(pretrained.output)).get_vocab()
     assert not (workdir / "checkpoints").exists() or not list((workdir / "checkpoints").iterdir())
@@ -315,6 +316,38 @@ def test_reward_model_updates_every_parameter(sft_trained: Trained, reward_train
     metrics = reward_trained.result.metrics
     assert all(math.isfinite(metrics[key]) for key in ("train_loss", "eval_loss", "eval_accuracy", "eval_margin"))
     assert 0 <= metrics["eval_accuracy"] <= 1
+
+
+def test_reward_model_with_lora_saves_merged_adapters_and_a_trained_head(workdir: Path, sft_trained: Trained) -> None:
+    """LoRA on the backbone, the scoring head in full; the saved (merged) model scores the held-out pairs exactly as
+    the trainer evaluated them, so the stages that load it (PPO, evaluation, gates) judge the model that trained."""
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhf.data.formats import load_dataset, split
+    from rlhf.evaluation import pairwise_accuracy
+    from rlhf.modeling import load_tokenizer
+    from rlhf.stages import reward
+
+    cfg = load_params(overrides=[f"reward.base_model={sft_trained.output}", "reward.lora.enabled=true",
+                                 "reward.lora.r=4", "reward.learning_rate=0.01"]).reward
+    result = reward.run(cfg)
+
+    output = workdir / "models" / "reward"
+    saved = AutoModelForSequenceClassification.from_pretrained(str(output)).eval()
+    assert not any("lora_" in name or "modules_to_save" in name for name, _ in saved.named_parameters())
+    sft = state_dict(sft_trained.output)
+    changed = [name for name, tensor in saved.state_dict().items()
+               if name in sft and not torch.equal(tensor, sft[name])]
+    assert changed and all(name.endswith(".weight") for name in changed)  # adapters merged into the linear layers
+    assert saved.score.weight.abs().sum() > 0
+
+    tokenizer = load_tokenizer(str(output))
+    tokenizer.padding_side = "right"
+    pairs = split(load_dataset(cfg.dataset, "preference")[0], cfg.eval_fraction, cfg.seed)[1]
+    assert result.metrics["eval_pairs"] == len(pairs)  # none longer than max_length here
+    with torch.no_grad():
+        accuracy = pairwise_accuracy(saved, tokenizer, pairs, 16, "cpu")
+    assert accuracy == pytest.approx(result.metrics["eval_accuracy"])
 
 
 # --------------------------------------------------------------------------------------------------- failures

@@ -48,15 +48,21 @@ def _parent_run(kfp_run_id: str) -> str:
 
 
 def _join_pipeline_run(kfp_run_id: str) -> None:
-    """This step's MLflow runs nest under the pipeline's run; registered versions carry the Kubeflow run id."""
-    os.environ[tracking.PARENT_RUN_ENV] = _parent_run(kfp_run_id)
+    """This step's MLflow runs nest under the pipeline's run; registered versions carry the Kubeflow run id.
+    Where Kubeflow's MLflow integration made the task's run (MLFLOW_RUN_ID), that run is already nested under the
+    pipeline's, and the stage logs into it."""
+    if not tracking.injected_run():
+        os.environ[tracking.PARENT_RUN_ENV] = _parent_run(kfp_run_id)
     os.environ["RLHF_PIPELINE_RUN_ID"] = f"kfp-{kfp_run_id}"
 
 
 def close_pipeline_run(kfp_run_id: str, state: str) -> None:
-    """The exit handler: the pipeline's MLflow run ends FINISHED if every task succeeded, else FAILED."""
+    """The exit handler: the pipeline's MLflow run ends FINISHED if every task succeeded, else FAILED (Kubeflow's
+    MLflow integration closes its own runs)."""
     from mlflow import MlflowClient
 
+    if tracking.injected_run():
+        return
     run_id = _parent_run(kfp_run_id)
     MlflowClient(tracking.tracking_uri()).set_terminated(run_id, "FINISHED" if state == "SUCCEEDED" else "FAILED")
 

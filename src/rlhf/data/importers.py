@@ -200,3 +200,117 @@ def import_alpaca(source: str, output: str) -> ImportReport:
             adjusted["placeholder_input_removed"] = adjusted.get("placeholder_input_removed", 0) + 1
         kept.append({"prompt": alpaca_prompt(instruction, input_text), "completion": completion})
     return _finish("alpaca", str(source), output, len(rows), kept, dropped, adjusted)
+
+
+# --- Chat datasets for a chat model: HH-RLHF (and Alpaca) ---------------------------------------------------------
+
+_TURN = re.compile(r"\n\n(Human|Assistant):")
+
+
+def hh_messages(transcript: str) -> list[dict[str, str]]:
+    """An HH-RLHF transcript ("\\n\\nHuman: ...\\n\\nAssistant: ...") as chat messages (user / assistant turns).
+
+    A trailing empty "Assistant:" cue (the end of a prompt) is not a turn; text before the first marker is kept as
+    a system message, which the raw data does not have but a hand-made file might."""
+    parts = _TURN.split(transcript)
+    messages = [{"role": "system", "content": parts[0].strip()}] if parts[0].strip() else []
+    for speaker, content in zip(parts[1::2], parts[2::2]):
+        messages.append({"role": "user" if speaker == "Human" else "assistant", "content": content.strip()})
+    if messages and messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
+        messages.pop()
+    return messages
+
+
+def _alpaca_messages(record: dict[str, Any], origin: str) -> list[dict[str, str]] | None:
+    instruction = _string_field(record, "instruction", origin).strip()
+    input_text = _string_field(record, "input", origin, optional=True).strip()
+    output = _string_field(record, "output", origin).strip()
+    if not instruction or not output or _squash(output) in _OUTPUT_PLACEHOLDERS:
+        return None  # a chat model keeps its own way of declining; Alpaca's <nooutput> marker would undo it
+    if input_text and _squash(input_text) not in _INPUT_PLACEHOLDERS:
+        instruction = f"{instruction}\n\n{input_text}"
+    return [{"role": "user", "content": instruction}, {"role": "assistant", "content": output}]
+
+
+@dataclass
+class ChatDataReport:
+    """What `build_hh_chat` read, kept and wrote, per output file."""
+
+    source: str
+    pairs_read: int
+    pairs_dropped: dict[str, int]
+    written: dict[str, int]
+    fingerprints: dict[str, str]
+
+    def summary(self) -> str:
+        lines = [f"hh-chat: {self.source}: read {self.pairs_read} pairs"]
+        lines += [f"  dropped {count}: {reason}" for reason, count in sorted(self.pairs_dropped.items())]
+        lines += [f"  {name}: {count} rows, fingerprint {self.fingerprints[name][:16]}"
+                  for name, count in self.written.items()]
+        return "\n".join(lines)
+
+
+def build_hh_chat(source: str, output_dir: str, *, alpaca: str | None = None, sft_rows: int = 512,
+                  hh_sft_prompts: int = 0, rl_prompts: int = 256, eval_prompts: int = 128,
+                  pairs: int | None = None, seed: int = 0) -> ChatDataReport:
+    """The datasets a chat model's RLHF run needs, from raw HH-RLHF (plus Alpaca for SFT), in chat form:
+
+    - `preferences.jsonl`: {"prompt": [messages], "chosen": [assistant], "rejected": [assistant]}, every pair of
+      the remaining prompts (or of the first `pairs` of them);
+    - `prompts.jsonl` and `eval_prompts.jsonl`: {"prompt": [messages]} for PPO and held-out evaluation;
+    - `sft.jsonl`: {"messages": [...]}: `sft_rows` Alpaca rows (when `alpaca` is given) and the chosen dialogues
+      of `hh_sft_prompts` HH prompts.
+
+    Pairs are split with `split_hh_pair` (the same drops, counted). Prompts are assigned whole, after a seeded
+    shuffle, to evaluation, RL, SFT or the preference set, so no prompt of the evaluation or RL sets is one the
+    reward model trained on. The folder is written atomically.
+    """
+    import json
+    import random
+
+    from rlhf.storage import atomic_dir
+
+    rows = read_rows(source)
+    by_prompt: dict[str, list[dict[str, Any]]] = {}
+    dropped: dict[str, int] = {}
+    for record, origin in zip(rows.records, rows.origins):
+        pair, reason = split_hh_pair(_string_field(record, "chosen", origin), _string_field(record, "rejected", origin))
+        if pair is None:
+            dropped[reason] = dropped.get(reason, 0) + 1
+            continue
+        prompt = hh_messages(pair["prompt"])
+        by_prompt.setdefault(json.dumps(prompt), []).append(
+            {"prompt": prompt, "chosen": [{"role": "assistant", "content": pair["chosen"].strip()}],
+             "rejected": [{"role": "assistant", "content": pair["rejected"].strip()}]})
+    prompts = sorted(by_prompt)
+    random.Random(seed).shuffle(prompts)
+    wanted = eval_prompts + rl_prompts + hh_sft_prompts
+    if len(prompts) - wanted < 2:
+        raise DataError(f"{source}: {len(prompts)} distinct prompts, too few for {eval_prompts} evaluation, "
+                        f"{rl_prompts} RL and {hh_sft_prompts} SFT prompts plus preference pairs")
+    evaluation, rl = prompts[:eval_prompts], prompts[eval_prompts:eval_prompts + rl_prompts]
+    hh_sft, preference = prompts[eval_prompts + rl_prompts:wanted], prompts[wanted:][:pairs]
+
+    sft: list[dict[str, Any]] = []
+    if alpaca:
+        alpaca_rows = read_rows(alpaca)
+        converted = [_alpaca_messages(record, origin) for record, origin in zip(alpaca_rows.records,
+                                                                                alpaca_rows.origins)]
+        usable = [messages for messages in converted if messages is not None]
+        random.Random(seed).shuffle(usable)
+        sft += [{"messages": messages} for messages in usable[:sft_rows]]
+    sft += [{"messages": pair["prompt"] + pair["chosen"]} for key in hh_sft for pair in by_prompt[key][:1]]
+    if not sft:
+        raise DataError("no SFT rows: give --alpaca, or reserve HH prompts for SFT with --hh-sft-prompts")
+
+    files = {
+        "preferences.jsonl": [pair for key in preference for pair in by_prompt[key]],
+        "sft.jsonl": sft,
+        "prompts.jsonl": [{"prompt": json.loads(key)} for key in rl],
+        "eval_prompts.jsonl": [{"prompt": json.loads(key)} for key in evaluation],
+    }
+    with atomic_dir(output_dir) as staging:
+        for name, records in files.items():
+            write_jsonl(staging / name, records)
+    return ChatDataReport(str(source), len(rows), dropped, {name: len(records) for name, records in files.items()},
+                          {name: fingerprint(records) for name, records in files.items()})

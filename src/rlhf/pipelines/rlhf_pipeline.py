@@ -10,7 +10,7 @@ caching and Kubernetes settings come from its `kubeflow` section.
 from collections.abc import Callable
 from typing import Any
 
-from rlhf.config import KubeflowConfig, Params, to_kfp
+from rlhf.config import UNPUBLISHED_IMAGE, ConfigError, KubeflowConfig, Params, to_kfp
 
 SECTIONS = ("demo", "pretrain", "sft", "reward", "ppo", "evaluate", "gates", "registry")
 
@@ -55,11 +55,13 @@ def build_pipeline(params: Params) -> Callable:
     from rlhf.components.definitions import build_components
 
     settings = params.kubeflow
-    ops = build_components(settings.image)
+    # Steps that request an accelerator run the CUDA image; the rest the CPU one.
+    ops = {image: build_components(image) for image in {settings.image, settings.cuda_image} if image}
     defaults = pipeline_arguments(params)
 
     def step(name: str, cached: bool = True, **inputs):
-        return _configure(ops[name](kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, **inputs), name, settings, cached)
+        task = ops[settings.step_image(name)][name](kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, **inputs)
+        return _configure(task, name, settings, cached)
 
     @dsl.pipeline(name=settings.pipeline_name, pipeline_root=settings.pipeline_root,
                   description="RLHF: pretrain, SFT, reward model, PPO, evaluation, gated registration in MLflow")
@@ -94,8 +96,27 @@ def build_pipeline(params: Params) -> Callable:
     return rlhf_pipeline
 
 
-def compile_pipeline(params: Params, package_path: str) -> None:
-    """Writes the pipeline's IR YAML (what Kubeflow runs and `kfp.components.load_component_from_file` loads)."""
+def check_cluster_settings(settings: KubeflowConfig) -> list[str]:
+    """Before a pipeline goes to a cluster: raises ConfigError when its steps would track to pod-local SQLite files;
+    returns warnings (the unpublished default image)."""
+    problem = settings.tracking_problem()
+    if problem:
+        raise ConfigError(f"kubeflow: {problem}; set kubeflow.secret (with MLFLOW_TRACKING_URI), "
+                          "kubeflow.env.MLFLOW_TRACKING_URI or kubeflow.mlflow_integration: true, or allow it with "
+                          "--allow-local-tracking")
+    unpublished_name = UNPUBLISHED_IMAGE.split(":")[0]
+    return [f"kubeflow.{key} is {image}, which no registry has: build and push the image (rlhf image build "
+            f"{'--variant cuda ' if key == 'cuda_image' else ''}--tag REGISTRY/rlhf-pipeline:TAG --push) and set "
+            f"kubeflow.{key}"
+            for key, image in (("image", settings.image), ("cuda_image", settings.cuda_image))
+            if image and image.split(":")[0] == unpublished_name]
+
+
+def compile_pipeline(params: Params, package_path: str) -> list[str]:
+    """Writes the pipeline's IR YAML (what Kubeflow runs and `kfp.components.load_component_from_file` loads);
+    returns warnings about settings a cluster would not accept."""
     from kfp import compiler
 
+    warnings = check_cluster_settings(params.kubeflow)
     compiler.Compiler().compile(pipeline_func=build_pipeline(params), package_path=package_path)
+    return warnings

@@ -31,30 +31,89 @@ def _task_output(run_folder: Path, task: str, output: str) -> Path | None:
     return path if path.exists() else None
 
 
-def run_local(params: Params, pipeline_root: str | Path = "kfp-local") -> dict[str, Any]:
-    """Runs the whole DAG here; returns the run folder, the gate verdicts and what was registered."""
+# What a step's container inherits from this process: the tracking store and its credentials, S3, the project's
+# own settings, the Hub's. Paths to files on this machine (CA bundles, credential files) are left out.
+FORWARDED_PREFIXES = ("MLFLOW_", "AWS_", "RLHF_", "HF_", "TOKENIZERS_", "DVC_")
+NOT_FORWARDED = {"AWS_CA_BUNDLE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "RLHF_IMAGE_SOURCE"}
+
+
+def _container_environment() -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items()
+           if key.startswith(FORWARDED_PREFIXES) and key not in NOT_FORWARDED}
+    # HOME: the step runs as this machine's user, who may have no home in the image.
+    return env | {"HOME": "/tmp", "RLHF_GIT_COMMIT": tracking.git_commit() or ""}
+
+
+def _docker_runner():
+    """kfp's DockerRunner for steps in the project's image: host network (the tracking server and S3 endpoint
+    answer on this machine's addresses), the project folder at the same path (the sqlite store, data and models that
+    params name), the working directory kept, and this user's uid so that what the steps write stays ours."""
+    import docker
     from kfp import local
 
-    # Every step is a subprocess: give them this process's tracking store (the sqlite default is resolved to an
-    # absolute path here) and experiment.
+    folders = {str(tracking.project_root()), str(Path.cwd().resolve())}
+    outermost = [folder for folder in folders if not any(folder.startswith(other + "/") for other in folders)]
+    mounts = [docker.types.Mount(target=folder, source=folder, type="bind") for folder in sorted(outermost)]
+    return local.DockerRunner(network_mode="host", mounts=mounts, working_dir=str(Path.cwd().resolve()),
+                              user=f"{os.getuid()}:{os.getgid()}")
+
+
+def _unfinished_steps(run_folder: Path, verdicts: dict[str, Any]) -> list[str]:
+    """Steps that should have run but did not finish. kfp writes a task's executor_output.json when its function
+    returns; DockerRunner reports success for a container that exited before it could read the status, so the
+    outputs, not the runner, say whether a step ran."""
+    expected = ["data", "pretrain", "sft", "reward", "gate-reward"]
+    if (verdicts.get("reward") or {}).get("passed"):
+        expected += ["ppo", "evaluate", "gate-evaluation"]
+    if (verdicts.get("evaluation") or {}).get("passed"):
+        expected += ["register"]
+    return [step for step in expected if not (run_folder / step / "executor_output.json").exists()]
+
+
+def run_local(params: Params, pipeline_root: str | Path = "kfp-local", image: str | None = None) -> dict[str, Any]:
+    """Runs the whole DAG here, each step a subprocess of this Python or, with `image`, a container of that image
+    (podman or docker); returns the run folder, the gate verdicts and what was registered."""
+    from kfp import local
+
+    from rlhf.image import docker_api
+
+    # Every step gets this process's tracking store (the sqlite default resolved to an absolute path here) and
+    # experiment: subprocesses inherit it; containers get it as task environment.
     os.environ["MLFLOW_TRACKING_URI"] = tracking.tracking_uri()
     root = Path(pipeline_root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     before = set(root.iterdir())
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
-    pipeline = build_pipeline(params)
-    with warnings.catch_warnings():
-        # The local runner warns about any image without "python" in its name; here no image is used.
-        warnings.filterwarnings("ignore", message=".*non-Python base image.*")
-        try:
-            pipeline(**pipeline_arguments(params))
-        except RuntimeError as exc:
-            raise PipelineError(f"local pipeline run failed: {exc}".splitlines()[0]) from None
-    run_folder = max(set(root.iterdir()) - before, key=lambda folder: folder.stat().st_mtime)
+    if image:
+        kubeflow = params.kubeflow.model_copy(update={"image": image,
+                                                      "env": params.kubeflow.env | _container_environment()})
+        params = params.model_copy(update={"kubeflow": kubeflow})
+    with docker_api() if image else contextlib.nullcontext():
+        runner = _docker_runner() if image else local.SubprocessRunner(use_venv=False)
+        local.init(runner=runner, pipeline_root=str(root), raise_on_error=True)
+        pipeline = build_pipeline(params)
+        failure = None
+        with warnings.catch_warnings():
+            # The local runner warns about any image without "python" in its name.
+            warnings.filterwarnings("ignore", message=".*non-Python base image.*")
+            try:
+                pipeline(**pipeline_arguments(params))
+            except (RuntimeError, ValueError) as exc:
+                # kfp raises RuntimeError for a failed task, ValueError when a later task asks for its outputs.
+                failure = f"local pipeline run failed: {exc}".splitlines()[0]
+    new_folders = set(root.iterdir()) - before
+    if not new_folders:
+        raise PipelineError(failure or f"the local runner wrote no run folder under {root}")
+    run_folder = max(new_folders, key=lambda folder: folder.stat().st_mtime)
     verdicts = {}
     for gate in ("reward", "evaluation"):
         verdict = _task_output(run_folder, f"gate-{gate}", "verdict")
         verdicts[gate] = json.loads(verdict.read_text()) if verdict else None
+    unfinished = _unfinished_steps(run_folder, verdicts)
+    if unfinished:
+        where = f" in {image}" if image else ""
+        raise PipelineError(f"step {unfinished[0]} did not finish{where} (see its log above): {run_folder}")
+    if failure:
+        raise PipelineError(failure)
     registered = _task_output(run_folder, "register", "registered")
     return {"run_folder": str(run_folder), "verdicts": verdicts,
             "registered": json.loads(registered.read_text()) if registered else None}

@@ -156,8 +156,9 @@ def first_true_indices(flags: torch.Tensor) -> torch.Tensor:
     return torch.where(flags, positions, torch.full_like(positions, length)).min(dim=-1).values
 
 
-def response_mask(responses: torch.Tensor, eos_token_id: int) -> torch.Tensor:
-    """1 for every response token up to and including the first EOS, 0 after it (padding or sampled junk)."""
-    end = first_true_indices(responses == eos_token_id)
+def response_mask(responses: torch.Tensor, stop_ids: int | list[int]) -> torch.Tensor:
+    """1 for every response token up to and including the first stop token (EOS), 0 after it (padding or junk)."""
+    stops = torch.tensor([stop_ids] if isinstance(stop_ids, int) else stop_ids, device=responses.device)
+    end = first_true_indices(torch.isin(responses, stops))
     positions = torch.arange(responses.shape[1], device=responses.device).expand_as(responses)
     return (positions <= end.unsqueeze(1)).float()

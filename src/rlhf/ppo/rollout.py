@@ -1,7 +1,7 @@
-"""Rollouts: sample responses with a KV cache, mask everything after the first EOS, and score them.
+"""Rollouts: sample responses with a KV cache, mask everything after the first stop token, and score them.
 
 The reward model may use its own tokenizer: responses are decoded to text and re-encoded for it, exactly as its
-training pairs were built (prompt + answer + EOS).
+training pairs were built (`rlhf.chat.reward_text`: prompt + answer + EOS, or the chat template's rendering).
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from rlhf.chat import Prompt, reward_text
+from rlhf.modeling import uses_chat_template
 from rlhf.ppo.core import logprobs_from_logits, response_mask
 
 
@@ -75,6 +77,21 @@ def sequence_logprobs(model_output_logits, context_length: int, responses, tempe
     return logits, logprobs_from_logits(logits, responses)
 
 
+def with_model_sampling(cfg, model):
+    """`cfg` with its null sampling keys (temperature, top_k, top_p) taken from the model's generation_config, or
+    plain sampling (1.0, off, off) where that sets nothing. PPO's log-probs use the resolved temperature, so sampling
+    and the loss agree; the config's other processors (repetition penalty...) are not applied, for the same reason."""
+    defaults = {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
+    generation = getattr(model, "generation_config", None)
+    resolved = {}
+    for key, default in defaults.items():
+        value = getattr(cfg, key)
+        if value is None:
+            value = getattr(generation, key, None) if generation is not None else None
+        resolved[key] = default if value is None else value
+    return cfg.model_copy(update=resolved)
+
+
 @dataclass
 class Samples:
     queries: torch.Tensor  # (batch, query_len), left-padded
@@ -87,8 +104,12 @@ class Samples:
 
 
 @torch.no_grad()
-def generate(policy, tokenizer, prompts: list[str], cfg, device) -> Samples:
-    """Batched sampling with a KV cache (`generate`), left padding, stopping at EOS."""
+def generate(policy, tokenizer, prompts: list[str], cfg, device, stop_ids: list[int] | None = None) -> Samples:
+    """Batched sampling with a KV cache (`generate`), left padding, stopping at EOS (or any of `stop_ids`).
+
+    `cfg` gives max_new_tokens, temperature, top_k and top_p (see `with_model_sampling`). Prompts are text already
+    formatted for the policy (`rlhf.chat.format_prompt`); they carry their own special tokens."""
+    stop_ids = stop_ids or [tokenizer.eos_token_id]
     encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
     output = policy.generate(
         input_ids=encoded["input_ids"],
@@ -98,21 +119,27 @@ def generate(policy, tokenizer, prompts: list[str], cfg, device) -> Samples:
         temperature=cfg.temperature,
         top_k=cfg.top_k,
         top_p=cfg.top_p,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=stop_ids,
         pad_token_id=tokenizer.pad_token_id,
         use_cache=True,
     )
     responses = output[:, encoded["input_ids"].shape[1] :]
-    mask = response_mask(responses, tokenizer.eos_token_id)
+    mask = response_mask(responses, stop_ids)
+    # With pad == EOS (most chat models) the padding after the answer is EOS too; the mask, not the token, says
+    # where the answer ends, and the EOS that ends it stays inside the mask.
+    ends_with_eos = (torch.isin(responses, torch.tensor(stop_ids, device=responses.device)) & (mask == 1)).any(dim=1)
     responses = responses.masked_fill(mask == 0, tokenizer.pad_token_id)
-    ends_with_eos = (responses == tokenizer.eos_token_id).any(dim=1)
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
     return Samples(encoded["input_ids"], encoded["attention_mask"], responses, mask, prompts, texts, ends_with_eos)
 
 
 @torch.no_grad()
-def score(reward_model, reward_tokenizer, prompts: list[str], responses: list[str], device) -> torch.Tensor:
-    """Reward-model scores of prompt + response, re-encoded with the reward model's own tokenizer."""
-    texts = [prompt + response + reward_tokenizer.eos_token for prompt, response in zip(prompts, responses)]
-    encoded = reward_tokenizer(texts, return_tensors="pt", padding=True).to(device)
+def score(reward_model, reward_tokenizer, prompts: list[Prompt], responses: list, device) -> torch.Tensor:
+    """Reward-model scores of (prompt, response) pairs, rendered and encoded as the reward model's training pairs
+    were (`rlhf.chat.reward_text`), with its own tokenizer. Prompts are the raw ones (text or messages)."""
+    texts = [reward_text(prompt, response, reward_tokenizer) for prompt, response in zip(prompts, responses)]
+    # As in TRL's RewardTrainer: plain text is tokenized with the tokenizer's special tokens (BOS); a chat template's
+    # rendering already holds its own.
+    plain = isinstance(prompts[0], str) and not uses_chat_template(reward_tokenizer)
+    encoded = reward_tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=plain).to(device)
     return reward_model(**encoded).logits.squeeze(-1).float()

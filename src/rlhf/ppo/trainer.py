@@ -16,9 +16,11 @@ from pathlib import Path
 
 import torch
 
+from rlhf.chat import Prompt, format_prompt
 from rlhf.config import PPOConfig
+from rlhf.modeling import stop_token_ids
 from rlhf.ppo import core
-from rlhf.ppo.rollout import PolicyAndValue, generate, join, score, sequence_logprobs
+from rlhf.ppo.rollout import PolicyAndValue, generate, join, score, sequence_logprobs, with_model_sampling
 from rlhf.storage import mirror_checkpoint, restore_checkpoint
 
 # TRL's PPO metric names, so users of TRL (and of the seed tutorial) recognise them.
@@ -47,14 +49,17 @@ class Progress:
 
 class PPOTrainer:
     def __init__(self, cfg: PPOConfig, policy, reference, critic, reward_model, tokenizer, reward_tokenizer,
-                 prompts: list[str], checkpoint_dir: Path, accelerator) -> None:
+                 prompts: list[Prompt], checkpoint_dir: Path, accelerator) -> None:
         from transformers import get_scheduler
 
+        cfg = with_model_sampling(cfg, policy)  # null temperature/top_k/top_p: the policy's generation_config
         self.cfg = cfg
         self.accelerator = accelerator
         self.tokenizer = tokenizer
         self.reward_tokenizer = reward_tokenizer
-        self.prompts = prompts
+        self.prompts = prompts  # as in the data (text or messages): the reward model renders them its own way
+        self.queries = [format_prompt(prompt, tokenizer) for prompt in prompts]  # what the policy continues
+        self.stop_ids = stop_token_ids(policy, tokenizer)
         self.checkpoint_dir = checkpoint_dir
         world = accelerator.num_processes
         self.num_steps = max(1, cfg.total_episodes // (cfg.rollout_batch_size * world))
@@ -87,9 +92,9 @@ class PPOTrainer:
     def policy(self):
         return self.accelerator.unwrap_model(self.model).policy
 
-    def _prompt_batch(self, step: int) -> list[str]:
-        """This process's prompts for `step`: a seeded permutation per pass over the data, so a resumed run draws
-        exactly the prompts the uninterrupted run would have."""
+    def _prompt_batch(self, step: int) -> list[int]:
+        """This process's prompt indices for `step`: a seeded permutation per pass over the data, so a resumed run
+        draws exactly the prompts the uninterrupted run would have."""
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
         per_step = self.cfg.rollout_batch_size * world
         start = step * per_step
@@ -100,8 +105,7 @@ class PPOTrainer:
             order.extend(torch.randperm(len(self.prompts), generator=generator).tolist())
             epoch += 1
         offset = start % len(self.prompts)
-        indices = order[offset : offset + per_step][rank::world]
-        return [self.prompts[i] for i in indices]
+        return order[offset : offset + per_step][rank::world]
 
     def reference_logits(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
         if self.reference is not None:
@@ -116,10 +120,11 @@ class PPOTrainer:
     # -- one PPO step ---------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def rollout(self, prompts: list[str]) -> dict:
+    def rollout(self, indices: list[int]) -> dict:
         cfg, device = self.cfg, self.accelerator.device
         self.model.eval()
-        samples = generate(self.policy, self.tokenizer, prompts, cfg, device)
+        samples = generate(self.policy, self.tokenizer, [self.queries[i] for i in indices], cfg, device,
+                           self.stop_ids)
         context = samples.queries.shape[1]
         input_ids, attention_mask, position_ids = join(samples.queries, samples.query_mask, samples.responses,
                                                        samples.mask)
@@ -127,17 +132,18 @@ class PPOTrainer:
         logprobs = sequence_logprobs(logits, context, samples.responses, cfg.temperature)[1]
         ref_logits = self.reference_logits(input_ids, attention_mask, position_ids)
         ref_logprobs = sequence_logprobs(ref_logits, context, samples.responses, cfg.temperature)[1]
-        scores = score(self.reward_model, self.reward_tokenizer, prompts, samples.texts, device)
+        scores = score(self.reward_model, self.reward_tokenizer, [self.prompts[i] for i in indices], samples.texts,
+                       device)
         if cfg.missing_eos_penalty is not None:
             scores = scores - cfg.missing_eos_penalty * (~samples.ends_with_eos).float()
         mask = samples.mask
         return dict(samples=samples, context=context, logprobs=logprobs * mask, ref_logprobs=ref_logprobs * mask,
                     values=values[:, context - 1 : -1].float() * mask, scores=scores, mask=mask)
 
-    def step(self, prompts: list[str]) -> dict[str, float]:
+    def step(self, indices: list[int]) -> dict[str, float]:
         cfg, accelerator = self.cfg, self.accelerator
         started = time.perf_counter()
-        batch = self.rollout(prompts)
+        batch = self.rollout(indices)
         rollout_seconds = time.perf_counter() - started
         mask, samples = batch["mask"], batch["samples"]
 
@@ -154,8 +160,8 @@ class PPOTrainer:
         micro = cfg.mini_batch_size // cfg.gradient_accumulation_steps
         input_ids, attention_mask, position_ids = join(samples.queries, samples.query_mask, samples.responses, mask)
         for _ in range(cfg.ppo_epochs):
-            order = torch.randperm(len(prompts))
-            for start in range(0, len(prompts), cfg.mini_batch_size):
+            order = torch.randperm(len(indices))
+            for start in range(0, len(indices), cfg.mini_batch_size):
                 for micro_start in range(start, start + cfg.mini_batch_size, micro):
                     index = order[micro_start : micro_start + micro]
                     with accelerator.accumulate(self.model), accelerator.autocast():
@@ -207,7 +213,7 @@ class PPOTrainer:
             "tokens_per_second": tokens / (rollout_seconds + update_seconds),
         }
         metrics |= {key: self._mean(torch.stack(values).mean()) for key, values in stats.items()}
-        self.last_samples = (prompts, samples.texts, batch["scores"].tolist())
+        self.last_samples = ([self.queries[i] for i in indices], samples.texts, batch["scores"].tolist())
         return metrics
 
     # -- checkpoints ----------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from rlhf import tracking
-from rlhf.config import TrainingParams, config_hash
+from rlhf.config import LoraParams, TrainingParams, config_hash
 from rlhf.storage import (
     atomic_dir,
     checkpoints_root,
@@ -61,8 +61,21 @@ def folder_signature(path: str | None) -> str:
     return digest.hexdigest()[:8]
 
 
+def lora_config(lora: LoraParams, task_type: str = "CAUSAL_LM"):
+    """PEFT's LoraConfig for a stage's `lora` section (None when off). For a reward model (SEQ_CLS) PEFT also trains
+    the new scoring head in full."""
+    if not lora.enabled:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                      target_modules=lora.target_modules, task_type=task_type)
+
+
 def training_arguments(cfg: TrainingParams, checkpoints: Path, stage: str) -> dict[str, Any]:
     """Keyword arguments shared by TRL's SFTConfig and RewardConfig (both TrainingArguments)."""
+    import torch
+
     return dict(
         output_dir=str(checkpoints),
         run_name=stage,
@@ -88,6 +101,9 @@ def training_arguments(cfg: TrainingParams, checkpoints: Path, stage: str) -> di
         save_total_limit=1,
         gradient_checkpointing=cfg.gradient_checkpointing,
         bf16=cfg.bf16,
+        # transformers allows bf16 autocast without a GPU only when told to use the CPU (fast where the CPU has
+        # bf16 instructions).
+        use_cpu=cfg.bf16 and not torch.cuda.is_available(),
         # The per-step metrics go to the stage's active MLflow run through transformers' MLflow callback.
         report_to=["mlflow"],
         disable_tqdm=False,
@@ -126,6 +142,14 @@ def train_resuming(trainer, checkpoints: Path) -> dict[str, float]:
     if last:
         print(f"Resuming from checkpoint {last}")
     return trainer.train(resume_from_checkpoint=str(last) if last else None).metrics
+
+
+def final_evaluation(trainer) -> dict[str, float]:
+    """The held-out metrics of the trained model. The trainer evaluates once more at its last step (step-based
+    evaluation), so those are taken from its log rather than computed again (minutes, on a real model)."""
+    last = trainer.state.global_step
+    logged = [entry for entry in trainer.state.log_history if entry.get("step") == last and "eval_loss" in entry]
+    return dict(logged[-1]) if logged else trainer.evaluate()
 
 
 def report_dropped_examples(trainer, rows: int) -> dict[str, float]:

@@ -16,8 +16,8 @@ from rlhf import tracking
 from rlhf.annotators import get_annotator
 from rlhf.config import ConfigError, EvaluateConfig, config_hash, flatten
 from rlhf.data.formats import load_dataset, split
-from rlhf.evaluation import compare, pairwise_accuracy, prompt_texts, sample_and_score
-from rlhf.modeling import load_causal_lm, load_reward_model, load_tokenizer
+from rlhf.evaluation import compare, pairwise_accuracy, sample_and_score
+from rlhf.modeling import load_causal_lm, load_reward_model, load_tokenizer, require_reward_model, resolve
 from rlhf.report import write_report
 from rlhf.stages.common import StageResult
 from rlhf.stages.ppo import HISTORY_FILE
@@ -25,31 +25,37 @@ from rlhf.storage import atomic_dir, fetch, write_json
 
 
 def run(cfg: EvaluateConfig) -> StageResult:
-    import torch
-    from transformers import set_seed
-
-    set_seed(cfg.seed)
     eval_prompts, prompts_fingerprint = load_dataset(cfg.eval_prompts, "prompts")
     preferences, preferences_fingerprint = load_dataset(cfg.preferences, "preference")
     held_out_pairs = split(preferences, cfg.preferences_eval_fraction, cfg.preferences_seed)[1]
     annotator = get_annotator(cfg.gold_annotator)
-    tokenizer = load_tokenizer(cfg.policy_model)
+    # Models that are not here, or a causal LM given as the reward model, fail now: before any model loads.
+    resolve(cfg.policy_model, "evaluate.policy_model")
+    resolve(cfg.sft_model, "evaluate.sft_model")
+    require_reward_model(cfg.reward_model, "evaluate.reward_model", cfg.trust_remote_code)
+    import torch
+    from transformers import set_seed
+
+    set_seed(cfg.seed)
+    loading = {"dtype": cfg.dtype, "trust_remote_code": cfg.trust_remote_code}
+    tokenizer = load_tokenizer(cfg.policy_model, "evaluate.policy_model", cfg.trust_remote_code)
     tokenizer.padding_side = "left"  # generation continues from the right end of every prompt
-    if load_tokenizer(cfg.sft_model).get_vocab() != tokenizer.get_vocab():
+    if load_tokenizer(cfg.sft_model, "evaluate.sft_model", cfg.trust_remote_code).get_vocab() != tokenizer.get_vocab():
         raise ConfigError("evaluate.sft_model: its tokenizer differs from the policy's, so KL cannot be measured")
-    reward_tokenizer = load_tokenizer(cfg.reward_model)
+    reward_tokenizer = load_tokenizer(cfg.reward_model, "evaluate.reward_model", cfg.trust_remote_code)
     reward_tokenizer.padding_side = "right"
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    policy = load_causal_lm(cfg.policy_model, tokenizer).to(device).eval()
-    sft = load_causal_lm(cfg.sft_model, tokenizer).to(device).eval()
-    reward_model = load_reward_model(cfg.reward_model, reward_tokenizer).to(device).eval()
+    policy = load_causal_lm(cfg.policy_model, tokenizer, "evaluate.policy_model", **loading).to(device).eval()
+    sft = load_causal_lm(cfg.sft_model, tokenizer, "evaluate.sft_model", **loading).to(device).eval()
+    reward_model = load_reward_model(cfg.reward_model, reward_tokenizer, "evaluate.reward_model",
+                                     **loading).to(device).eval()
     history_file = Path(fetch(cfg.policy_model)) / HISTORY_FILE
     history = json.loads(history_file.read_text()) if history_file.is_file() else []
 
     def sft_logits(ids, attention, positions):
         return sft(input_ids=ids, attention_mask=attention, position_ids=positions).logits
 
-    prompts = prompt_texts(eval_prompts, tokenizer)
+    prompts = eval_prompts["prompt"]
 
     def answers(model) -> list[dict]:
         return sample_and_score(model, sft_logits, tokenizer, reward_model, reward_tokenizer, prompts, cfg,

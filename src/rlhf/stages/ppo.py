@@ -11,49 +11,53 @@ from rlhf import tracking
 from rlhf.annotators import get_annotator
 from rlhf.config import ConfigError, PPOConfig, config_hash, flatten
 from rlhf.data.formats import load_dataset
-from rlhf.evaluation import compare, prompt_texts, sample_and_score
-from rlhf.modeling import load_causal_lm, load_reward_model, load_tokenizer
+from rlhf.evaluation import compare, sample_and_score
+from rlhf.modeling import load_causal_lm, load_reward_model, load_tokenizer, require_reward_model, resolve
 from rlhf.ppo.rollout import Critic
 from rlhf.ppo.trainer import PPOTrainer, frozen_copy
-from rlhf.stages.common import StageResult, checkpoint_dir, finish, save_model
-from rlhf.stages.sft import lora_config
+from rlhf.stages.common import StageResult, checkpoint_dir, finish, lora_config, save_model
 
 HISTORY_FILE = "training_history.json"
 
 
 def run(cfg: PPOConfig) -> StageResult:
+    prompts, prompts_fingerprint = load_dataset(cfg.prompts, "prompts")
+    eval_prompts, eval_fingerprint = load_dataset(cfg.eval_prompts, "prompts")
+    get_annotator(cfg.gold_annotator)  # fail now, not after training, on a scorer that cannot be loaded
+    # Models that are not here, or a causal LM given as the reward model, fail now: before the heavy imports.
+    resolve(cfg.policy_model, "ppo.policy_model")
+    require_reward_model(cfg.reward_model, "ppo.reward_model", cfg.trust_remote_code)
     from accelerate import Accelerator
     from transformers import set_seed
 
     accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                               mixed_precision="bf16" if cfg.bf16 else "no")
     set_seed(cfg.seed)
-    prompts, prompts_fingerprint = load_dataset(cfg.prompts, "prompts")
-    eval_prompts, eval_fingerprint = load_dataset(cfg.eval_prompts, "prompts")
-    get_annotator(cfg.gold_annotator)  # fail now, not after training, on a scorer that cannot be loaded
-    tokenizer = load_tokenizer(cfg.policy_model)
+    loading = {"dtype": cfg.dtype, "trust_remote_code": cfg.trust_remote_code}
+    tokenizer = load_tokenizer(cfg.policy_model, "ppo.policy_model", cfg.trust_remote_code)
     tokenizer.padding_side = "left"  # generation continues from the right end of every prompt
-    reward_tokenizer = load_tokenizer(cfg.reward_model)
+    reward_tokenizer = load_tokenizer(cfg.reward_model, "ppo.reward_model", cfg.trust_remote_code)
     reward_tokenizer.padding_side = "right"
     if cfg.value_model == "reward" and tokenizer.get_vocab() != reward_tokenizer.get_vocab():
         raise ConfigError("ppo.value_model: 'reward' needs the reward model to share the policy's tokenizer; "
                           "use 'policy_head'")
 
-    policy = load_causal_lm(cfg.policy_model, tokenizer)
+    policy = load_causal_lm(cfg.policy_model, tokenizer, "ppo.policy_model", **loading)
     reference = None if cfg.lora.enabled else frozen_copy(policy)
     if cfg.lora.enabled:
         from peft import get_peft_model
 
-        policy = get_peft_model(policy, lora_config(cfg))
-    reward_model = load_reward_model(cfg.reward_model, reward_tokenizer).requires_grad_(False)
-    critic = Critic(load_reward_model(cfg.reward_model, reward_tokenizer)) if cfg.value_model == "reward" else None
+        policy = get_peft_model(policy, lora_config(cfg.lora))
+    reward_model = load_reward_model(cfg.reward_model, reward_tokenizer, "ppo.reward_model",
+                                     **loading).requires_grad_(False)
+    critic = _critic(cfg, reward_tokenizer, loading) if cfg.value_model == "reward" else None
     checkpoints = checkpoint_dir("ppo", cfg, prompts_fingerprint, cfg.policy_model, cfg.reward_model)
 
     with tracking.stage_run("ppo", flatten(cfg, "ppo")):
         tracking.log_dataset(prompts, "prompts", cfg.prompts, prompts_fingerprint, context="training")
         tracking.log_dataset(eval_prompts, "eval_prompts", cfg.eval_prompts, eval_fingerprint, context="evaluation")
         trainer = PPOTrainer(cfg, policy, reference, critic, reward_model, tokenizer, reward_tokenizer,
-                             prompt_texts(prompts, tokenizer), checkpoints, accelerator)
+                             prompts["prompt"], checkpoints, accelerator)
 
         def on_step(step: int, metrics: dict[str, float], trainer: PPOTrainer) -> None:
             if step % cfg.logging_steps == 0:
@@ -72,8 +76,8 @@ def run(cfg: PPOConfig) -> StageResult:
         timings = ("step", "time/rollout", "time/update", "tokens_per_second")
         metrics = {key: value for key, value in history[-1].items() if key not in timings} if history else {}
         if accelerator.is_main_process:
-            metrics |= _compare_on_held_out(cfg, trainer, tokenizer, reward_tokenizer,
-                                            prompt_texts(eval_prompts, tokenizer), accelerator.device)
+            metrics |= _compare_on_held_out(cfg, trainer, tokenizer, reward_tokenizer, eval_prompts["prompt"],
+                                            accelerator.device)
             tracking.log_metrics(metrics)
         accelerator.wait_for_everyone()
         policy = trainer.policy.merge_and_unload() if cfg.lora.enabled else trainer.policy
@@ -86,6 +90,17 @@ def run(cfg: PPOConfig) -> StageResult:
     return StageResult(metrics, history, cfg.output_dir, curves)
 
 
+def _critic(cfg: PPOConfig, reward_tokenizer, loading: dict) -> Critic:
+    """The critic, from the reward model; with LoRA it trains adapters on the backbone and its head in full, like
+    the policy, so memory stays near one frozen copy of each model."""
+    classifier = load_reward_model(cfg.reward_model, reward_tokenizer, "ppo.reward_model", **loading)
+    if cfg.lora.enabled:
+        from peft import get_peft_model
+
+        classifier = get_peft_model(classifier, lora_config(cfg.lora, "SEQ_CLS")).base_model.model
+    return Critic(classifier)
+
+
 def _compare_on_held_out(cfg, trainer: PPOTrainer, tokenizer, reward_tokenizer, prompts, device) -> dict[str, float]:
     """The policy against the SFT model on held-out prompts, sampled with the same seed (`eval/…` metrics)."""
     annotator = get_annotator(cfg.gold_annotator)
@@ -93,7 +108,7 @@ def _compare_on_held_out(cfg, trainer: PPOTrainer, tokenizer, reward_tokenizer, 
 
     def answers(model) -> list[dict]:
         return sample_and_score(model, trainer.reference_logits, tokenizer, trainer.reward_model, reward_tokenizer,
-                                prompts, cfg, cfg.eval_batch_size, annotator, device)
+                                prompts, trainer.cfg, cfg.eval_batch_size, annotator, device)
 
     policy_rows = answers(policy)
     if trainer.reference is not None:

@@ -11,10 +11,18 @@ from __future__ import annotations
 from rlhf import tracking
 from rlhf.config import PretrainConfig, config_hash, flatten
 from rlhf.data.formats import load_dataset, split
-from rlhf.modeling import build_causal_lm, count_parameters, load_causal_lm, load_tokenizer, train_tokenizer
+from rlhf.modeling import (
+    build_causal_lm,
+    count_parameters,
+    load_causal_lm,
+    load_tokenizer,
+    resolve,
+    train_tokenizer,
+)
 from rlhf.stages.common import (
     StageResult,
     checkpoint_dir,
+    final_evaluation,
     finish,
     loss_history,
     perplexity,
@@ -25,17 +33,21 @@ from rlhf.stages.common import (
 
 
 def run(cfg: PretrainConfig) -> StageResult:
+    if cfg.base_model:
+        resolve(cfg.base_model, "pretrain.base_model")  # a model that is not here fails now, not after the imports
     from transformers import set_seed
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
 
     set_seed(cfg.seed)
+    if cfg.base_model:
+        tokenizer = load_tokenizer(cfg.base_model, "pretrain.base_model", cfg.trust_remote_code)
+        model = load_causal_lm(cfg.base_model, tokenizer, "pretrain.base_model", cfg.dtype, cfg.trust_remote_code)
     if not cfg.enabled:
         with tracking.stage_run("pretrain", flatten(cfg, "pretrain")):
-            tokenizer = load_tokenizer(cfg.base_model)
-            save_model(load_causal_lm(cfg.base_model, tokenizer), tokenizer, cfg.output_dir,
-                       tracking.provenance("pretrain", config_hash(cfg), {}))
-        return StageResult({"skipped": 1.0}, [], cfg.output_dir)
+            tracking.log_metrics({"model_parameters": count_parameters(model), "vocab_size": len(tokenizer)})
+            save_model(model, tokenizer, cfg.output_dir, tracking.provenance("pretrain", config_hash(cfg), {}))
+        return StageResult({"skipped": 1.0, "parameters": float(count_parameters(model))}, [], cfg.output_dir)
 
     corpus, fingerprint = load_dataset(cfg.corpus, "text")
     train, held_out = split(corpus, cfg.eval_fraction, cfg.seed)
@@ -44,10 +56,7 @@ def run(cfg: PretrainConfig) -> StageResult:
     with tracking.stage_run("pretrain", flatten(cfg, "pretrain")):
         tracking.log_dataset(train, "corpus", cfg.corpus, fingerprint, context="training")
         tracking.log_dataset(held_out, "corpus", cfg.corpus, fingerprint, context="evaluation")
-        if cfg.base_model:
-            tokenizer = load_tokenizer(cfg.base_model)
-            model = load_causal_lm(cfg.base_model, tokenizer)
-        else:
+        if not cfg.base_model:
             # Trained on the training split only, so the held-out perplexity is honest. Deterministic for a corpus.
             tokenizer = train_tokenizer(train["text"], cfg.tokenizer)
             model = build_causal_lm(tokenizer, cfg.architecture)
@@ -62,7 +71,7 @@ def run(cfg: PretrainConfig) -> StageResult:
             model=model, args=args, train_dataset=train, eval_dataset=held_out, processing_class=tokenizer
         )
         train_metrics = train_resuming(trainer, checkpoints)
-        eval_loss = trainer.evaluate()["eval_loss"]
+        eval_loss = final_evaluation(trainer)["eval_loss"]
         metrics = {
             "train_loss": train_metrics["train_loss"],
             "eval_loss": eval_loss,

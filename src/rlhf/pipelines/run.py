@@ -84,7 +84,8 @@ def run_local(params: Params, pipeline_root: str | Path = "kfp-local", image: st
     root.mkdir(parents=True, exist_ok=True)
     before = set(root.iterdir())
     if image:
-        kubeflow = params.kubeflow.model_copy(update={"image": image,
+        # Locally every step runs the one image, GPU steps included.
+        kubeflow = params.kubeflow.model_copy(update={"image": image, "cuda_image": image,
                                                       "env": params.kubeflow.env | _container_environment()})
         params = params.model_copy(update={"kubeflow": kubeflow})
     with docker_api() if image else contextlib.nullcontext():

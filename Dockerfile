@@ -1,6 +1,6 @@
 # One image for every pipeline component: Kubeflow runs each step in it with the step's own command, so the image
 # has no ENTRYPOINT (KFP's `sh -c …` would become arguments to it). Build it with `rlhf image build`, which tags it by
-# the content of the build context (see README, "The container image"); by hand:
+# the content of the build context (see docs/deployment.md, "The container image"); by hand:
 #   docker build -t REGISTRY/rlhf-pipeline:TAG .                                       # CPU PyTorch (default)
 #   docker build --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 -t REGISTRY/rlhf-pipeline:TAG-cuda .
 # PyTorch's CUDA wheels carry their CUDA libraries, so one slim base serves both; the GPU node supplies the driver.

@@ -24,8 +24,10 @@ from pathlib import Path
 
 import yaml
 
+from rlhf.stages import STEPS
+
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("pretrain", "sft", "reward", "gate_reward", "ppo", "evaluate", "gate_evaluation", "register")
+STAGES = tuple(step.name for step in STEPS if step.kind != "data")  # dvc.yaml's stages, in order
 METRICS = ("pretrain", "sft", "reward", "ppo", "evaluate")
 
 

@@ -150,7 +150,7 @@ def generation_speed(workdir: Path, params, device: str) -> float:
     from rlhf.chat import format_prompt
     from rlhf.data.formats import load_dataset
     from rlhf.modeling import load_causal_lm, load_tokenizer, stop_token_ids
-    from rlhf.ppo.rollout import generate, with_model_sampling
+    from rlhf.sampling import generate, with_model_sampling
 
     cfg = params.evaluate
     tokenizer = load_tokenizer(str(workdir / cfg.sft_model))

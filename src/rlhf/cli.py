@@ -11,12 +11,12 @@ import argparse
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from pathlib import Path
 
-from rlhf.config import ConfigError, Params, load_params
+from rlhf.config import ConfigError, load_params
 from rlhf.data.io import DataError
-
-STAGES = ("pretrain", "sft", "reward", "ppo", "evaluate")
+from rlhf.stages import GATES, STAGES, step
 
 
 def _offline_friendly_environment() -> None:
@@ -42,20 +42,12 @@ def _add_params_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _stage_runner(stage: str) -> Callable[[Params], object]:
-    import importlib
-
-    # Only the stage that runs is imported: a bad input should fail before the other stages' libraries load.
-    module = importlib.import_module(f"rlhf.stages.{stage}")
-    return lambda params: module.run(getattr(params, stage))
-
-
 def _cmd_stage(args: argparse.Namespace) -> None:
     from rlhf.storage import write_json
     from rlhf.tracking import is_main_process
 
-    params = load_params(args.params, args.overrides)
-    result = _stage_runner(args.command)(params)
+    stage = step(args.command)
+    result = stage.run(getattr(load_params(args.params, args.overrides), stage.section))
     if not is_main_process():  # under `accelerate launch`, rank 0 writes the files DVC reads
         return
     metrics_file = args.metrics or f"metrics/{args.command}.json"
@@ -112,6 +104,13 @@ def _cmd_lineage(args: argparse.Namespace) -> None:
 def _cmd_pipeline(args: argparse.Namespace) -> None:
     from rlhf.pipelines import rlhf_pipeline, run
 
+    if args.pipeline_command == "export":
+        from rlhf.storage import project_root
+
+        root = project_root()
+        for path in rlhf_pipeline.export(root, Path(args.output_dir) if args.output_dir else root):
+            print(f"wrote {path}")
+        return
     params = load_params(args.params, args.overrides)
     if getattr(args, "allow_local_tracking", False):
         params = params.model_copy(update={"kubeflow": params.kubeflow.model_copy(
@@ -223,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
         stage_parser.set_defaults(handler=_cmd_stage)
 
     gate = commands.add_parser("gate", help="check a gate's thresholds; exit 1 if it fails")
-    gate.add_argument("gate", choices=["reward", "evaluation"])
+    gate.add_argument("gate", choices=GATES)
     _add_params_options(gate)
     gate.set_defaults(handler=_cmd_gate)
 
@@ -251,6 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline_commands = pipeline.add_subparsers(dest="pipeline_command", required=True)
     compile_parser = pipeline_commands.add_parser("compile", help="write the pipeline's IR YAML")
     compile_parser.add_argument("-o", "--output", default="rlhf_pipeline.yaml")
+    export_parser = pipeline_commands.add_parser(
+        "export", help="compile the committed YAMLs: components/<step>.yaml, pipelines/rlhf_pipeline.yaml (params.yaml) "
+                       "and pipelines/<recipe>.yaml (recipes/)")
+    export_parser.add_argument("--output-dir", help="where components/ and pipelines/ go (default: the checkout)")
     run_parser = pipeline_commands.add_parser("run", help="run the whole DAG with kfp's local runner")
     run_parser.add_argument("--local", action="store_true", help="on this machine (the only mode here)")
     run_parser.add_argument("--root", default="kfp-local", help="where task outputs go (default: kfp-local)")

@@ -15,6 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from rlhf.stages import STEP_NAMES
+
 
 class ConfigError(ValueError):
     """A params file or override that cannot be used; the message names the file and key."""
@@ -277,9 +279,6 @@ class RegistryConfig(Section):
         return self
 
 
-STEPS = ("data", "pretrain", "sft", "reward", "gate_reward", "ppo", "evaluate", "gate_evaluation", "register")
-
-
 class ResourceParams(Section):
     """Kubernetes resources of one component (limits). Unset: the cluster's defaults."""
 
@@ -331,9 +330,9 @@ class KubeflowConfig(Section):
 
     @model_validator(mode="after")
     def _known_steps(self) -> "KubeflowConfig":
-        unknown = set(self.resources) - {*STEPS, "default"}
+        unknown = set(self.resources) - {*STEP_NAMES, "default"}
         if unknown:
-            raise ValueError(f"resources: unknown step(s) {sorted(unknown)}; steps are {', '.join(STEPS)}")
+            raise ValueError(f"resources: unknown step(s) {sorted(unknown)}; steps are {', '.join(STEP_NAMES)}")
         gpu_steps = [step for step in self.resources if self.resources[step].accelerator_type]
         if gpu_steps and not self.cuda_image:
             raise ValueError(f"resources.{gpu_steps[0]} requests {self.resources[gpu_steps[0]].accelerator_type} but "

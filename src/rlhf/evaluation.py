@@ -8,18 +8,18 @@ Summaries and the policy-vs-SFT comparison (gains, win rates) are computed from 
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from rlhf.chat import Prompt, display, format_prompt
 from rlhf.modeling import stop_token_ids
-from rlhf.ppo.rollout import generate, join, score, sequence_logprobs, with_model_sampling
+from rlhf.sampling import ReferenceLogits, rollout, score, with_model_sampling
 
 
 @torch.no_grad()
-def sample_and_score(policy, reference_logits: Callable, tokenizer, reward_model, reward_tokenizer,
+def sample_and_score(policy, reference_logits: ReferenceLogits, tokenizer, reward_model, reward_tokenizer,
                      prompts: Sequence[Prompt], sampling, batch_size: int, annotator, device) -> list[dict[str, Any]]:
     """One sampled answer per prompt (seeded by `sampling.seed`), scored; one row per prompt.
 
@@ -30,19 +30,19 @@ def sample_and_score(policy, reference_logits: Callable, tokenizer, reward_model
     rows: list[dict[str, Any]] = []
     sampling = with_model_sampling(sampling, policy)
     stop_ids = stop_token_ids(policy, tokenizer)
+
+    def forward(input_ids, attention_mask, position_ids):
+        return policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits, None
+
     torch.manual_seed(sampling.seed)
     for start in range(0, len(prompts), batch_size):
         batch = list(prompts[start : start + batch_size])
-        samples = generate(policy, tokenizer, [format_prompt(prompt, tokenizer) for prompt in batch], sampling,
-                           device, stop_ids)
-        context = samples.queries.shape[1]
-        ids, attention, positions = join(samples.queries, samples.query_mask, samples.responses, samples.mask)
-        logits = policy(input_ids=ids, attention_mask=attention, position_ids=positions).logits
-        logprobs = sequence_logprobs(logits, context, samples.responses, sampling.temperature)[1]
-        ref_logprobs = sequence_logprobs(reference_logits(ids, attention, positions), context, samples.responses,
-                                         sampling.temperature)[1]
-        kls = ((logprobs - ref_logprobs) * samples.mask).sum(1).tolist()
-        rm_scores = score(reward_model, reward_tokenizer, batch, samples.texts, device).tolist()
+        answers = rollout(policy, forward, reference_logits, tokenizer,
+                          [format_prompt(prompt, tokenizer) for prompt in batch], batch, reward_model,
+                          reward_tokenizer, sampling, device, stop_ids)
+        samples = answers.samples
+        kls = (answers.logprobs - answers.ref_logprobs).sum(1).tolist()
+        rm_scores = answers.scores.tolist()
         gold = annotator(samples.texts) if annotator else [None] * len(batch)
         for i, prompt in enumerate(batch):
             rows.append({

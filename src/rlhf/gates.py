@@ -17,9 +17,9 @@ from typing import Any, Literal
 
 from rlhf import tracking
 from rlhf.config import ConfigError, GatesConfig
+from rlhf.stages import GATES
 from rlhf.storage import write_json
 
-GATES = ("reward", "evaluation")
 _GOLD_METRICS = ("win_rate/gold", "gold_gain")  # absent without a gold annotator: those checks are skipped
 GateName = Literal["reward", "evaluation"]
 

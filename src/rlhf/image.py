@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from rlhf import tracking
+
 NAME = "rlhf-pipeline"
 DEBIAN_BASE = "localhost/rlhf-debian-base:bookworm"
 SOURCE_LABEL = "io.rlhf.source-hash"
@@ -115,7 +117,8 @@ def debian_base(tool: str, name: str = DEBIAN_BASE, suite: str = "bookworm",
         imported = subprocess.run([tool, "import", "-", name], stdin=tar.stdout, capture_output=True, text=True)
         tar.wait()
         if imported.returncode or tar.returncode:
-            raise ImageError(f"{tool} import {name}: {imported.stderr.strip().splitlines()[-1:]}")
+            last_line = (imported.stderr.strip().splitlines() or [f"exit {imported.returncode or tar.returncode}"])[-1]
+            raise ImageError(f"{tool} import {name}: {last_line}")
     return name
 
 
@@ -175,7 +178,7 @@ def build(root: Path, variant: str = "cpu", base: str | None = None, tag: str | 
     command = [tool, "build", "--tag", image,
                "--build-arg", f"TORCH_INDEX_URL={index}", "--build-arg", f"TORCH_VARIANT={variant}",
                "--build-arg", f"SOURCE_HASH={source}",
-               "--build-arg", f"GIT_COMMIT={_git_commit(root)}"]
+               "--build-arg", f"GIT_COMMIT={tracking.git_commit(root) or ''}"]
     if base:
         command += ["--build-arg", f"BASE_IMAGE={base}"]
     if tag and tag != default_tag(root, variant):
@@ -195,11 +198,6 @@ def build(root: Path, variant: str = "cpu", base: str | None = None, tag: str | 
         print(f"building {image} ({variant}, base {base or 'python:3.11-slim'}, source {source})", flush=True)
         _check(command, f"{tool} build")
     return Built(image, image_size(tool, image), time.monotonic() - started)
-
-
-def _git_commit(root: Path) -> str:
-    result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True)
-    return result.stdout.strip() if result.returncode == 0 else ""
 
 
 def _check(command: list[str], what: str, quiet: bool = False) -> None:

@@ -23,9 +23,10 @@ from rlhf import tracking
 from rlhf.config import ConfigError, RegistryConfig, flatten
 from rlhf.gates import read_verdicts
 from rlhf.modeling import require_causal_lm, require_reward_model
+from rlhf.s3 import hash_file
+from rlhf.stages import ROLES
 from rlhf.storage import fetch, write_json
 
-ROLES = ("sft", "reward", "policy")
 CANDIDATE, CHAMPION, PREVIOUS = "candidate", "champion", "previous"
 TAG = "rlhf."
 
@@ -41,7 +42,7 @@ def _client():
 
 
 # Files beside a model that describe its run, not the model (the PPO history holds wall-clock timings).
-_NOT_THE_MODEL = {tracking.PROVENANCE_FILE, "training_history.json"}
+_NOT_THE_MODEL = {tracking.PROVENANCE_FILE, tracking.HISTORY_FILE}
 
 
 def content_hash(folder: str | Path) -> str:
@@ -50,9 +51,7 @@ def content_hash(folder: str | Path) -> str:
     for file in sorted(Path(folder).rglob("*")):
         if file.is_file() and file.name not in _NOT_THE_MODEL:
             digest.update(file.relative_to(folder).as_posix().encode())
-            with open(file, "rb") as handle:
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(block)
+            hash_file(digest, file)
     return digest.hexdigest()
 
 

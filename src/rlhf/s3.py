@@ -155,12 +155,16 @@ def _missing(exc: Exception) -> bool:
 # -- files ----------------------------------------------------------------------------------------------------------
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
+def hash_file(digest, path: str | Path):
+    """Feeds a file into `digest` (a hashlib object) in 1 MiB blocks; returns the digest."""
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(_MIB), b""):
             digest.update(block)
-    return digest.hexdigest()
+    return digest
+
+
+def file_sha256(path: str | Path) -> str:
+    return hash_file(hashlib.sha256(), path).hexdigest()
 
 
 @contextlib.contextmanager

@@ -144,13 +144,20 @@ def fetch(location: str | Path) -> str:
     return str(cached)
 
 
+def project_root() -> Path:
+    """The nearest folder up from the working directory holding dvc.yaml or .git; else the working directory."""
+    cwd = Path.cwd().resolve()
+    for folder in (cwd, *cwd.parents):
+        if (folder / "dvc.yaml").exists() or (folder / ".git").exists():
+            return folder
+    return cwd
+
+
 # -- checkpoints ----------------------------------------------------------------------------------------------------
 
 
 def checkpoints_root() -> Path:
     """The local folder for checkpoints: RLHF_CHECKPOINT_DIR when that is a local path, else <project>/checkpoints."""
-    from rlhf.tracking import project_root
-
     configured = os.environ.get(CHECKPOINTS_ENV)
     return Path(configured) if configured and not s3.is_s3(configured) else project_root() / "checkpoints"
 

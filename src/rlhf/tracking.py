@@ -15,6 +15,9 @@ from typing import Any
 
 import yaml
 
+from rlhf.data.io import fingerprint
+from rlhf.storage import fetch, project_root
+
 DEFAULT_EXPERIMENT = "rlhf"
 PARENT_RUN_ENV = "RLHF_PARENT_RUN_ID"
 
@@ -24,24 +27,16 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def project_root() -> Path:
-    """The nearest folder up from the working directory holding dvc.yaml or .git; else the working directory."""
-    cwd = Path.cwd().resolve()
-    for folder in (cwd, *cwd.parents):
-        if (folder / "dvc.yaml").exists() or (folder / ".git").exists():
-            return folder
-    return cwd
-
-
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
 
 
-def git_commit() -> str | None:
-    """The checkout's commit; in the image (no git, no checkout) the one it was built from (RLHF_GIT_COMMIT)."""
+def git_commit(root: Path | None = None) -> str | None:
+    """The commit of the checkout at `root` (default: the project's); in the image (no git, no checkout) the one it
+    was built from (RLHF_GIT_COMMIT)."""
     try:
         result = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=project_root(), capture_output=True, text=True, check=True
+            ["git", "rev-parse", "HEAD"], cwd=root or project_root(), capture_output=True, text=True, check=True
         )
     except (OSError, subprocess.CalledProcessError):
         return os.environ.get("RLHF_GIT_COMMIT") or None
@@ -117,8 +112,6 @@ def log_dataset(split, name: str, source: str, source_fingerprint: str, context:
         return
     import mlflow
 
-    from rlhf.data.io import fingerprint
-
     split_fingerprint = fingerprint(split.to_list())
     logged = mlflow.data.from_pandas(split.to_pandas(), source=source, name=name, digest=split_fingerprint[:16])
     tags = {"fingerprint": split_fingerprint, "source_fingerprint": source_fingerprint}
@@ -153,6 +146,8 @@ def log_artifacts(path: str | Path, artifact_path: str) -> None:
 
 
 PROVENANCE_FILE = "rlhf_run.json"
+# The PPO stage's per-step metrics, saved beside its model for the evaluation report (not part of the model).
+HISTORY_FILE = "training_history.json"
 
 
 def provenance(stage: str, params_hash: str, datasets: dict[str, str]) -> dict[str, Any]:
@@ -172,8 +167,6 @@ def read_provenance(folder: str | Path) -> dict[str, Any]:
     """The provenance saved in a stage output folder, local or s3:// ({} for folders from elsewhere, e.g. a hub
     model)."""
     import json
-
-    from rlhf.storage import fetch
 
     path = Path(fetch(folder)) / PROVENANCE_FILE
     return json.loads(path.read_text()) if path.is_file() else {}

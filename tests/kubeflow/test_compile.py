@@ -28,7 +28,7 @@ from kubeflow_helpers import (
 
 from rlhf import cli
 from rlhf.config import KFP_NULL, ConfigError, load_params, to_kfp
-from rlhf.pipelines.rlhf_pipeline import SECTIONS
+from rlhf.stages import SECTIONS
 
 PIPELINE_INPUTS = {*SECTIONS, "data_source"}
 

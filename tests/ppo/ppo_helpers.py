@@ -83,7 +83,7 @@ class ToyReward(nn.Module):
     """A "reward model" that counts `word` in the response (the text after the prompt's last "Summary:").
 
     It takes the reward tokenizer's input_ids like a sequence classifier and returns an object with `.logits`
-    of shape (batch, 1), which is all `rlhf.ppo.rollout.score` uses.
+    of shape (batch, 1), which is all `rlhf.sampling.score` uses.
     """
 
     def __init__(self, tokenizer, word: str = " great") -> None:

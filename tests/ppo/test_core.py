@@ -223,16 +223,6 @@ def test_value_loss_takes_the_larger_of_clipped_and_unclipped_errors() -> None:
 # -- logits helpers --------------------------------------------------------------------------------------------------
 
 
-def test_entropy_and_logprobs_from_logits() -> None:
-    generator = torch.Generator().manual_seed(2)
-    logits = torch.randn(2, 3, 11, generator=generator)
-    tokens = torch.randint(0, 11, (2, 3), generator=generator)
-    distribution = torch.distributions.Categorical(logits=logits)
-    close(core.entropy_from_logits(logits), distribution.entropy(), atol=1e-5)
-    close(core.logprobs_from_logits(logits, tokens), distribution.log_prob(tokens), atol=1e-5)
-    close(core.entropy_from_logits(torch.zeros(1, 1, 8)), [[math.log(8)]], atol=1e-6)
-
-
 # -- KL controller ---------------------------------------------------------------------------------------------------
 
 

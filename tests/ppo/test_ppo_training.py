@@ -12,8 +12,9 @@ from ppo_helpers import ToyReward, make_trainer, random_classifier, random_lm, s
 
 from rlhf.config import LoraParams, PPOConfig
 from rlhf.ppo import core
-from rlhf.ppo.rollout import Critic, join, sequence_logprobs
-from rlhf.ppo.trainer import STEP_METRICS, frozen_copy
+from rlhf.ppo.models import Critic, reference_model
+from rlhf.sampling import join, sequence_logprobs
+from rlhf.ppo.trainer import STEP_METRICS
 
 # Metrics that measure the machine rather than the run.
 TIMING = {"time/rollout", "time/update", "tokens_per_second"}
@@ -39,7 +40,7 @@ def test_ppo_raises_a_toy_reward(make_policy, tokenizer, reward_tokenizer, promp
     steps = 30
     cfg = config(total_episodes=steps * 16, rollout_batch_size=16, mini_batch_size=8, ppo_epochs=2, max_new_tokens=16)
     reward = ToyReward(reward_tokenizer)
-    trainer = make_trainer(cfg, policy, frozen_copy(policy), None, reward, tokenizer, reward_tokenizer, prompts,
+    trainer = make_trainer(cfg, policy, reference_model(policy), None, reward, tokenizer, reward_tokenizer, prompts,
                            tmp_path / "checkpoints")
     assert trainer.num_steps == steps
     seen: list[int] = []
@@ -72,7 +73,7 @@ def test_a_few_steps_move_every_trainable_weight_and_no_frozen_one(make_policy, 
                                                                    value_model: str) -> None:
     torch.manual_seed(0)
     policy = make_policy()
-    reference = frozen_copy(policy)
+    reference = reference_model(policy)
     reward_model = random_classifier(tokenizer, seed=1).requires_grad_(False)
     critic = Critic(copy.deepcopy(reward_model).requires_grad_(True)) if value_model == "reward" else None
     cfg = config(total_episodes=3 * 8, value_model=value_model)
@@ -110,7 +111,7 @@ def test_gradient_accumulation_steps_the_optimiser_and_schedule_once_per_mini_ba
                  ppo_epochs=2, lr_scheduler="linear", learning_rate=1e-3)
     torch.manual_seed(0)
     policy = make_policy()
-    trainer = make_trainer(cfg, policy, frozen_copy(policy), None, random_classifier(tokenizer, seed=1), tokenizer,
+    trainer = make_trainer(cfg, policy, reference_model(policy), None, random_classifier(tokenizer, seed=1), tokenizer,
                            tokenizer, prompts, tmp_path)
     history = trainer.train(no_callback)
     assert [row["lr"] for row in history] == pytest.approx([1e-3 * 4 / 8, 0.0])  # linear decay over 8 updates
@@ -125,7 +126,7 @@ def test_dropout_does_not_make_the_first_update_off_policy(pretrained_weights, t
     torch.manual_seed(0)
     policy = random_lm(tokenizer, dropout=0.1)
     policy.load_state_dict(pretrained_weights)
-    trainer = make_trainer(config(total_episodes=8), policy, frozen_copy(policy), None,
+    trainer = make_trainer(config(total_episodes=8), policy, reference_model(policy), None,
                            random_classifier(tokenizer, seed=1), tokenizer, tokenizer, prompts, tmp_path)
     (first,) = trainer.train(no_callback)
     assert first["val/ratio"] == pytest.approx(1.0, abs=1e-5)
@@ -146,7 +147,7 @@ def test_resume_after_an_interruption_continues_the_same_run(make_policy, tokeni
     def fresh(folder: Path):
         torch.manual_seed(cfg.seed)  # as the stage's set_seed
         policy = make_policy()
-        return make_trainer(cfg, policy, frozen_copy(policy), None, ToyReward(reward_tokenizer), tokenizer,
+        return make_trainer(cfg, policy, reference_model(policy), None, ToyReward(reward_tokenizer), tokenizer,
                             reward_tokenizer, prompts, folder)
 
     reference_trainer = fresh(tmp_path / "a")
@@ -233,13 +234,13 @@ def test_lora_policy_uses_the_disabled_adapters_as_reference(make_policy, tokeni
 
     # The last rollout's reference log-probs are the untouched base model's; its policy log-probs are not.
     batch = rollouts[-1]
-    samples, mask = batch["samples"], batch["mask"]
+    samples, mask = batch.samples, batch.mask
     ids, attention, positions = join(samples.queries, samples.query_mask, samples.responses, mask)
     with torch.no_grad():
         base_logits = make_policy()(input_ids=ids, attention_mask=attention, position_ids=positions).logits
-        expected = sequence_logprobs(base_logits, batch["context"], samples.responses, trainer.cfg.temperature)[1] * mask
-    torch.testing.assert_close(batch["ref_logprobs"], expected, atol=1e-5, rtol=0)
-    assert not torch.allclose(batch["logprobs"], expected, atol=1e-4)
+        expected = sequence_logprobs(base_logits, batch.context, samples.responses, trainer.cfg.temperature)[1] * mask
+    torch.testing.assert_close(batch.ref_logprobs, expected, atol=1e-5, rtol=0)
+    assert not torch.allclose(batch.logprobs, expected, atol=1e-4)
 
 
 @pytest.mark.slow
@@ -287,7 +288,7 @@ def test_one_step_feeds_the_losses_what_the_math_says(make_policy, tokenizer, re
     (metrics,) = trainer.train(no_callback)
 
     (batch,), (policy_args,), (value_args,) = rollouts, policy_calls, value_calls
-    samples, mask = batch["samples"], batch["mask"]
+    samples, mask = batch.samples, batch.mask
     batch_prompts = samples.prompts
     assert len(batch_prompts) == 6 and set(batch_prompts) <= set(prompts)
     assert samples.ends_with_eos.any() and not samples.ends_with_eos.all()  # the EOS penalty applies to some rows
@@ -309,10 +310,10 @@ def test_one_step_feeds_the_losses_what_the_math_says(make_policy, tokenizer, re
             encoded = reward_tokenizer(prompt + samples.texts[row] + reward_tokenizer.eos_token, return_tensors="pt")
             raw_scores.append(reward_model(**encoded).logits[0, 0].item())
     scores = torch.tensor(raw_scores) - 2.0 * (~samples.ends_with_eos).float()
-    torch.testing.assert_close(batch["logprobs"], logprobs, atol=1e-4, rtol=0)
-    torch.testing.assert_close(batch["ref_logprobs"], ref_logprobs, atol=1e-4, rtol=0)
-    torch.testing.assert_close(batch["values"], values, atol=1e-4, rtol=0)
-    torch.testing.assert_close(batch["scores"], scores, atol=1e-4, rtol=0)
+    torch.testing.assert_close(batch.logprobs, logprobs, atol=1e-4, rtol=0)
+    torch.testing.assert_close(batch.ref_logprobs, ref_logprobs, atol=1e-4, rtol=0)
+    torch.testing.assert_close(batch.values, values, atol=1e-4, rtol=0)
+    torch.testing.assert_close(batch.scores, scores, atol=1e-4, rtol=0)
 
     kl = core.kl_per_token(logprobs, ref_logprobs, kl_estimator) * mask
     rewards, non_score = core.token_rewards(scores, kl, cfg.kl_coef, mask)
@@ -323,7 +324,7 @@ def test_one_step_feeds_the_losses_what_the_math_says(make_policy, tokenizer, re
 
     new_logprobs, old_logprobs, passed_advantages, passed_mask, clip = policy_args
     # one mini-batch holding every rollout row, in a random order: recover it from the old log-probs
-    order = [next(j for j in range(len(mask)) if torch.equal(old_logprobs[i], batch["logprobs"][j]))
+    order = [next(j for j in range(len(mask)) if torch.equal(old_logprobs[i], batch.logprobs[j]))
              for i in range(len(mask))]
     assert sorted(order) == list(range(len(mask)))
     assert clip == cfg.cliprange
@@ -349,7 +350,7 @@ def test_prompt_batches_walk_seeded_permutations_of_the_prompts(make_policy, tok
     prompts = [f"Review: film number {i}.\nSummary:" for i in range(10)]
     cfg = config(rollout_batch_size=4, mini_batch_size=4, total_episodes=20, max_new_tokens=2, seed=3)
     policy = make_policy()
-    trainer = make_trainer(cfg, policy, frozen_copy(policy), None, random_classifier(tokenizer), tokenizer,
+    trainer = make_trainer(cfg, policy, reference_model(policy), None, random_classifier(tokenizer), tokenizer,
                            tokenizer, prompts, tmp_path)
     drawn: list[list[str]] = []
     original_rollout = trainer.rollout

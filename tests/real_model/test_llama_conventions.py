@@ -198,7 +198,7 @@ def test_left_padded_generation_equals_unpadded_generation(smollm2_model, smollm
 
     from rlhf.chat import format_prompt
     from rlhf.modeling import stop_token_ids
-    from rlhf.ppo.rollout import generate, join, sequence_logprobs
+    from rlhf.sampling import generate, join, sequence_logprobs
 
     tokenizer = copy.deepcopy(smollm2_tokenizer)
     tokenizer.padding_side = "left"
@@ -232,7 +232,7 @@ def test_left_padded_generation_equals_unpadded_generation(smollm2_model, smollm
 def test_generation_config_gives_the_sampling_defaults_and_params_override_it(smollm2_model) -> None:
     import copy
 
-    from rlhf.ppo.rollout import with_model_sampling
+    from rlhf.sampling import with_model_sampling
 
     model = copy.copy(smollm2_model)
     model.generation_config = copy.deepcopy(smollm2_model.generation_config)
@@ -249,7 +249,8 @@ def test_generation_config_gives_the_sampling_defaults_and_params_override_it(sm
 @torch.no_grad()
 def test_reward_model_and_critic_on_the_llama_backbone(smollm2: Path, smollm2_tokenizer) -> None:
     from rlhf.modeling import load_reward_model, require_reward_model
-    from rlhf.ppo.rollout import Critic, score
+    from rlhf.ppo.models import Critic
+    from rlhf.sampling import score
 
     with pytest.raises(ConfigError, match=r"^ppo.reward_model: .* is LlamaForCausalLM, not a reward model"):
         require_reward_model(str(smollm2), "ppo.reward_model")

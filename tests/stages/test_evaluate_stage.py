@@ -84,7 +84,7 @@ def perturbed_policy(project: Project, tmp_path_factory: pytest.TempPathFactory)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rlhf.stages.ppo import HISTORY_FILE
+    from rlhf.tracking import HISTORY_FILE
 
     folder = tmp_path_factory.mktemp("perturbed") / "policy"
     model = AutoModelForCausalLM.from_pretrained(str(project.sft))

@@ -9,6 +9,8 @@ reads the annotations as types.)
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Output
 
+from rlhf.stages import STEPS
+
 
 def data(demo: dict, source: str, kfp_run_id: str, dataset: Output[Dataset]):
     from rlhf.components import steps
@@ -81,13 +83,10 @@ def close_pipeline_run(kfp_run_id: str, status: dsl.PipelineTaskFinalStatus):
     steps.close_pipeline_run(kfp_run_id, status.state)
 
 
-STEP_FUNCTIONS = (data, pretrain, sft, reward, gate_reward, ppo, evaluate, gate_evaluation, register)
-
-
 def build_components(image: str) -> dict:
-    """The components, by step name, on the project's image. kfp is not installed into the image at run time: the
-    image already has the pinned kfp (and local runs use this environment, offline)."""
-    return {
-        function.__name__: dsl.component(function, base_image=image, install_kfp_package=False)
-        for function in (*STEP_FUNCTIONS, close_pipeline_run)
-    }
+    """The components, by name, on the project's image: one per step of `rlhf.stages.STEPS` (the function of the
+    same name above) and the exit handler. kfp is not installed into the image at run time: the image already has
+    the pinned kfp (and local runs use this environment, offline)."""
+    functions = [globals()[step.name] for step in STEPS] + [close_pipeline_run]
+    return {function.__name__: dsl.component(function, base_image=image, install_kfp_package=False)
+            for function in functions}

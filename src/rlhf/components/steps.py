@@ -7,26 +7,14 @@ nested under one MLflow parent run per pipeline run, found (or created) by its `
 
 from __future__ import annotations
 
-import importlib
 import os
 import shutil
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
-
 from rlhf import tracking
-from rlhf.config import (
-    DemoConfig,
-    EvaluateConfig,
-    GatesConfig,
-    PPOConfig,
-    PretrainConfig,
-    RegistryConfig,
-    RewardConfig,
-    SFTConfig,
-    from_kfp,
-)
+from rlhf.config import Params, from_kfp
+from rlhf.stages import gate_step, step
 from rlhf.storage import atomic_dir, fetch, scratch_dir, write_json
 
 KFP_RUN_TAG = "kfp.run_id"
@@ -72,8 +60,9 @@ def _in(data_dir: str, configured: str) -> str:
     return str(Path(data_dir) / Path(configured).name)
 
 
-def _configure(config_class: type[BaseModel], section: dict[str, Any], **paths: str) -> Any:
-    """The validated stage config with its paths pointed at the component's artifacts."""
+def _configure(step_name: str, section: dict[str, Any], **paths: str) -> Any:
+    """The step's validated params section, with its paths pointed at the component's artifacts."""
+    config_class = Params.model_fields[step(step_name).section].annotation
     return config_class.model_validate({**from_kfp(section), **paths})
 
 
@@ -84,10 +73,10 @@ def _report(metrics: dict[str, float], metrics_artifact) -> None:
     write_json(metrics_artifact.path, metrics)
 
 
-def _train(stage: str, cfg: BaseModel, metrics_artifact, kfp_run_id: str) -> None:
-    """Runs `rlhf.stages.<stage>.run(cfg)` and reports its metrics."""
+def _train(stage: str, cfg, metrics_artifact, kfp_run_id: str) -> None:
+    """Runs the stage, as the CLI does, and reports its metrics."""
     _join_pipeline_run(kfp_run_id)
-    result = importlib.import_module(f"rlhf.stages.{stage}").run(cfg)
+    result = step(stage).run(cfg)
     _report(result.metrics, metrics_artifact)
 
 
@@ -98,31 +87,31 @@ def prepare_data(demo: dict[str, Any], source: str, data_dir: str, kfp_run_id: s
 
     _join_pipeline_run(kfp_run_id)
     if source == "demo":
-        generate(DemoConfig.model_validate(from_kfp(demo)), data_dir)
+        generate(_configure("data", demo), data_dir)
     else:
         with atomic_dir(data_dir) as staging:
             shutil.copytree(fetch(source), staging, dirs_exist_ok=True)
 
 
 def pretrain(section, data_dir, model_dir, metrics_artifact, kfp_run_id) -> None:
-    cfg = _configure(PretrainConfig, section, corpus=_in(data_dir, section["corpus"]), output_dir=model_dir)
+    cfg = _configure("pretrain", section, corpus=_in(data_dir, section["corpus"]), output_dir=model_dir)
     _train("pretrain", cfg, metrics_artifact, kfp_run_id)
 
 
 def sft(section, data_dir, base_dir, model_dir, metrics_artifact, kfp_run_id) -> None:
-    cfg = _configure(SFTConfig, section, model=base_dir, dataset=_in(data_dir, section["dataset"]),
+    cfg = _configure("sft", section, model=base_dir, dataset=_in(data_dir, section["dataset"]),
                      output_dir=model_dir)
     _train("sft", cfg, metrics_artifact, kfp_run_id)
 
 
 def reward(section, data_dir, sft_dir, model_dir, metrics_artifact, kfp_run_id) -> None:
-    cfg = _configure(RewardConfig, section, base_model=sft_dir, dataset=_in(data_dir, section["dataset"]),
+    cfg = _configure("reward", section, base_model=sft_dir, dataset=_in(data_dir, section["dataset"]),
                      output_dir=model_dir)
     _train("reward", cfg, metrics_artifact, kfp_run_id)
 
 
 def ppo(section, data_dir, sft_dir, reward_dir, model_dir, metrics_artifact, kfp_run_id) -> None:
-    cfg = _configure(PPOConfig, section, policy_model=sft_dir, reward_model=reward_dir,
+    cfg = _configure("ppo", section, policy_model=sft_dir, reward_model=reward_dir,
                      prompts=_in(data_dir, section["prompts"]), eval_prompts=_in(data_dir, section["eval_prompts"]),
                      output_dir=model_dir)
     _train("ppo", cfg, metrics_artifact, kfp_run_id)
@@ -130,7 +119,7 @@ def ppo(section, data_dir, sft_dir, reward_dir, model_dir, metrics_artifact, kfp
 
 def evaluate(section, data_dir, policy_dir, sft_dir, reward_dir, report_dir, metrics_artifact, markdown_path,
              html_path, kfp_run_id) -> None:
-    cfg = _configure(EvaluateConfig, section, policy_model=policy_dir, sft_model=sft_dir, reward_model=reward_dir,
+    cfg = _configure("evaluate", section, policy_model=policy_dir, sft_model=sft_dir, reward_model=reward_dir,
                      eval_prompts=_in(data_dir, section["eval_prompts"]),
                      preferences=_in(data_dir, section["preferences"]), output_dir=report_dir)
     _train("evaluate", cfg, metrics_artifact, kfp_run_id)
@@ -146,7 +135,7 @@ def gate(name: str, section, metrics_path: str, judged_dir: str, verdict_path: s
              "evaluation": {"evaluation_metrics": metrics_path, "evaluation_report": judged_dir}}[name]
     _join_pipeline_run(kfp_run_id)
     with scratch_dir() as scratch:
-        cfg = _configure(GatesConfig, section, output_dir=str(scratch), **paths)
+        cfg = _configure(gate_step(name).name, section, output_dir=str(scratch), **paths)
         verdict = evaluate_gate(name, cfg)
         shutil.copyfile(scratch / f"{name}.json", verdict_path)
     print(f"gate {name}: {'passed' if verdict['passed'] else 'failed ' + ', '.join(verdict['failed_checks'])}")
@@ -161,7 +150,7 @@ def register(section, sft_dir, reward_dir, policy_dir, evaluation_metrics_path, 
     with scratch_dir() as gates_dir:
         shutil.copyfile(reward_verdict_path, gates_dir / "reward.json")
         shutil.copyfile(evaluation_verdict_path, gates_dir / "evaluation.json")
-        cfg = _configure(RegistryConfig, section, sft_model=sft_dir, reward_model=reward_dir,
+        cfg = _configure("register", section, sft_model=sft_dir, reward_model=reward_dir,
                          policy_model=policy_dir, evaluation_metrics=evaluation_metrics_path,
                          gates_dir=str(gates_dir), output=registered_path)
         register_models(cfg)

@@ -7,12 +7,14 @@ caching and Kubernetes settings come from its `kubeflow` section.
 """
 
 # No `from __future__ import annotations`: kfp reads the pipeline function's annotations as types.
+import ast
+import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from rlhf.config import UNPUBLISHED_IMAGE, ConfigError, KubeflowConfig, Params, to_kfp
-
-SECTIONS = ("demo", "pretrain", "sft", "reward", "ppo", "evaluate", "gates", "registry")
+from rlhf.stages import SECTIONS, STEP_NAMES
 
 
 def pipeline_arguments(params: Params) -> dict[str, Any]:
@@ -112,11 +114,67 @@ def check_cluster_settings(settings: KubeflowConfig) -> list[str]:
             if image and image.split(":")[0] == unpublished_name]
 
 
-def compile_pipeline(params: Params, package_path: str) -> list[str]:
+def compile_pipeline(params: Params, package_path: str | Path) -> list[str]:
     """Writes the pipeline's IR YAML (what Kubeflow runs and `kfp.components.load_component_from_file` loads);
     returns warnings about settings a cluster would not accept."""
+    warnings = check_cluster_settings(params.kubeflow)
+    _compile(build_pipeline(params), Path(package_path))
+    return warnings
+
+
+def _compile(pipeline_or_component, path: Path) -> None:
+    """kfp's compiler, made byte-for-byte repeatable: its header comment prints dict defaults in a different key order
+    on every run, so those are rewritten with sorted keys. Written whole or not at all."""
     from kfp import compiler
 
-    warnings = check_cluster_settings(params.kubeflow)
-    compiler.Compiler().compile(pipeline_func=build_pipeline(params), package_path=package_path)
-    return warnings
+    from rlhf.storage import atomic_file, scratch_dir
+
+    with scratch_dir() as scratch:
+        compiler.Compiler().compile(pipeline_or_component, package_path=str(scratch / path.name))
+        compiled = (scratch / path.name).read_text(encoding="utf-8")
+    header, first_key, body = compiled.partition("\n" + _FIRST_SPEC_KEY)  # no header: JSON output
+    with atomic_file(path) as handle:
+        handle.write(_DEFAULT.sub(_sorted_default, header) + first_key + body)
+
+
+_FIRST_SPEC_KEY = "components:"  # the header comment ends where the spec's first key begins
+_DEFAULT = re.compile(r"\[Default: (\{.*\})\]$", re.MULTILINE)
+
+
+def _sorted_default(match: re.Match) -> str:
+    def sort(value: Any) -> Any:
+        return {key: sort(value[key]) for key in sorted(value)} if isinstance(value, dict) else value
+
+    return f"[Default: {sort(ast.literal_eval(match.group(1)))}]"
+
+
+# The compiled YAMLs kept in the repository, for Kubeflow users who upload or load them without the package:
+# params.yaml's pipeline, one per recipe, and every component (built from params.yaml's kubeflow settings).
+PIPELINES_DIR, COMPONENTS_DIR, RECIPES_DIR = "pipelines", "components", "recipes"
+
+
+def export(root: Path, output: Path) -> list[Path]:
+    """Compiles params.yaml's pipeline (pipelines/rlhf_pipeline.yaml), each recipe's (pipelines/<recipe>.yaml) and
+    each component (components/<name>.yaml) from the checkout at `root` into `output`; returns the files written.
+    They are references: compile your own with your image and tracking server (`rlhf pipeline compile`)."""
+    from rlhf.components.definitions import build_components
+    from rlhf.config import load_params
+
+    def local(params: Params) -> Params:
+        # The committed files name no tracking server: that is set per deployment.
+        return params.model_copy(update={"kubeflow": params.kubeflow.model_copy(update={"allow_local_tracking": True})})
+
+    params = local(load_params(root / "params.yaml"))
+    sources = {output / PIPELINES_DIR / "rlhf_pipeline.yaml": params}
+    for recipe in sorted((root / RECIPES_DIR).glob("*.yaml")):
+        sources[output / PIPELINES_DIR / f"{recipe.stem}.yaml"] = local(load_params(recipe))
+    written = []
+    for path, pipeline_params in sources.items():
+        compile_pipeline(pipeline_params, path)
+        written.append(path)
+    settings = params.kubeflow
+    for name in (*STEP_NAMES, "close_pipeline_run"):
+        path = output / COMPONENTS_DIR / f"{name}.yaml"
+        _compile(build_components(settings.step_image(name))[name], path)
+        written.append(path)
+    return written

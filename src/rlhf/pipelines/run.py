@@ -19,7 +19,8 @@ from typing import Any
 from rlhf import tracking
 from rlhf.config import Params
 from rlhf.pipelines.rlhf_pipeline import build_pipeline, compile_pipeline, pipeline_arguments
-from rlhf.storage import scratch_dir
+from rlhf.stages import GATES, STEPS, gate_step
+from rlhf.storage import project_root, scratch_dir
 
 
 class PipelineError(RuntimeError):
@@ -51,7 +52,7 @@ def _docker_runner():
     import docker
     from kfp import local
 
-    folders = {str(tracking.project_root()), str(Path.cwd().resolve())}
+    folders = {str(project_root()), str(Path.cwd().resolve())}
     outermost = [folder for folder in folders if not any(folder.startswith(other + "/") for other in folders)]
     mounts = [docker.types.Mount(target=folder, source=folder, type="bind") for folder in sorted(outermost)]
     return local.DockerRunner(network_mode="host", mounts=mounts, working_dir=str(Path.cwd().resolve()),
@@ -62,12 +63,17 @@ def _unfinished_steps(run_folder: Path, verdicts: dict[str, Any]) -> list[str]:
     """Steps that should have run but did not finish. kfp writes a task's executor_output.json when its function
     returns; DockerRunner reports success for a container that exited before it could read the status, so the
     outputs, not the runner, say whether a step ran."""
-    expected = ["data", "pretrain", "sft", "reward", "gate-reward"]
-    if (verdicts.get("reward") or {}).get("passed"):
-        expected += ["ppo", "evaluate", "gate-evaluation"]
-    if (verdicts.get("evaluation") or {}).get("passed"):
-        expected += ["register"]
-    return [step for step in expected if not (run_folder / step / "executor_output.json").exists()]
+    expected = []
+    for step in STEPS:  # in DAG order, up to the first gate that did not pass
+        expected.append(_task_name(step.name))
+        if step.gate and not (verdicts.get(step.gate) or {}).get("passed"):
+            break
+    return [task for task in expected if not (run_folder / task / "executor_output.json").exists()]
+
+
+def _task_name(step: str) -> str:
+    """kfp names a task after its component, with dashes."""
+    return step.replace("_", "-")
 
 
 def run_local(params: Params, pipeline_root: str | Path = "kfp-local", image: str | None = None) -> dict[str, Any]:
@@ -106,8 +112,8 @@ def run_local(params: Params, pipeline_root: str | Path = "kfp-local", image: st
         raise PipelineError(failure or f"the local runner wrote no run folder under {root}")
     run_folder = max(new_folders, key=lambda folder: folder.stat().st_mtime)
     verdicts = {}
-    for gate in ("reward", "evaluation"):
-        verdict = _task_output(run_folder, f"gate-{gate}", "verdict")
+    for gate in GATES:
+        verdict = _task_output(run_folder, _task_name(gate_step(gate).name), "verdict")
         verdicts[gate] = json.loads(verdict.read_text()) if verdict else None
     unfinished = _unfinished_steps(run_folder, verdicts)
     if unfinished:

@@ -119,15 +119,6 @@ def value_loss(
     return loss, masked_mean((clipped_loss > unclipped_loss).float(), mask)
 
 
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    log_probs = torch.log_softmax(logits, dim=-1)
-    return -(log_probs.exp() * log_probs).sum(-1)
-
-
-def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    return torch.gather(torch.log_softmax(logits, dim=-1), 2, tokens.unsqueeze(-1)).squeeze(-1)
-
-
 class KLController:
     """β for the KL penalty: fixed, or adapted towards a target KL (Ziegler et al. 2019)."""
 

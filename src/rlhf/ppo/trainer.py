@@ -8,19 +8,21 @@ own prompts, gradients are averaged by DDP, and statistics are averaged across p
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import time
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from trl.trainer.utils import disable_dropout_in_model, entropy_from_logits
 
 from rlhf.chat import Prompt, format_prompt
 from rlhf.config import PPOConfig
 from rlhf.modeling import stop_token_ids
 from rlhf.ppo import core
-from rlhf.ppo.rollout import PolicyAndValue, generate, join, score, sequence_logprobs, with_model_sampling
+from rlhf.ppo.models import PolicyAndValue
+from rlhf.sampling import Rollout, rollout, sequence_logprobs, with_model_sampling
 from rlhf.storage import mirror_checkpoint, restore_checkpoint
 
 # TRL's PPO metric names, so users of TRL (and of the seed tutorial) recognise them.
@@ -67,9 +69,7 @@ class PPOTrainer:
         if cfg.gradient_checkpointing:
             policy.gradient_checkpointing_enable()
         model = PolicyAndValue(policy, critic)
-        for module in model.modules():  # rollout (eval mode) and update (train mode) must give the same log-probs
-            if isinstance(module, torch.nn.Dropout):
-                module.p = 0.0
+        disable_dropout_in_model(model)  # rollout (eval mode) and update (train mode) must give the same log-probs
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
                                       eps=1e-5)
         updates_per_step = cfg.ppo_epochs * (cfg.rollout_batch_size // cfg.mini_batch_size)
@@ -120,45 +120,37 @@ class PPOTrainer:
     # -- one PPO step ---------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def rollout(self, indices: list[int]) -> dict:
-        cfg, device = self.cfg, self.accelerator.device
+    def rollout(self, indices: list[int]) -> Rollout:
+        """Answers, log-probs, values and scores for these prompts; scores carry the missing-EOS penalty."""
+        cfg = self.cfg
         self.model.eval()
-        samples = generate(self.policy, self.tokenizer, [self.queries[i] for i in indices], cfg, device,
-                           self.stop_ids)
-        context = samples.queries.shape[1]
-        input_ids, attention_mask, position_ids = join(samples.queries, samples.query_mask, samples.responses,
-                                                       samples.mask)
-        logits, values = self.model(input_ids, attention_mask, position_ids)
-        logprobs = sequence_logprobs(logits, context, samples.responses, cfg.temperature)[1]
-        ref_logits = self.reference_logits(input_ids, attention_mask, position_ids)
-        ref_logprobs = sequence_logprobs(ref_logits, context, samples.responses, cfg.temperature)[1]
-        scores = score(self.reward_model, self.reward_tokenizer, [self.prompts[i] for i in indices], samples.texts,
-                       device)
-        if cfg.missing_eos_penalty is not None:
-            scores = scores - cfg.missing_eos_penalty * (~samples.ends_with_eos).float()
-        mask = samples.mask
-        return dict(samples=samples, context=context, logprobs=logprobs * mask, ref_logprobs=ref_logprobs * mask,
-                    values=values[:, context - 1 : -1].float() * mask, scores=scores, mask=mask)
+        batch = rollout(self.policy, self.model, self.reference_logits, self.tokenizer,
+                        [self.queries[i] for i in indices], [self.prompts[i] for i in indices], self.reward_model,
+                        self.reward_tokenizer, cfg, self.accelerator.device, self.stop_ids)
+        if cfg.missing_eos_penalty is None:
+            return batch
+        missing_eos = (~batch.samples.ends_with_eos).float()
+        return dataclasses.replace(batch, scores=batch.scores - cfg.missing_eos_penalty * missing_eos)
 
     def step(self, indices: list[int]) -> dict[str, float]:
         cfg, accelerator = self.cfg, self.accelerator
         started = time.perf_counter()
         batch = self.rollout(indices)
         rollout_seconds = time.perf_counter() - started
-        mask, samples = batch["mask"], batch["samples"]
+        mask, samples = batch.mask, batch.samples
 
-        kl = core.kl_per_token(batch["logprobs"], batch["ref_logprobs"], cfg.kl_estimator) * mask
-        rewards, non_score = core.token_rewards(batch["scores"], kl, self.kl_controller.value, mask)
+        kl = core.kl_per_token(batch.logprobs, batch.ref_logprobs, cfg.kl_estimator) * mask
+        rewards, non_score = core.token_rewards(batch.scores, kl, self.kl_controller.value, mask)
         if cfg.whiten_rewards:
             rewards = core.masked_whiten(rewards, mask, shift_mean=False)
-        advantages, returns = core.gae(rewards, batch["values"], mask, cfg.gamma, cfg.lam)
+        advantages, returns = core.gae(rewards, batch.values, mask, cfg.gamma, cfg.lam)
         advantages = core.masked_whiten(advantages, mask)
 
         started = time.perf_counter()
         self.model.train()
         stats = defaultdict(list)
         micro = cfg.mini_batch_size // cfg.gradient_accumulation_steps
-        input_ids, attention_mask, position_ids = join(samples.queries, samples.query_mask, samples.responses, mask)
+        input_ids, attention_mask, position_ids = batch.input_ids, batch.attention_mask, batch.position_ids
         for _ in range(cfg.ppo_epochs):
             order = torch.randperm(len(indices))
             for start in range(0, len(indices), cfg.mini_batch_size):
@@ -166,13 +158,13 @@ class PPOTrainer:
                     index = order[micro_start : micro_start + micro]
                     with accelerator.accumulate(self.model), accelerator.autocast():
                         logits, values = self.model(input_ids[index], attention_mask[index], position_ids[index])
-                        logits, logprobs = sequence_logprobs(logits, batch["context"], samples.responses[index],
+                        logits, logprobs = sequence_logprobs(logits, batch.context, samples.responses[index],
                                                              cfg.temperature)
-                        values = values[:, batch["context"] - 1 : -1].float()
+                        values = values[:, batch.context - 1 : -1].float()
                         m = mask[index]
-                        policy = core.policy_loss(logprobs.float(), batch["logprobs"][index], advantages[index], m,
+                        policy = core.policy_loss(logprobs.float(), batch.logprobs[index], advantages[index], m,
                                                   cfg.cliprange)
-                        value_loss, value_clipfrac = core.value_loss(values, batch["values"][index],
+                        value_loss, value_clipfrac = core.value_loss(values, batch.values[index],
                                                                      returns[index], m, cfg.cliprange_value)
                         accelerator.backward(policy.loss + cfg.vf_coef * value_loss)
                         if accelerator.sync_gradients:
@@ -182,7 +174,7 @@ class PPOTrainer:
                         if accelerator.sync_gradients:
                             self.scheduler.step()
                     with torch.no_grad():
-                        entropy = core.masked_mean(core.entropy_from_logits(logits.float()), m)
+                        entropy = core.masked_mean(entropy_from_logits(logits.float()), m)
                     for key, value in (("policy/approxkl_avg", policy.approxkl), ("policy/clipfrac_avg",
                                        policy.clipfrac), ("loss/policy_avg", policy.loss), ("loss/value_avg",
                                        value_loss), ("val/clipfrac_avg", value_clipfrac), ("policy/entropy_avg",
@@ -198,10 +190,10 @@ class PPOTrainer:
         tokens = self._mean(mask.sum() + samples.query_mask.sum()) * accelerator.num_processes
         metrics = {
             "objective/kl": mean_kl,
-            "objective/entropy": self._mean((-batch["logprobs"]).sum(1).mean()),
+            "objective/entropy": self._mean((-batch.logprobs).sum(1).mean()),
             "objective/non_score_reward": self._mean(non_score.sum(1).mean()),
-            "objective/rlhf_reward": self._mean((batch["scores"] + non_score.sum(1)).mean()),
-            "objective/scores": self._mean(batch["scores"].mean()),
+            "objective/rlhf_reward": self._mean((batch.scores + non_score.sum(1)).mean()),
+            "objective/scores": self._mean(batch.scores.mean()),
             "val/ratio": self._mean(ratios.mean()),
             "val/ratio_var": self._mean(ratios.var() if len(ratios) > 1 else torch.zeros(())),
             "val/num_eos_tokens": self._mean(samples.ends_with_eos.float().sum()) * accelerator.num_processes,
@@ -213,7 +205,7 @@ class PPOTrainer:
             "tokens_per_second": tokens / (rollout_seconds + update_seconds),
         }
         metrics |= {key: self._mean(torch.stack(values).mean()) for key, values in stats.items()}
-        self.last_samples = ([self.queries[i] for i in indices], samples.texts, batch["scores"].tolist())
+        self.last_samples = ([self.queries[i] for i in indices], samples.texts, batch.scores.tolist())
         return metrics
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
@@ -263,9 +255,3 @@ class PPOTrainer:
         bar.close()
         return self.progress.history
 
-
-def frozen_copy(model):
-    """A frozen deep copy, for the reference model."""
-    reference = copy.deepcopy(model)
-    reference.requires_grad_(False)
-    return reference.eval()

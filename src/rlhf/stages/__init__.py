@@ -1,0 +1,66 @@
+"""The steps of the pipeline, in order: the one list that the CLI, DVC, the Kubeflow components, the pipeline
+builder, the model registry and the config read.
+
+A step names the params.yaml section it reads and what it runs; nothing is imported here, so a step's libraries load
+only when it runs (and `rlhf.config` can read the names without a circle).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Literal
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of the DAG: a Kubeflow task, a DVC stage (except `data`, which data.dvc tracks) and a CLI command."""
+
+    name: str
+    section: str  # the params.yaml section it reads
+    kind: Literal["data", "stage", "gate", "register"]
+    gate: str | None = None  # gates: which one (`rlhf gate NAME`, gates/NAME.json)
+    registers: str | None = None  # stages: the registry role of the model it trains (sft, reward, policy)
+
+    @property
+    def module(self) -> str:
+        """The module that does the step's work (DVC's deps on the code follow its imports)."""
+        return {"data": "rlhf.data.demo", "gate": "rlhf.gates", "register": "rlhf.registry"}.get(
+            self.kind, f"rlhf.stages.{self.name}")
+
+    def run(self, config) -> Any:
+        """A stage's `rlhf.stages.<name>.run(config)`, config being its validated params section (with paths)."""
+        if self.kind != "stage":
+            raise ValueError(f"{self.name} is a {self.kind} step, not a stage")
+        return importlib.import_module(self.module).run(config)
+
+
+STEPS = (
+    Step("data", "demo", "data"),
+    Step("pretrain", "pretrain", "stage"),
+    Step("sft", "sft", "stage", registers="sft"),
+    Step("reward", "reward", "stage", registers="reward"),
+    Step("gate_reward", "gates", "gate", gate="reward"),
+    Step("ppo", "ppo", "stage", registers="policy"),
+    Step("evaluate", "evaluate", "stage"),
+    Step("gate_evaluation", "gates", "gate", gate="evaluation"),
+    Step("register", "registry", "register"),
+)
+STEP_NAMES = tuple(step.name for step in STEPS)
+STAGES = tuple(step.name for step in STEPS if step.kind == "stage")
+GATES = tuple(step.gate for step in STEPS if step.gate)
+# Registry roles, in the order their models are trained.
+ROLES = tuple(step.registers for step in STEPS if step.registers)
+# The params sections the pipeline takes as parameters, in DAG order.
+SECTIONS = tuple(dict.fromkeys(step.section for step in STEPS))
+
+
+def step(name: str) -> Step:
+    for candidate in STEPS:
+        if candidate.name == name:
+            return candidate
+    raise KeyError(f"unknown step {name!r}; steps are {', '.join(STEP_NAMES)}")
+
+
+def gate_step(gate: str) -> Step:
+    return next(candidate for candidate in STEPS if candidate.gate == gate)

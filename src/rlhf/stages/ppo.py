@@ -7,17 +7,20 @@ saved with `save_pretrained` (LoRA adapters merged) for the evaluation and regis
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from rlhf import tracking
 from rlhf.annotators import get_annotator
 from rlhf.config import ConfigError, PPOConfig, config_hash, flatten
 from rlhf.data.formats import load_dataset
 from rlhf.evaluation import compare, sample_and_score
 from rlhf.modeling import load_causal_lm, load_reward_model, load_tokenizer, require_reward_model, resolve
-from rlhf.ppo.rollout import Critic
-from rlhf.ppo.trainer import PPOTrainer, frozen_copy
+from rlhf.ppo.models import Critic, reference_model
 from rlhf.stages.common import StageResult, checkpoint_dir, finish, lora_config, save_model
+from rlhf.tracking import HISTORY_FILE
 
-HISTORY_FILE = "training_history.json"
+if TYPE_CHECKING:
+    from rlhf.ppo.trainer import PPOTrainer
 
 
 def run(cfg: PPOConfig) -> StageResult:
@@ -29,6 +32,8 @@ def run(cfg: PPOConfig) -> StageResult:
     require_reward_model(cfg.reward_model, "ppo.reward_model", cfg.trust_remote_code)
     from accelerate import Accelerator
     from transformers import set_seed
+
+    from rlhf.ppo.trainer import PPOTrainer
 
     accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                               mixed_precision="bf16" if cfg.bf16 else "no")
@@ -43,7 +48,7 @@ def run(cfg: PPOConfig) -> StageResult:
                           "use 'policy_head'")
 
     policy = load_causal_lm(cfg.policy_model, tokenizer, "ppo.policy_model", **loading)
-    reference = None if cfg.lora.enabled else frozen_copy(policy)
+    reference = None if cfg.lora.enabled else reference_model(policy)
     if cfg.lora.enabled:
         from peft import get_peft_model
 

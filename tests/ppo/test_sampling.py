@@ -7,7 +7,8 @@ import torch
 from ppo_helpers import random_classifier
 
 from rlhf.config import PPOConfig
-from rlhf.ppo.rollout import Critic, PolicyAndValue, generate, join, score, sequence_logprobs
+from rlhf.ppo.models import Critic, PolicyAndValue
+from rlhf.sampling import generate, join, score, sequence_logprobs
 
 TEMPERATURE = 0.7
 

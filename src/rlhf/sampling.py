@@ -1,4 +1,5 @@
-"""Rollouts: sample responses with a KV cache, mask everything after the first stop token, and score them.
+"""Sampling shared by PPO's rollouts and evaluation: answer prompts with a KV cache, mask everything after the
+first stop token, take the policy's and the reference's log-probs of the answers, and score them.
 
 The reward model may use its own tokenizer: responses are decoded to text and re-encoded for it, exactly as its
 training pairs were built (`rlhf.chat.reward_text`: prompt + answer + EOS, or the chat template's rendering).
@@ -6,61 +7,14 @@ training pairs were built (`rlhf.chat.reward_text`: prompt + answer + EOS, or th
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from rlhf.chat import Prompt, reward_text
 from rlhf.modeling import uses_chat_template
-from rlhf.ppo.core import logprobs_from_logits, response_mask
-
-
-class Critic(nn.Module):
-    """Per-token values from a sequence classifier (the reward model): its backbone plus its scoring head."""
-
-    def __init__(self, classifier: nn.Module) -> None:
-        super().__init__()
-        self.backbone = getattr(classifier, classifier.base_model_prefix)
-        self.head = classifier.score
-
-    def forward(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
-        hidden = self.backbone(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
-        ).last_hidden_state
-        return self.head(hidden).squeeze(-1)
-
-
-class PolicyAndValue(nn.Module):
-    """Policy and critic as one module, so one optimiser, one `accelerator.prepare` and one backward cover both.
-
-    The critic is either a separate network (initialised from the reward model) or a linear value head on the
-    policy's last hidden state.
-    """
-
-    def __init__(self, policy: nn.Module, critic: nn.Module | None) -> None:
-        super().__init__()
-        self.policy = policy
-        self.critic = critic
-        self.value_head = None if critic is not None else nn.Linear(policy.config.get_text_config().hidden_size, 1)
-        if self.value_head is not None:
-            nn.init.zeros_(self.value_head.weight)
-            nn.init.zeros_(self.value_head.bias)
-
-    def forward(self, input_ids, attention_mask, position_ids) -> tuple[torch.Tensor, torch.Tensor]:
-        shared = self.value_head is not None
-        output = self.policy(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            output_hidden_states=shared,
-            use_cache=False,
-        )
-        if shared:
-            values = self.value_head(output.hidden_states[-1]).squeeze(-1)
-        else:
-            values = self.critic(input_ids, attention_mask, position_ids)
-        return output.logits, values
+from rlhf.ppo.core import response_mask
 
 
 def join(queries, query_mask, responses, mask):
@@ -73,8 +27,10 @@ def join(queries, query_mask, responses, mask):
 
 def sequence_logprobs(model_output_logits, context_length: int, responses, temperature: float):
     """Log-probs of the response tokens, from logits at the positions that predicted them, at the given temperature."""
+    from trl.trainer.utils import selective_log_softmax  # TRL loads in seconds: only when a model runs
+
     logits = model_output_logits[:, context_length - 1 : -1] / temperature
-    return logits, logprobs_from_logits(logits, responses)
+    return logits, selective_log_softmax(logits, responses)
 
 
 def with_model_sampling(cfg, model):
@@ -143,3 +99,52 @@ def score(reward_model, reward_tokenizer, prompts: list[Prompt], responses: list
     plain = isinstance(prompts[0], str) and not uses_chat_template(reward_tokenizer)
     encoded = reward_tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=plain).to(device)
     return reward_model(**encoded).logits.squeeze(-1).float()
+
+
+# forward(input_ids, attention_mask, position_ids) -> (logits, per-token values or None)
+Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
+# reference_logits(input_ids, attention_mask, position_ids) -> the reference model's logits
+ReferenceLogits = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Rollout:
+    """One sampled answer per prompt and what PPO and evaluation need of it. Per-token tensors are
+    (batch, response_length) and zero past each answer's end."""
+
+    samples: Samples
+    input_ids: torch.Tensor  # prompt + answer, as the policy saw them
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    logprobs: torch.Tensor  # the policy's, at the sampling temperature
+    ref_logprobs: torch.Tensor  # the reference model's
+    scores: torch.Tensor  # the reward model's, one per answer
+    values: torch.Tensor | None  # the critic's (PPO), else None
+
+    @property
+    def context(self) -> int:
+        """The (left-padded) prompt length: answer token t is predicted at position context - 1 + t."""
+        return self.samples.queries.shape[1]
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.samples.mask
+
+
+@torch.no_grad()
+def rollout(policy, forward: Forward, reference_logits: ReferenceLogits, tokenizer, queries: list[str],
+            prompts: list[Prompt], reward_model, reward_tokenizer, sampling, device, stop_ids: list[int]) -> Rollout:
+    """Samples an answer to each query (`generate`), then runs `forward` (the policy, and the critic if any) and the
+    reference over prompt + answer, and the reward model over the raw `prompts` with the answers."""
+    samples = generate(policy, tokenizer, queries, sampling, device, stop_ids)
+    context, mask = samples.queries.shape[1], samples.mask
+    input_ids, attention_mask, position_ids = join(samples.queries, samples.query_mask, samples.responses, mask)
+    logits, values = forward(input_ids, attention_mask, position_ids)
+    logprobs = sequence_logprobs(logits, context, samples.responses, sampling.temperature)[1]
+    ref_logprobs = sequence_logprobs(reference_logits(input_ids, attention_mask, position_ids), context,
+                                     samples.responses, sampling.temperature)[1]
+    scores = score(reward_model, reward_tokenizer, prompts, samples.texts, device)
+    if values is not None:
+        values = values[:, context - 1 : -1].float() * mask
+    return Rollout(samples, input_ids, attention_mask, position_ids, logprobs * mask, ref_logprobs * mask, scores,
+                   values)

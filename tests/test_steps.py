@@ -1,0 +1,49 @@
+"""The one list of steps (rlhf.stages.STEPS) agrees with what reads it: the params sections, the stage modules, the
+Kubeflow components, the CLI's commands and the registry's roles."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+
+from rlhf import cli
+from rlhf.config import Params
+from rlhf.stages import GATES, ROLES, STAGES, STEPS, step
+
+
+def test_every_step_reads_a_params_section_and_has_a_module() -> None:
+    for candidate in STEPS:
+        assert candidate.section in Params.model_fields, candidate.name
+        module = importlib.import_module(candidate.module)
+        if candidate.kind == "stage":
+            assert callable(module.run), candidate.module
+
+
+def test_every_step_is_a_kubeflow_component_of_the_same_name() -> None:
+    from rlhf.components.definitions import build_components
+
+    assert list(build_components("rlhf-pipeline:test")) == [*(candidate.name for candidate in STEPS),
+                                                            "close_pipeline_run"]
+
+
+def test_the_cli_has_a_command_per_stage_and_gate() -> None:
+    parser = cli.build_parser()
+    for stage in STAGES:
+        assert parser.parse_args([stage]).handler is cli._cmd_stage
+    for gate in GATES:
+        assert parser.parse_args(["gate", gate]).gate == gate
+    with pytest.raises(SystemExit):
+        parser.parse_args(["gate", "nonexistent"])
+
+
+def test_roles_follow_the_stages_that_train_them() -> None:
+    assert ROLES == ("sft", "reward", "policy")
+    assert [candidate.name for candidate in STEPS if candidate.registers] == ["sft", "reward", "ppo"]
+
+
+def test_only_stages_run_and_unknown_steps_name_the_known_ones() -> None:
+    with pytest.raises(ValueError, match="gate step"):
+        step("gate_reward").run(None)
+    with pytest.raises(KeyError, match="steps are data, pretrain"):
+        step("dpo")

@@ -124,8 +124,6 @@ def _cmd_pipeline(args: argparse.Namespace) -> None:
             print(f"warning: {warning}", file=sys.stderr)
         print(run.submit(params, args.host, args.experiment, args.namespace, args.run_name))
     else:
-        if not args.local:
-            raise ConfigError("pipeline run: only --local is supported here; use `rlhf pipeline submit` for a cluster")
         image = None
         if args.runner == "docker":
             from rlhf.image import checkout, current
@@ -139,8 +137,7 @@ def _cmd_pipeline(args: argparse.Namespace) -> None:
             if verdict is not None:
                 print(f"gate {gate}: {'passed' if verdict['passed'] else 'FAILED'}")
         if result["registered"]:
-            for role in ("sft", "reward", "policy"):
-                entry = result["registered"]["versions"][role]
+            for entry in result["registered"]["versions"].values():
                 print(f"{entry['model']} v{entry['version']}: {entry['outcome']}")
         failed = [verdict for verdict in result["verdicts"].values() if verdict and not verdict["passed"]]
         if failed:
@@ -210,8 +207,18 @@ def _cmd_validate(args: argparse.Namespace) -> None:
     print(f"{args.file}: {len(rows)} valid {args.kind} records, fingerprint {fingerprint(rows.records)[:16]}")
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("rlhf-pipeline")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf", description="RLHF pipeline: pretrain, SFT, reward model, PPO, evaluation, registry.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     for stage in STAGES:
@@ -222,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
         stage_parser.set_defaults(handler=_cmd_stage)
 
     gate = commands.add_parser("gate", help="check a gate's thresholds; exit 1 if it fails")
-    gate.add_argument("gate", choices=GATES)
+    gate.add_argument("gate", choices=GATES, help="which gate: " + ", ".join(GATES))
     _add_params_options(gate)
     gate.set_defaults(handler=_cmd_gate)
 
@@ -232,13 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     promote = commands.add_parser("promote", help="point an alias (default champion) at a model version")
     promote.add_argument("model", help="registered model name, e.g. rlhf-policy")
-    promote.add_argument("version")
-    promote.add_argument("--alias", default="champion")
+    promote.add_argument("version", help="the version number to point the alias at")
+    promote.add_argument("--alias", default="champion", help="the alias to move (default: champion)")
     promote.add_argument("--force", action="store_true", help="promote even if the version's gates failed")
     promote.set_defaults(handler=_cmd_promote)
 
     rollback = commands.add_parser("rollback", help="make the previous champion the champion again")
-    rollback.add_argument("model")
+    rollback.add_argument("model", help="registered model name, e.g. rlhf-policy")
     rollback.set_defaults(handler=_cmd_rollback)
 
     lineage = commands.add_parser("lineage", help="trace a model version to its upstream versions, data and code")
@@ -249,13 +256,16 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline = commands.add_parser("pipeline", help="the Kubeflow pipeline: compile, run locally, submit")
     pipeline_commands = pipeline.add_subparsers(dest="pipeline_command", required=True)
     compile_parser = pipeline_commands.add_parser("compile", help="write the pipeline's IR YAML")
-    compile_parser.add_argument("-o", "--output", default="rlhf_pipeline.yaml")
+    compile_parser.add_argument("-o", "--output", default="rlhf_pipeline.yaml",
+                                help="the IR YAML to write (default: rlhf_pipeline.yaml)")
     export_parser = pipeline_commands.add_parser(
         "export", help="compile the committed YAMLs: components/<step>.yaml, pipelines/rlhf_pipeline.yaml (params.yaml) "
                        "and pipelines/<recipe>.yaml (recipes/)")
     export_parser.add_argument("--output-dir", help="where components/ and pipelines/ go (default: the checkout)")
-    run_parser = pipeline_commands.add_parser("run", help="run the whole DAG with kfp's local runner")
-    run_parser.add_argument("--local", action="store_true", help="on this machine (the only mode here)")
+    run_parser = pipeline_commands.add_parser("run", help="run the whole DAG here with kfp's local runner (a cluster: "
+                                                          "`rlhf pipeline submit`)")
+    run_parser.add_argument("--local", action="store_true", help="on this machine: what `run` always does (accepted "
+                                                                 "for clarity)")
     run_parser.add_argument("--root", default="kfp-local", help="where task outputs go (default: kfp-local)")
     run_parser.add_argument("--runner", choices=("subprocess", "docker"), default="subprocess",
                             help="subprocess: each step in this Python (default); docker: each step in the project's "
@@ -302,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=_cmd_demo)
 
     importer = data_commands.add_parser("import", help="convert a public dataset to the pipeline's formats")
-    importer.add_argument("format", choices=["hh-rlhf", "alpaca"])
+    importer.add_argument("format", choices=["hh-rlhf", "alpaca"], help="the raw dataset's format")
     importer.add_argument("source", help="file or folder of the raw dataset")
     importer.add_argument("-o", "--output", required=True, help="output .jsonl file")
     importer.add_argument("--no-track", action="store_true", help="do not record the import in MLflow")
@@ -320,12 +330,13 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--rl-prompts", type=int, default=256, help="PPO prompts (default 256)")
     chat.add_argument("--eval-prompts", type=int, default=128, help="held-out evaluation prompts (default 128)")
     chat.add_argument("--pairs", type=int, help="keep the pairs of this many prompts (default: every other prompt)")
-    chat.add_argument("--seed", type=int, default=0)
+    chat.add_argument("--seed", type=int, default=0, help="seed of the prompt split (default 0)")
     chat.set_defaults(handler=_cmd_hh_chat)
 
     validate = data_commands.add_parser("validate", help="check a dataset file against a format")
-    validate.add_argument("file")
-    validate.add_argument("--kind", required=True, choices=["text", "sft", "preference", "prompts"])
+    validate.add_argument("file", help="the dataset: a file, a folder of files, an s3:// location or a Hub dataset id")
+    validate.add_argument("--kind", required=True, choices=["text", "sft", "preference", "prompts"],
+                          help="the format to check it against")
     validate.set_defaults(handler=_cmd_validate)
     return parser
 

@@ -270,6 +270,8 @@ class RegistryConfig(Section):
     max_new_tokens: int = Field(24, ge=1)
     do_sample: bool = Field(False, description="served generation: greedy by default, so answers are repeatable")
     trust_remote_code: bool = False
+    register_experiments: bool = Field(False, description="register under `dvc exp run` too (by default an "
+                                       "experiment registers nothing: each would add versions)")
 
     @model_validator(mode="after")
     def _template_has_slot(self) -> "RegistryConfig":

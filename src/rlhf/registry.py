@@ -161,6 +161,41 @@ def _version_tags(role: str, model_hash: str, pipeline_run_id: str, folder: str,
     return {TAG + key: str(value) for key, value in tags.items() if value is not None}
 
 
+def _model_card(client, role: str, tags: dict[str, str], verdicts: dict[str, dict[str, Any]],
+                metrics: dict[str, float]) -> str:
+    """The version's description in the MLflow UI (Markdown): what it is, the run that trained it, its upstream
+    versions, data and code, its gate verdicts and the held-out metrics it was judged on."""
+    from mlflow.exceptions import MlflowException
+
+    def tag(key: str) -> str | None:
+        return tags.get(TAG + key)
+
+    lines = [f"**{_DESCRIPTIONS[role]}**, from the rlhf pipeline's run `{tag('pipeline_run_id')}`.", ""]
+    run_id = tag("training_run_id")
+    if run_id:
+        try:
+            run_link = f"#/experiments/{client.get_run(run_id).info.experiment_id}/runs/{run_id}"
+            lines.append(f"- trained in MLflow run [{run_id}]({run_link})")
+        except MlflowException:  # the training run was tracked elsewhere
+            lines.append(f"- trained in MLflow run `{run_id}`")
+    for key, reference in sorted(tags.items()):
+        if key.startswith(TAG + "upstream."):
+            name, version = reference.rsplit("/", 1)
+            lines.append(f"- built on [{name} v{version}](#/models/{name}/versions/{version})")
+    lines += [f"- data: {key.removeprefix(TAG + 'data.')} sha256 `{value[:16]}`" for key, value in sorted(tags.items())
+              if key.startswith(TAG + "data.") and key != TAG + "data_dvc_md5"]
+    lines += [f"- code: git commit `{tag('git_commit')}`" if tag("git_commit") else "- code: git commit unknown",
+              f"- score: {tag('score_metric')} = {tag('score')}", "", "**Gates**", ""]
+    for gate, verdict in verdicts.items():
+        lines.append(f"- {gate}: {'passed' if verdict['passed'] else 'failed'}")
+        lines += [f"  - {check['check']}: {check['metric']} = {check['value']:.4g} {check['op']} {check['threshold']}"
+                  for check in verdict["checks"] if check.get("status") in ("pass", "fail")]
+    headline = ("win_rate/rm", "win_rate/gold", "rm_gain_in_sft_std", "gold_gain", "policy/kl", "rm_accuracy")
+    lines += ["", "**Held-out evaluation**", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {key} | {metrics[key]:.4g} |" for key in headline if key in metrics]
+    return "\n".join(lines)
+
+
 def _place(client, name: str, version: str, score: tuple[str, float | None], gates_passed: bool,
            verdicts: dict[str, dict[str, Any]]) -> str:
     """A new version becomes candidate, and champion if its gates passed and it beats the champion; says which."""
@@ -184,6 +219,14 @@ def register(cfg: RegistryConfig) -> dict[str, Any]:
     """
     import mlflow
 
+    experiment = os.environ.get("DVC_EXP_NAME") or os.environ.get("DVC_EXP_BASELINE_REV")
+    if experiment and not cfg.register_experiments:
+        reason = (f"a DVC experiment ({experiment}) registers nothing; set registry.register_experiments: true to "
+                  "register it, or promote what you keep with `rlhf register` after `dvc exp apply`")
+        print(f"register: skipped: {reason}")
+        summary = {"skipped": reason, "versions": {}}
+        write_json(cfg.output, summary)
+        return summary
     metrics = _read_json(cfg.evaluation_metrics, "evaluation_metrics")
     verdicts = read_verdicts(cfg.gates_dir)
     gates_passed = all(verdict["passed"] for verdict in verdicts.values())
@@ -216,6 +259,8 @@ def register(cfg: RegistryConfig) -> dict[str, Any]:
                             for up in {"reward": ["sft"], "policy": ["sft", "reward"]}.get(role, [])}
                 versions[role] = mlflow.register_model(logged[role].model_uri, names[role],
                                                        tags=tags[role] | upstream).version
+                client.update_model_version(names[role], versions[role], description=_model_card(
+                    client, role, tags[role] | upstream, verdicts, metrics))
 
         results: dict[str, Any] = {}
         for role in ROLES:

@@ -19,6 +19,8 @@ from rlhf.data.io import fingerprint
 from rlhf.storage import fetch, project_root
 
 DEFAULT_EXPERIMENT = "rlhf"
+# MLflow 3's UI opens an experiment without this tag as GenAI (traces); ours holds training runs and models.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 PARENT_RUN_ENV = "RLHF_PARENT_RUN_ID"
 
 
@@ -60,6 +62,16 @@ def data_dvc_md5() -> str | None:
     return outs[0].get("md5")
 
 
+def experiment_name() -> str:
+    return os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+
+
+def mark_experiment(client, experiment) -> None:
+    """Tags the experiment as model training, unless its kind is set already (by a user or by MLflow)."""
+    if EXPERIMENT_KIND_TAG not in experiment.tags:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+
+
 def lineage_tags() -> dict[str, str]:
     # rlhf.image_source: the source hash of the image the run ran in (absent outside the image).
     tags = {"rlhf.git_commit": git_commit(), "rlhf.data_dvc_md5": data_dvc_md5(),
@@ -94,7 +106,7 @@ def stage_run(stage: str, params: dict[str, Any]) -> Iterator[Any]:
         return
     # By name: MLFLOW_EXPERIMENT_ID is also what mlflow.set_experiment leaves behind for subprocesses, whatever the
     # tracking store; an injected task run carries its experiment itself.
-    mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT)
+    mark_experiment(mlflow.MlflowClient(tracking_uri()), mlflow.set_experiment(experiment_name()))
     nested = mlflow.active_run() is not None
     # Under Kubeflow each stage is its own process: the pipeline's parent run comes by id.
     parent = None if nested else os.environ.get(PARENT_RUN_ENV)

@@ -241,6 +241,31 @@ def test_changing_a_reward_param_reruns_only_the_reward_stage_and_its_downstream
     assert dvc_json(folder, "status", env=env) == {}
 
 
+def test_an_experiment_registers_nothing_unless_asked(pipeline, tmp_path):
+    """`dvc exp run` with another PPO seed retrains PPO and runs everything after it, but adds no registry version
+    (each experiment would); with registry.register_experiments it registers the new policy."""
+    from mlflow.tracking import MlflowClient
+
+    folder = tmp_path / "project"
+    shutil.copytree(pipeline.folder, folder, symlinks=True)
+    env = dict(pipeline.env, MLFLOW_EXPERIMENT_NAME=f"{pipeline.experiment}-exp")
+    client = MlflowClient(pipeline.server_url)
+    policy = yaml.safe_load((folder / "params.yaml").read_text())["registry"]["policy_name"]
+
+    def policy_versions() -> int:
+        return len(client.search_model_versions(f"name = '{policy}'"))
+
+    before = policy_versions()
+    output = dvc(folder, "exp", "run", "-S", "ppo.seed=7", env=env)
+    assert "Running stage 'ppo'" in output and "register: skipped: a DVC experiment" in output, output[-3000:]
+    assert policy_versions() == before
+    assert "skipped" in json.loads((folder / "registry" / "registered.json").read_text())
+
+    output = dvc(folder, "exp", "run", "-S", "ppo.seed=7", "-S", "registry.register_experiments=true", env=env)
+    assert "register: skipped" not in output, output[-3000:]
+    assert policy_versions() == before + 1
+
+
 def test_a_gate_out_of_reach_stops_the_pipeline_and_keeps_the_champion(pipeline, tmp_path):
     """A retrained reward model that fails its gate: DVC stops there, naming the check; PPO, evaluation and
     registration do not run, and the registry's champions and versions are as before."""
@@ -312,6 +337,20 @@ def test_local_kubeflow_run_matches_dvc_and_registers_a_champion(pipeline, tmp_p
     assert parents[0].data.tags["kfp.run_id"]
     children = {r.data.tags["rlhf.stage"] for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
     assert children == {*STAGES, "evaluate", "register"}
+
+    # What MLflow's pages show: an experiment of model training (not GenAI), a pipeline run that carries every
+    # stage's params and final metrics and the gate verdicts, and a model card on every registered version.
+    assert client.get_experiment_by_name(experiment).tags["mlflow.experimentKind"] == "custom_model_development"
+    summary = parents[0].data
+    for stage in (*STAGES, "evaluate"):
+        assert f"{stage}.seed" in summary.params, stage
+        assert {f"{stage}/{key}" for key in _kfp_metrics(run_folder, stage)} <= set(summary.metrics), stage
+    assert summary.metrics["evaluate/win_rate/rm"] == pytest.approx(_kfp_metrics(run_folder, "evaluate")["win_rate/rm"])
+    assert summary.metrics["gate/reward"] == summary.metrics["gate/evaluation"] == 1.0
+    for role in ("sft", "reward", "policy"):
+        entry = registered["versions"][role]
+        card = client.get_model_version(entry["model"], str(entry["version"])).description
+        assert "trained in MLflow run [" in card and "**Gates**" in card, role
 
 
 def test_local_kubeflow_run_skips_everything_after_a_failed_gate(pipeline, tmp_path):

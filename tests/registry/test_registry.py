@@ -98,6 +98,10 @@ def test_first_registration_creates_tagged_champion_versions(project: Project, c
             f"rlhf.data.{dataset}": fp for dataset, fp in source["datasets"].items()}
         assert {k: v for k, v in tags.items() if k.startswith("rlhf.upstream.")} == expected_upstream[role]
         assert aliases(client, name) == {"candidate": 1, "champion": 1}
+        card = versions(client, name)[1].description  # the version page's model card
+        assert "trained in MLflow run " in card and source["mlflow_run_id"] in card and "- reward: passed" in card
+        assert all(f"[{up.replace('/', ' v')}](#/models/{up.replace('/', '/versions/')})" in card
+                   for up in expected_upstream[role].values())
         run_ids.add(tags["rlhf.pipeline_run_id"])
     assert len(run_ids) == 1, "the three versions share one pipeline run id"
 

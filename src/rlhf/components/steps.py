@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 from rlhf import tracking
-from rlhf.config import Params, from_kfp
+from rlhf.config import Params, flatten, from_kfp
 from rlhf.stages import gate_step, step
 from rlhf.storage import atomic_dir, fetch, scratch_dir, write_json
 
@@ -25,9 +26,10 @@ def _parent_run(kfp_run_id: str) -> str:
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking.tracking_uri())
-    name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or tracking.DEFAULT_EXPERIMENT
-    experiment = client.get_experiment_by_name(name)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(name)
+    name = tracking.experiment_name()
+    experiment = client.get_experiment_by_name(name) or client.get_experiment(client.create_experiment(name))
+    tracking.mark_experiment(client, experiment)
+    experiment_id = experiment.experiment_id
     found = client.search_runs([experiment_id], f"tags.`{KFP_RUN_TAG}` = '{kfp_run_id}'", max_results=1)
     if found:
         return found[0].info.run_id
@@ -73,11 +75,31 @@ def _report(metrics: dict[str, float], metrics_artifact) -> None:
     write_json(metrics_artifact.path, metrics)
 
 
+def _summarise(params: dict[str, Any], metrics: dict[str, float]) -> None:
+    """Each step's params and final metrics also go to the pipeline's MLflow run, so its page shows the whole run.
+    (Under Kubeflow's MLflow integration the pipeline's run is Kubeflow's, and the stages' runs carry them.)"""
+    parent = os.environ.get(tracking.PARENT_RUN_ENV)
+    if not parent or tracking.injected_run():
+        return
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param
+    from mlflow.exceptions import MlflowException
+
+    now = int(time.time() * 1000)
+    try:
+        MlflowClient(tracking.tracking_uri()).log_batch(
+            parent, metrics=[Metric(key, float(value), now, 0) for key, value in metrics.items()],
+            params=[Param(key, str(value)) for key, value in params.items()])
+    except MlflowException as exc:  # a summary that cannot be written (a param logged before with another value)
+        print(f"warning: the pipeline's MLflow run did not take this step's summary: {str(exc).splitlines()[0]}")
+
+
 def _train(stage: str, cfg, metrics_artifact, kfp_run_id: str) -> None:
     """Runs the stage, as the CLI does, and reports its metrics."""
     _join_pipeline_run(kfp_run_id)
     result = step(stage).run(cfg)
     _report(result.metrics, metrics_artifact)
+    _summarise(flatten(cfg, step(stage).section), {f"{stage}/{key}": value for key, value in result.metrics.items()})
 
 
 def prepare_data(demo: dict[str, Any], source: str, data_dir: str, kfp_run_id: str) -> None:
@@ -138,6 +160,7 @@ def gate(name: str, section, metrics_path: str, judged_dir: str, verdict_path: s
         cfg = _configure(gate_step(name).name, section, output_dir=str(scratch), **paths)
         verdict = evaluate_gate(name, cfg)
         shutil.copyfile(scratch / f"{name}.json", verdict_path)
+    _summarise({}, {f"gate/{name}": float(verdict["passed"])})
     print(f"gate {name}: {'passed' if verdict['passed'] else 'failed ' + ', '.join(verdict['failed_checks'])}")
     return "passed" if verdict["passed"] else "failed"
 

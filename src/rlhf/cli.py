@@ -16,7 +16,7 @@ from pathlib import Path
 
 from rlhf.config import ConfigError, load_params
 from rlhf.data.io import DataError
-from rlhf.stages import GATES, STAGES, step
+from rlhf.stages import GATES, ROLES, STAGES, step
 
 
 def _offline_friendly_environment() -> None:
@@ -137,8 +137,9 @@ def _cmd_pipeline(args: argparse.Namespace) -> None:
             if verdict is not None:
                 print(f"gate {gate}: {'passed' if verdict['passed'] else 'FAILED'}")
         if result["registered"]:
-            for entry in result["registered"]["versions"].values():
-                print(f"{entry['model']} v{entry['version']}: {entry['outcome']}")
+            versions = result["registered"]["versions"]
+            for role in (role for role in ROLES if role in versions):  # upstream first
+                print(f"{versions[role]['model']} v{versions[role]['version']}: {versions[role]['outcome']}")
         failed = [verdict for verdict in result["verdicts"].values() if verdict and not verdict["passed"]]
         if failed:
             from rlhf.gates import failure_message

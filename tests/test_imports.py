@@ -1,5 +1,4 @@
-"""The package's import graph has no cycle: every module can be imported on its own, and a module's dependencies
-read one way (paths and storage below tracking, tracking below the stages, the stages below the CLI)."""
+"""The package's import graph has no cycle, lazy imports inside functions included."""
 
 from __future__ import annotations
 

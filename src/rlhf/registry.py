@@ -183,7 +183,7 @@ def _model_card(client, role: str, tags: dict[str, str], verdicts: dict[str, dic
             name, version = reference.rsplit("/", 1)
             lines.append(f"- built on [{name} v{version}](#/models/{name}/versions/{version})")
     lines += [f"- data: {key.removeprefix(TAG + 'data.')} sha256 `{value[:16]}`" for key, value in sorted(tags.items())
-              if key.startswith(TAG + "data.") and key != TAG + "data_dvc_md5"]
+              if key.startswith(TAG + "data.")]
     lines += [f"- code: git commit `{tag('git_commit')}`" if tag("git_commit") else "- code: git commit unknown",
               f"- score: {tag('score_metric')} = {tag('score')}", "", "**Gates**", ""]
     for gate, verdict in verdicts.items():

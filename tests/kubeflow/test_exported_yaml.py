@@ -36,7 +36,7 @@ def test_committed_yamls_are_what_the_code_compiles(fresh: Path) -> None:
     assert not stale, f"stale compiled YAML: {', '.join(stale)}; regenerate with `.venv/bin/rlhf pipeline export`"
 
 
-def test_every_step_has_a_component_and_every_file_loads_with_kfp(fresh: Path) -> None:
+def test_every_step_has_a_component_and_every_file_loads_with_kfp() -> None:
     names = {path.stem for path in (REPO / COMPONENTS_DIR).glob("*.yaml")}
     assert names == {*STEP_NAMES, "close_pipeline_run"}
     pipelines = {path.stem for path in (REPO / PIPELINES_DIR).glob("*.yaml")}

@@ -172,9 +172,11 @@ def export(root: Path, output: Path) -> list[Path]:
     for path, pipeline_params in sources.items():
         compile_pipeline(pipeline_params, path)
         written.append(path)
-    settings = params.kubeflow
-    for name in (*STEP_NAMES, "close_pipeline_run"):
+    names = (*STEP_NAMES, "close_pipeline_run")
+    images = {name: params.kubeflow.step_image(name) for name in names}
+    components = {image: build_components(image) for image in set(images.values())}
+    for name in names:
         path = output / COMPONENTS_DIR / f"{name}.yaml"
-        _compile(build_components(settings.step_image(name))[name], path)
+        _compile(components[images[name]][name], path)
         written.append(path)
     return written

@@ -20,8 +20,8 @@ from rlhf.evaluation import compare, pairwise_accuracy, sample_and_score
 from rlhf.modeling import load_causal_lm, load_reward_model, load_tokenizer, require_reward_model, resolve
 from rlhf.report import write_report
 from rlhf.stages.common import StageResult
-from rlhf.tracking import HISTORY_FILE
 from rlhf.storage import atomic_dir, fetch, write_json
+from rlhf.tracking import HISTORY_FILE
 
 
 def run(cfg: EvaluateConfig) -> StageResult:

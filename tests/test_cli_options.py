@@ -1,4 +1,5 @@
-"""The `rlhf` command's surface: --version, help text on every option, and `pipeline run` without flags."""
+"""The `rlhf` command's surface (issue 14, finding 8): --version, help text on every option, and `pipeline run`
+without flags."""
 
 from __future__ import annotations
 
@@ -39,13 +40,14 @@ def test_pipeline_run_needs_no_local_flag(monkeypatch: pytest.MonkeyPatch, tmp_p
 
     calls = []
 
-    def run_local(params, root, image=None):
-        calls.append((root, image))
+    def run_local(params, root, image=None, verbose=False):
+        calls.append((root, image, verbose))
         return {"run_folder": str(tmp_path / "run"), "verdicts": {}, "registered": None}
 
     monkeypatch.setattr(run, "run_local", run_local)
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text((Path(cli.__file__).parents[2] / "params.yaml").read_text())
     assert cli.main(["pipeline", "run"]) == 0
-    assert cli.main(["pipeline", "run", "--local"]) == 0
-    assert calls == [("kfp-local", None), ("kfp-local", None)]
+    assert cli.main(["pipeline", "run", "--local", "-v"]) == 0
+    assert calls == [("kfp-local", None, False), ("kfp-local", None, True)]
     assert "pipeline run:" in capsys.readouterr().out

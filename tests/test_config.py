@@ -29,10 +29,34 @@ def test_project_params_file_is_valid() -> None:
     assert isinstance(load_params(path), Params)
 
 
-def test_missing_default_params_file_means_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_params_file_is_an_error_unless_defaults_are_asked_for(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 14, finding 5: run from a folder without params.yaml, a stage used built-in defaults that differ from
+    the shipped file (kl_coef 0.05 against 0.1) without a word."""
     monkeypatch.chdir(tmp_path)
-    assert load_params() == Params()
+    with pytest.raises(ConfigError, match=rf"^params\.yaml: params file not found in {tmp_path}; pass --params FILE, "
+                                          r"or --defaults for the built-in defaults$"):
+        load_params()
+    assert load_params(defaults=True) == Params()
     assert load_params(None) == Params()
+
+
+@pytest.mark.parametrize("text", ["", "# every section commented out\n", "null\n"])
+def test_empty_params_file_is_an_error_unless_defaults_are_asked_for(tmp_path: Path, text: str) -> None:
+    path = params_file(tmp_path, text)
+    with pytest.raises(ConfigError, match=r"params\.yaml: empty; pass --params FILE, or --defaults"):
+        load_params(path)
+    assert load_params(path, defaults=True) == Params()
+
+
+def test_missing_section_is_an_error_for_the_commands_that_read_it(tmp_path: Path) -> None:
+    path = params_file(tmp_path, "sft:\n  epochs: 2\n")
+    assert load_params(path, sections=("sft",)).sft.epochs == 2
+    with pytest.raises(ConfigError, match=r"params\.yaml: no ppo section; add it, or pass --defaults"):
+        load_params(path, sections=("sft", "ppo"))
+    with pytest.raises(ConfigError, match=r"no ppo, gates sections; add them"):
+        load_params(path, sections=("ppo", "gates"))
+    assert load_params(path, sections=("ppo",), defaults=True).ppo == Params().ppo
 
 
 def test_missing_named_params_file_fails(tmp_path: Path) -> None:

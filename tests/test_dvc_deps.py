@@ -18,6 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 NOT_STAGE_CODE = frozenset({
     "rlhf", "rlhf.data", "rlhf.ppo", "rlhf.stages",  # package markers; rlhf.stages lists the steps by name
     "rlhf.tracking",  # MLflow runs, lineage tags
+    "rlhf.console",  # what the console shows of progress
     "rlhf.storage", "rlhf.s3",  # atomic writes, caches, S3 transfers
 })
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import posixpath
 import signal
 import sys
 from collections.abc import Sequence
@@ -16,7 +17,11 @@ from pathlib import Path
 
 from rlhf.config import ConfigError, load_params
 from rlhf.data.io import DataError
-from rlhf.stages import GATES, ROLES, STAGES, step
+from rlhf.stages import GATES, ROLES, STAGES, STEPS, step
+
+
+# The params sections a pipeline run reads (the data step's `demo` only for the demo data, which has its own).
+PIPELINE_SECTIONS = tuple(dict.fromkeys(step.section for step in STEPS if step.kind != "data"))
 
 
 def _offline_friendly_environment() -> None:
@@ -40,6 +45,14 @@ def _add_params_options(parser: argparse.ArgumentParser) -> None:
         metavar="SECTION.KEY=VALUE",
         help="override one param; repeatable (e.g. --set sft.learning_rate=1e-4)",
     )
+    parser.add_argument("--defaults", action="store_true",
+                        help="let the built-in defaults stand in for a missing or empty params file or a missing "
+                             "section (without it, those are errors)")
+
+
+def _params(args: argparse.Namespace, *sections: str):
+    """The params a command reads: the file, its overrides, and the sections the command needs."""
+    return load_params(args.params, args.overrides, sections=sections, defaults=args.defaults)
 
 
 def _cmd_stage(args: argparse.Namespace) -> None:
@@ -47,11 +60,15 @@ def _cmd_stage(args: argparse.Namespace) -> None:
     from rlhf.tracking import is_main_process
 
     stage = step(args.command)
-    result = stage.run(getattr(load_params(args.params, args.overrides), stage.section))
+    result = stage.run(getattr(_params(args, stage.section), stage.section))
     if not is_main_process():  # under `accelerate launch`, rank 0 writes the files DVC reads
         return
     metrics_file = args.metrics or f"metrics/{args.command}.json"
     write_json(metrics_file, result.metrics)
+    # The few that `dvc metrics show` lists, so its table fits a terminal (one column per metric).
+    headline = {key: result.metrics[key] for key in stage.headline if key in result.metrics}
+    folder, name = posixpath.split(metrics_file)
+    write_json(posixpath.join(folder, "headline", name), headline)
     plots_dir = args.plots or f"plots/{args.command}"
     # One series per file, every row with the same keys: DVC drops plot files whose rows differ.
     for name, key in result.curves:
@@ -67,7 +84,7 @@ class GateFailed(Exception):
 def _cmd_gate(args: argparse.Namespace) -> None:
     from rlhf.gates import describe, evaluate_gate, failure_message
 
-    verdict = evaluate_gate(args.gate, load_params(args.params, args.overrides).gates)
+    verdict = evaluate_gate(args.gate, _params(args, "gates").gates)
     print(f"gate {args.gate}: {'passed' if verdict['passed'] else 'FAILED'}")
     print("\n".join(describe(verdict)))
     if not verdict["passed"]:
@@ -77,7 +94,7 @@ def _cmd_gate(args: argparse.Namespace) -> None:
 def _cmd_register(args: argparse.Namespace) -> None:
     from rlhf.registry import register
 
-    register(load_params(args.params, args.overrides).registry)
+    register(_params(args, "registry").registry)
 
 
 def _cmd_promote(args: argparse.Namespace) -> None:
@@ -111,7 +128,7 @@ def _cmd_pipeline(args: argparse.Namespace) -> None:
         for path in rlhf_pipeline.export(root, Path(args.output_dir) if args.output_dir else root):
             print(f"wrote {path}")
         return
-    params = load_params(args.params, args.overrides)
+    params = _params(args, *PIPELINE_SECTIONS)
     if getattr(args, "allow_local_tracking", False):
         params = params.model_copy(update={"kubeflow": params.kubeflow.model_copy(
             update={"allow_local_tracking": True})})
@@ -131,20 +148,57 @@ def _cmd_pipeline(args: argparse.Namespace) -> None:
             image = current(checkout(), args.image, args.engine)
         elif args.image:
             raise ConfigError("pipeline run: --image needs --runner docker")
-        result = run.run_local(params, args.root, image=image)
-        print(f"pipeline run: {result['run_folder']}")
-        for gate, verdict in result["verdicts"].items():
-            if verdict is not None:
-                print(f"gate {gate}: {'passed' if verdict['passed'] else 'FAILED'}")
-        if result["registered"]:
-            versions = result["registered"]["versions"]
-            for role in (role for role in ROLES if role in versions):  # upstream first
-                print(f"{versions[role]['model']} v{versions[role]['version']}: {versions[role]['outcome']}")
+        result = run.run_local(params, args.root, image=image, verbose=args.verbose)
+        print("\n".join(_run_summary(result)))
         failed = [verdict for verdict in result["verdicts"].values() if verdict and not verdict["passed"]]
         if failed:
             from rlhf.gates import failure_message
 
             raise GateFailed(failure_message(failed[0]))
+
+
+def _run_summary(result: dict) -> list[str]:
+    """The end of a local pipeline run: where its outputs are, the gates, the versions and how to look at them."""
+    from rlhf.tracking import tracking_uri
+
+    lines = ["", f"pipeline run: {_relative(result['run_folder'])}"]
+    lines += [f"gate {gate}: {'passed' if verdict['passed'] else 'FAILED'}"
+              for gate, verdict in result["verdicts"].items() if verdict is not None]
+    versions = (result["registered"] or {}).get("versions", {})
+    for role in (role for role in ROLES if role in versions):  # upstream first
+        version = versions[role]
+        lines.append(f"{version['model']} v{version['version']}: {version['outcome']}")
+    champions = [f"models:/{versions[role]['model']}@champion" for role in ROLES
+                 if role in versions and "champion" in versions[role]["outcome"].split(";")[-1]]
+    if champions:
+        lines.append("champions: " + ", ".join(champions))
+    if result.get("report"):
+        lines.append(f"report: {_relative(result['report'])}")
+    uri = tracking_uri()
+    lines.append(f"MLflow: {uri}")
+    mlflow_run = result.get("mlflow_run")
+    # The run's page, in MLflow 3's model-training view (its UI opens in the GenAI view by default).
+    page = (f"/#/experiments/{mlflow_run['experiment_id']}/runs/{mlflow_run['run_id']}?workflowType=machine_learning"
+            if mlflow_run else "")
+    if uri.startswith("sqlite:"):
+        mlflow_command = _relative(str(Path(sys.executable).parent / "mlflow"))
+        lines.append(f"  {mlflow_command} ui --backend-store-uri {_sqlite_uri_here(uri)}  # then open "
+                     f"http://127.0.0.1:5000{page}")
+    elif uri.startswith("http") and page:
+        lines.append(f"  {uri.rstrip('/')}{page}")
+    return lines
+
+
+def _relative(path: str) -> str:
+    """`path` relative to the working directory when it lies below it (shorter to read and to paste)."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return path
+
+
+def _sqlite_uri_here(uri: str) -> str:
+    return "sqlite:///" + _relative(uri.removeprefix("sqlite:///"))
 
 
 def _cmd_image(args: argparse.Namespace) -> None:
@@ -165,7 +219,7 @@ def _cmd_image(args: argparse.Namespace) -> None:
 def _cmd_demo(args: argparse.Namespace) -> None:
     from rlhf.data.demo import generate
 
-    params = load_params(args.params, args.overrides)
+    params = _params(args, "demo")
     counts = generate(params.demo, args.output)
     for name, count in counts.items():
         print(f"{args.output.rstrip('/')}/{name}: {count} rows")
@@ -225,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     for stage in STAGES:
         stage_parser = commands.add_parser(stage, help=f"run the {stage} stage")
         _add_params_options(stage_parser)
-        stage_parser.add_argument("--metrics", help=f"metrics JSON to write (default: metrics/{stage}.json)")
+        stage_parser.add_argument("--metrics", help=f"metrics JSON to write (default: metrics/{stage}.json); "
+                                                          "the headline ones also go to headline/ beside it")
         stage_parser.add_argument("--plots", help=f"folder for loss-curve JSON (default: plots/{stage})")
         stage_parser.set_defaults(handler=_cmd_stage)
 
@@ -268,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     run_parser.add_argument("--local", action="store_true", help="on this machine: what `run` always does (accepted "
                                                                  "for clarity)")
     run_parser.add_argument("--root", default="kfp-local", help="where task outputs go (default: kfp-local)")
+    run_parser.add_argument("-v", "--verbose", action="store_true",
+                            help="print everything kfp's local runner prints: executor inputs, every log line, "
+                                 "progress bars (default: one line per step and the progress of long loops)")
     run_parser.add_argument("--runner", choices=("subprocess", "docker"), default="subprocess",
                             help="subprocess: each step in this Python (default); docker: each step in the project's "
                                  "image, through kfp's DockerRunner (podman or docker)")

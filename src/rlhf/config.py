@@ -416,11 +416,20 @@ def _describe(error: ValidationError, source: str) -> str:
     return f"{source}: {problems[0]}{more}"
 
 
-def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | tuple[str, ...] = ()) -> Params:
-    """Reads params.yaml (a missing file means all defaults), applies overrides and validates everything."""
+DEFAULTS_HINT = "pass --params FILE, or --defaults for the built-in defaults"
+
+
+def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | tuple[str, ...] = (), *,
+                sections: tuple[str, ...] = (), defaults: bool = False) -> Params:
+    """Reads a params file, applies overrides and validates everything.
+
+    A missing or empty file, or one without a section named in `sections` (what the command reads), is an error:
+    the built-in defaults differ from the shipped params.yaml, and running on them by accident wastes a run. With
+    `defaults` the built-in defaults fill in whatever the file lacks; `path=None` means the built-in defaults.
+    """
     raw: dict[str, Any] = {}
     source = "defaults"
-    if path is not None and Path(path).exists():
+    if path is not None and Path(path).is_file():
         source = str(path)
         try:
             loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
@@ -430,9 +439,16 @@ def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | 
             raise ConfigError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+        if not loaded and not defaults:
+            raise ConfigError(f"{path}: empty; {DEFAULTS_HINT}")
         raw = {key: {} if value is None else value for key, value in copy.deepcopy(loaded or {}).items()}
-    elif path is not None and str(path) != "params.yaml":
-        raise ConfigError(f"{path}: params file not found")
+        missing = [section for section in sections if section not in raw]
+        if missing and not defaults:
+            raise ConfigError(f"{path}: no {', '.join(missing)} section{'s' if len(missing) > 1 else ''}; "
+                              f"add {'them' if len(missing) > 1 else 'it'}, or pass --defaults for the built-in ones")
+    elif path is not None and not defaults:
+        where = "" if Path(path).is_absolute() else f" in {Path.cwd()}"
+        raise ConfigError(f"{path}: params file not found{where}; {DEFAULTS_HINT}")
     for assignment in overrides:
         _apply_override(raw, assignment)
     try:

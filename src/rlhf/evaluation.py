@@ -118,11 +118,14 @@ def pairwise_accuracy(reward_model, reward_tokenizer, pairs, batch_size: int, de
     rendered as the reward stage trained on them)."""
     from tqdm.auto import tqdm
 
+    from rlhf.console import progress_as_lines
+
     # Pairs of similar length share a batch, so little of each batch is padding (real dialogues vary tenfold).
     size = [len(str(row["prompt"])) + len(str(row["chosen"])) + len(str(row["rejected"])) for row in pairs]
     order = sorted(range(len(pairs)), key=size.__getitem__)
     correct = 0
-    for start in tqdm(range(0, len(pairs), batch_size), desc="reward model on held-out pairs", leave=False):
+    for start in tqdm(range(0, len(pairs), batch_size), desc="reward model on held-out pairs", leave=False,
+                      disable=progress_as_lines()):
         batch = pairs.select(order[start : start + batch_size])
         chosen, rejected = (score(reward_model, reward_tokenizer, batch["prompt"], batch[side], device)
                             for side in ("chosen", "rejected"))

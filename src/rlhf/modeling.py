@@ -21,13 +21,14 @@ GPT-2-style decoder.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import subprocess
 import sys
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from rlhf.config import ArchitectureParams, ConfigError, Dtype, TokenizerParams
 from rlhf.storage import atomic_dir, cache_root, fetch, lock, scratch_dir
@@ -255,6 +256,18 @@ def load_causal_lm(location: str, tokenizer, key: str = "model", dtype: Dtype = 
     return model
 
 
+@contextlib.contextmanager
+def _transformers_errors_only() -> Iterator[None]:
+    from transformers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+
+
 def load_reward_model(location: str, tokenizer, key: str = "reward_model", dtype: Dtype = "fp32",
                       trust_remote_code: bool = False, new_head: bool = False):
     """A sequence classifier with one output, the scalar reward.
@@ -267,8 +280,10 @@ def load_reward_model(location: str, tokenizer, key: str = "reward_model", dtype
         folder = resolve(location, key)
     else:
         folder = require_reward_model(location, key, trust_remote_code)
-    model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1, dtype=_torch_dtype(dtype),
-                                                               trust_remote_code=trust_remote_code)
+    # A new head is the point of `new_head`: transformers' load report of its missing weights would only alarm.
+    with _transformers_errors_only() if new_head else contextlib.nullcontext():
+        model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1, dtype=_torch_dtype(dtype),
+                                                                   trust_remote_code=trust_remote_code)
     # Sequence classifiers score the last non-pad token, so they must know which token pads.
     model.config.pad_token_id = tokenizer.pad_token_id
     return model

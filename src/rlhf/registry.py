@@ -12,9 +12,11 @@ re-running `rlhf register` for the same pipeline run leaves the registry as it w
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from importlib.metadata import version as installed_version
 from pathlib import Path
 from typing import Any
@@ -106,6 +108,34 @@ def _log_model(role: str, name: str, folder: str, tags: dict[str, str], cfg: Reg
     return mlflow.transformers.log_model(
         generation, task="text-generation", prompt_template=cfg.prompt_template,
         model_config={"max_new_tokens": cfg.max_new_tokens, "do_sample": cfg.do_sample}, **common)
+
+
+@contextlib.contextmanager
+def _training_run(client, run_id: str | None) -> Iterator[None]:
+    """The MLflow run that trained a model, reopened for the block: the model is logged in it (an MLflow 3 logged
+    model with that run's metrics) and the version registered from it names it as its source run. The run keeps its
+    status and end time. Without such a run in this tracking store (a model trained elsewhere) the model is logged in
+    the register run."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        trained = client.get_run(run_id) if run_id else None
+    except MlflowException:
+        trained = None
+    if trained is None or trained.info.lifecycle_stage != "active":
+        yield
+        return
+    try:
+        mlflow.start_run(run_id=run_id, nested=True)
+    except MlflowException:  # e.g. a run in another experiment than the register run's
+        yield
+        return
+    try:
+        yield
+    finally:
+        mlflow.end_run()
+        client.set_terminated(run_id, trained.info.status, end_time=trained.info.end_time)
 
 
 def _score(role: str, metrics: dict[str, float]) -> tuple[str, float | None]:
@@ -249,7 +279,10 @@ def register(cfg: RegistryConfig) -> dict[str, Any]:
         scores = {role: _score(role, metrics) for role in new_roles}
         tags = {role: _version_tags(role, hashes[role], pipeline_run_id, folders[role], scores[role], verdicts)
                 for role in new_roles}
-        logged = {role: _log_model(role, names[role], folders[role], tags[role], cfg) for role in new_roles}
+        logged = {}
+        for role in new_roles:
+            with _training_run(client, tags[role].get(f"{TAG}training_run_id")):
+                logged[role] = _log_model(role, names[role], folders[role], tags[role], cfg)
 
         versions = {role: existing[role].version for role in ROLES if existing[role] is not None}
         for role in ROLES:  # upstream first: the reward version names its SFT version, the policy both

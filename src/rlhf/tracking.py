@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,24 @@ def lineage_tags() -> dict[str, str]:
     return {key: value for key, value in tags.items() if value}
 
 
+def describe_params(params: dict[str, Any]) -> dict[str, Any]:
+    """Params as a run's page should show them: a model folder that a stage of this project wrote names that stage
+    and its MLflow run ("sft run 23cf…": the upstream run, where the path in a Kubeflow run is a temporary artifact
+    folder); any other path inside the project is relative to it; everything else (s3:// URIs, values) as it is."""
+    root = project_root().resolve()
+    described = {}
+    for key, value in params.items():
+        if isinstance(value, str) and value and "://" not in value and Path(value).exists():
+            path = Path(value).resolve()
+            upstream = read_provenance(path) if path.is_dir() else {}
+            if upstream.get("mlflow_run_id"):
+                value = f"{upstream['stage']} run {upstream['mlflow_run_id']}"
+            elif path.is_relative_to(root):
+                value = str(path.relative_to(root))
+        described[key] = value
+    return described
+
+
 @contextlib.contextmanager
 def stage_run(stage: str, params: dict[str, Any]) -> Iterator[Any]:
     """Starts (on the main process) the MLflow run of one stage; it ends FAILED if the block raises.
@@ -99,7 +118,7 @@ def stage_run(stage: str, params: dict[str, Any]) -> Iterator[Any]:
         run_id = os.environ.pop("MLFLOW_RUN_ID")
         try:
             with mlflow.start_run(run_id=run_id, tags=tags) as run:
-                mlflow.log_params(params)
+                mlflow.log_params(describe_params(params))
                 yield run
         finally:
             os.environ["MLFLOW_RUN_ID"] = run_id
@@ -111,7 +130,7 @@ def stage_run(stage: str, params: dict[str, Any]) -> Iterator[Any]:
     # Under Kubeflow each stage is its own process: the pipeline's parent run comes by id.
     parent = None if nested else os.environ.get(PARENT_RUN_ENV)
     with mlflow.start_run(run_name=stage, nested=nested or bool(parent), parent_run_id=parent, tags=tags) as run:
-        mlflow.log_params(params)
+        mlflow.log_params(describe_params(params))
         yield run
 
 
@@ -125,7 +144,10 @@ def log_dataset(split, name: str, source: str, source_fingerprint: str, context:
     import mlflow
 
     split_fingerprint = fingerprint(split.to_list())
-    logged = mlflow.data.from_pandas(split.to_pandas(), source=source, name=name, digest=split_fingerprint[:16])
+    with warnings.catch_warnings():
+        # MLflow registers its local-file source under two URI schemes and warns that a path reads both ways.
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
+        logged = mlflow.data.from_pandas(split.to_pandas(), source=source, name=name, digest=split_fingerprint[:16])
     tags = {"fingerprint": split_fingerprint, "source_fingerprint": source_fingerprint}
     mlflow.log_input(logged, context=context, tags=tags)
     mlflow.log_param(f"data.{name}.fingerprint", source_fingerprint)

@@ -19,11 +19,13 @@ import yaml
 from _support import PROJECT, base_env, git, make_project, run, tree_hashes
 from servers import DATA_BUCKET
 
+from rlhf.stages import step
+
 pytestmark = pytest.mark.slow
 
 STAGES = ("pretrain", "sft", "reward", "ppo")  # the training stages, each with a model, metrics and loss curves
 PIPELINE = ("pretrain", "sft", "reward", "gate_reward", "ppo", "evaluate", "gate_evaluation", "register")
-METRICS = [f"metrics/{stage}.json" for stage in (*STAGES, "evaluate")] + ["gates/reward.json", "gates/evaluation.json"]
+METRICS = [f"metrics/headline/{stage}.json" for stage in (*STAGES, "evaluate")]  # what `dvc metrics show` lists
 OUTPUTS = {"pretrain": "models/pretrained", "sft": "models/sft", "reward": "models/reward", "ppo": "models/ppo"}
 LOSS_CURVES = (("train", "loss"), ("eval", "eval_loss"))
 # dvc.yaml's plot for each stage, and its series: (file in plots/<stage>/, field).
@@ -119,16 +121,22 @@ def test_second_repro_runs_nothing(pipeline):
     assert (pipeline.folder / "dvc.lock").read_bytes() == lock_before
 
 
-def test_metrics_show_lists_every_stage(pipeline):
-    shown = dvc_json(pipeline.folder, "metrics", "show", env=pipeline.env)
-    files = shown[""]["data"]
+def test_metrics_show_lists_every_stages_headline_in_a_table_that_fits_a_terminal(pipeline):
+    """Issue 14, finding 7: `dvc metrics show` printed one table 1,423 characters wide (75 columns). It lists each
+    stage's headline metrics; all of them stay in metrics/<stage>.json, which `dvc metrics show FILE` shows."""
+    table = run(["dvc", "metrics", "show"], cwd=pipeline.folder, env=pipeline.env).stdout
+    assert 0 < max(len(line) for line in table.splitlines()) <= 170, table
+    files = dvc_json(pipeline.folder, "metrics", "show", env=pipeline.env)[""]["data"]
     assert set(files) == set(METRICS)
-    for stage in STAGES:
+    for stage in (*STAGES, "evaluate"):
         on_disk = json.loads((pipeline.folder / "metrics" / f"{stage}.json").read_text())
-        assert files[f"metrics/{stage}.json"]["data"] == on_disk
-        assert ({"objective/kl", "eval/gold_gain"} if stage == "ppo" else {"train_loss", "eval_loss"}) <= set(on_disk)
-    accuracy = files["metrics/reward.json"]["data"]["eval_accuracy"]
-    assert 0.0 <= accuracy <= 1.0
+        headline = files[f"metrics/headline/{stage}.json"]["data"]
+        assert headline and headline == {key: on_disk[key] for key in step(stage).headline}
+        assert ({"objective/kl", "eval/gold_gain"} if stage == "ppo" else {"train_loss", "eval_loss"}
+                if stage != "evaluate" else {"win_rate/rm", "policy/kl"}) <= set(on_disk)
+    everything = dvc_json(pipeline.folder, "metrics", "show", "metrics/ppo.json", env=pipeline.env)[""]["data"]
+    assert everything["metrics/ppo.json"]["data"] == json.loads((pipeline.folder / "metrics/ppo.json").read_text())
+    assert 0.0 <= files["metrics/headline/reward.json"]["data"]["eval_accuracy"] <= 1.0
 
 
 def test_plots_show_renders_every_loss_curve(pipeline):
@@ -242,8 +250,8 @@ def test_changing_a_reward_param_reruns_only_the_reward_stage_and_its_downstream
 
 
 def test_an_experiment_registers_nothing_unless_asked(pipeline, tmp_path):
-    """`dvc exp run` with another PPO seed retrains PPO and runs everything after it, but adds no registry version
-    (each experiment would); with registry.register_experiments it registers the new policy."""
+    """Issue 14, finding 6: `dvc exp run` with another PPO seed retrains PPO and runs everything after it, but adds
+    no registry version (each experiment did); with registry.register_experiments it registers the new policy."""
     from mlflow.tracking import MlflowClient
 
     folder = tmp_path / "project"
@@ -315,7 +323,7 @@ def test_local_kubeflow_run_matches_dvc_and_registers_a_champion(pipeline, tmp_p
     experiment = f"{pipeline.experiment}-kfp"
     env = dict(pipeline.env, MLFLOW_EXPERIMENT_NAME=experiment)
     output = run(["rlhf", "pipeline", "run", "--local"], cwd=folder, env=env).stdout
-    run_folder = Path(output.split("pipeline run: ")[1].splitlines()[0])
+    run_folder = folder / output.split("pipeline run: ")[1].splitlines()[0]
     assert run_folder.parent == folder / "kfp-local"
     assert "gate reward: passed" in output and "gate evaluation: passed" in output
 
@@ -347,10 +355,21 @@ def test_local_kubeflow_run_matches_dvc_and_registers_a_champion(pipeline, tmp_p
         assert {f"{stage}/{key}" for key in _kfp_metrics(run_folder, stage)} <= set(summary.metrics), stage
     assert summary.metrics["evaluate/win_rate/rm"] == pytest.approx(_kfp_metrics(run_folder, "evaluate")["win_rate/rm"])
     assert summary.metrics["gate/reward"] == summary.metrics["gate/evaluation"] == 1.0
-    for role in ("sft", "reward", "policy"):
+    stage_runs = {r.data.tags["rlhf.stage"]: r for r in runs
+                  if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
+    for role, stage in (("sft", "sft"), ("reward", "reward"), ("policy", "ppo")):
         entry = registered["versions"][role]
-        card = client.get_model_version(entry["model"], str(entry["version"])).description
-        assert "trained in MLflow run [" in card and "**Gates**" in card, role
+        version = client.get_model_version(entry["model"], str(entry["version"]))
+        assert "trained in MLflow run [" in version.description and "**Gates**" in version.description, role
+        # Logged in, and registered from, the run that trained it; that run keeps its status and end time.
+        assert version.run_id == stage_runs[stage].info.run_id, role
+        trained = client.get_run(version.run_id).info
+        assert trained.status == "FINISHED" and trained.end_time < client.get_run(
+            stage_runs["register"].info.run_id).info.start_time, role
+    # A stage's params name its upstream runs, not the temporary artifact folders of the local run.
+    assert stage_runs["reward"].data.params["reward.base_model"] == f"sft run {stage_runs['sft'].info.run_id}"
+    assert stage_runs["ppo"].data.params["ppo.reward_model"] == f"reward run {stage_runs['reward'].info.run_id}"
+    assert not [value for r in stage_runs.values() for value in r.data.params.values() if str(folder) in value]
 
 
 def test_local_kubeflow_run_skips_everything_after_a_failed_gate(pipeline, tmp_path):

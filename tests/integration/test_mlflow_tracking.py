@@ -97,8 +97,8 @@ def test_params_record_the_stage_config(tracked, stage):
         assert int(logged["pretrain.tokenizer.vocab_size"]) == configured["tokenizer"]["vocab_size"]
     if stage == "sft":
         assert logged["sft.dataset"] == "data/sft.jsonl" and logged["sft.lora.enabled"] == "False"
-    if stage == "reward":
-        assert logged["reward.base_model"] == "models/sft"
+    if stage == "reward":  # the model it starts from, by the run that trained it (issue 14)
+        assert logged["reward.base_model"] == f"sft run {tracked.runs['sft'].info.run_id}"
 
 
 @pytest.mark.parametrize("stage", STAGES)

@@ -27,10 +27,11 @@ from kubeflow_helpers import (
 )
 
 from rlhf import cli
-from rlhf.config import KFP_NULL, ConfigError, load_params, to_kfp
-from rlhf.stages import SECTIONS
+from rlhf.config import KFP_NULL, ConfigError, Params, load_params, to_kfp
+from rlhf.stages import SECTIONS, STEPS
 
-PIPELINE_INPUTS = {*SECTIONS, "data_source"}
+KNOBS = {f"{step.name}_{key}": (step.name, step.section, key) for step in STEPS for key in step.knobs}
+PIPELINE_INPUTS = {*SECTIONS, "data_source", *KNOBS}
 
 
 def _compile(folder: Path, *extra: str) -> Compiled:
@@ -223,10 +224,34 @@ def test_pipeline_inputs_are_the_params_sections_with_params_yaml_as_defaults(pl
         default = parameters[section]["defaultValue"]
         assert default == to_kfp(getattr(params, section).model_dump(mode="json")), section
         assert is_subset(to_kfp(raw.get(section, {})), default), f"{section} differs from params.yaml"
-    assert parameters["data_source"] == {"defaultValue": "demo", "isOptional": True, "parameterType": "STRING"}
+    assert parameters["data_source"]["defaultValue"] == "demo" and parameters["data_source"]["parameterType"] == "STRING"
     assert parameters["pretrain"]["defaultValue"]["base_model"] == KFP_NULL
     assert parameters["ppo"]["defaultValue"]["target_kl"] == KFP_NULL
     assert parameters["ppo"]["defaultValue"]["learning_rate"] == raw["ppo"]["learning_rate"]
+
+
+def test_the_knobs_people_tune_are_typed_documented_run_parameters(plain: Compiled) -> None:
+    """Issue 14: a Kubeflow user changed a learning rate by editing a JSON blob whose integers read 2.0 and nulls
+    '<null>'. The knobs are typed parameters (number fields in the run form), with params.yaml's values as defaults
+    and a description each; every step gets its own as typed inputs, which win over its section's."""
+    parameters = plain.spec["root"]["inputDefinitions"]["parameters"]
+    params = load_params(Path(__file__).resolve().parents[2] / "params.yaml")
+    expected_types = {"pretrain_base_model": "STRING", "ppo_total_episodes": "NUMBER_INTEGER"}
+    assert {"sft_learning_rate", "ppo_kl_coef", "ppo_total_episodes", "pretrain_base_model"} <= set(KNOBS)
+    for name, (task, section, key) in KNOBS.items():
+        assert parameters[name]["parameterType"] == expected_types.get(name, "NUMBER_DOUBLE"), name
+        assert parameters[name]["defaultValue"] == (getattr(getattr(params, section), key) or ""), name
+        assert plain.source(task, key, "parameters") == ("pipeline", name)
+    assert all(parameters[name].get("description") for name in parameters), "every parameter is documented"
+
+
+def test_a_knob_wins_over_its_sections_value() -> None:
+    from rlhf.components import steps
+
+    section = to_kfp(Params().sft.model_dump(mode="json"))
+    assert steps._configure("sft", section, learning_rate=0.25, epochs=3.0).learning_rate == 0.25
+    assert steps._configure("pretrain", to_kfp(Params().pretrain.model_dump(mode="json")),
+                            base_model=None).base_model is None
 
 
 def test_set_overrides_change_the_compiled_defaults(tmp_path: Path) -> None:

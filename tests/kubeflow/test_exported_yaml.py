@@ -8,7 +8,9 @@ import pytest
 from kfp import components
 
 from rlhf.pipelines.rlhf_pipeline import COMPONENTS_DIR, PIPELINES_DIR, export
-from rlhf.stages import SECTIONS, STEP_NAMES
+from rlhf.stages import SECTIONS, STEP_NAMES, STEPS
+
+KNOBS = {f"{step.name}_{key}" for step in STEPS for key in step.knobs}
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -44,9 +46,10 @@ def test_every_step_has_a_component_and_every_file_loads_with_kfp() -> None:
     for path in sorted((REPO / COMPONENTS_DIR).glob("*.yaml")):
         assert components.load_component_from_file(str(path)).name.replace("-", "_") == path.stem
     for path in sorted((REPO / PIPELINES_DIR).glob("*.yaml")):
-        assert set(components.load_component_from_file(str(path)).component_spec.inputs) == {*SECTIONS, "data_source"}
+        inputs = set(components.load_component_from_file(str(path)).component_spec.inputs)
+        assert inputs == {*SECTIONS, "data_source", *KNOBS}
     sft = components.load_component_from_file(str(REPO / COMPONENTS_DIR / "sft.yaml")).component_spec
-    assert set(sft.inputs) == {"params", "kfp_run_id", "dataset", "base_model"}
+    assert set(sft.inputs) == {"params", "learning_rate", "epochs", "kfp_run_id", "dataset", "base_model"}
     assert set(sft.outputs) == {"model", "metrics"}
 
 
@@ -57,11 +60,12 @@ def test_a_changed_component_signature_makes_the_committed_yaml_stale(
 
     from rlhf.components import definitions
 
-    def sft(params: dict, kfp_run_id: str, dataset: Input[Dataset], base_model: Input[Model], model: Output[Model],
-            metrics: Output[Metrics], seed: int = 0):
+    def sft(params: dict, learning_rate: float, epochs: float, kfp_run_id: str, dataset: Input[Dataset],
+            base_model: Input[Model], model: Output[Model], metrics: Output[Metrics], seed: int = 0):
         from rlhf.components import steps
 
-        steps.sft(params, dataset.path, base_model.path, model.path, metrics, kfp_run_id)
+        steps.sft(params, dataset.path, base_model.path, model.path, metrics, kfp_run_id,
+                  learning_rate=learning_rate, epochs=epochs)
 
     monkeypatch.setattr(definitions, "sft", sft)
     export(REPO, tmp_path)

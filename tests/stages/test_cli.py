@@ -111,6 +111,28 @@ def test_bad_value_in_params_file(workdir: Path) -> None:
     assert len(errors) == 1 and "params.yaml" in errors[0] and "bogus_section" in errors[0]
 
 
+@pytest.mark.parametrize(("params", "expected"), [
+    (None, "error: params.yaml: params file not found in {workdir}; pass --params FILE, or --defaults for the "
+           "built-in defaults"),
+    ("", "error: params.yaml: empty; pass --params FILE, or --defaults for the built-in defaults"),
+    ("pretrain:\n  seed: 1\n", "error: params.yaml: no ppo section; add it, or pass --defaults for the built-in ones"),
+])
+def test_missing_or_empty_params_is_one_line_and_writes_nothing(params: str | None, expected: str,
+                                                                 workdir: Path) -> None:
+    """Issue 14, finding 5: no params.yaml, an empty one or one without the stage's section meant silent defaults
+    (kl_coef 0.05 where the shipped file says 0.1). `--defaults` asks for them."""
+    (workdir / "params.yaml").unlink()
+    if params is not None:
+        (workdir / "params.yaml").write_text(params, encoding="utf-8")
+    before = snapshot(workdir)
+    result = rlhf("ppo", cwd=workdir)
+    assert result.returncode == 2
+    assert error_lines(result) == [expected.format(workdir=workdir)]
+    assert snapshot(workdir) == before
+    with_defaults = rlhf("gate", "reward", "--defaults", cwd=workdir)  # reaches the gate: defaults were taken
+    assert "params" not in with_defaults.stderr, with_defaults.stderr
+
+
 def test_missing_base_model_is_a_one_line_error(workdir: Path) -> None:
     result = rlhf("sft", cwd=workdir)
     assert result.returncode == 2

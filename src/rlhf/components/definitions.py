@@ -1,7 +1,8 @@
 """One Kubeflow Pipelines v2 component per step, typed with kfp's artifact types.
 
 Each body imports the package and makes one call into `rlhf.components.steps`, which runs the same stage function
-as the CLI and DVC. The functions here are plain; `build_components` turns them into components for a given image
+as the CLI and DVC. A step takes its params section as a dict and, as typed inputs, the keys of it that people tune
+(`Step.knobs`), which win over the section's. The functions here are plain; `build_components` turns them into components for a given image
 when the pipeline is built, so importing this module does nothing. (No `from __future__ import annotations`: kfp
 reads the annotations as types.)
 """
@@ -18,24 +19,27 @@ def data(demo: dict, source: str, kfp_run_id: str, dataset: Output[Dataset]):
     steps.prepare_data(demo, source, dataset.path, kfp_run_id)
 
 
-def pretrain(params: dict, kfp_run_id: str, dataset: Input[Dataset], model: Output[Model], metrics: Output[Metrics]):
+def pretrain(params: dict, base_model: str, kfp_run_id: str, dataset: Input[Dataset], model: Output[Model],
+             metrics: Output[Metrics]):
     from rlhf.components import steps
 
-    steps.pretrain(params, dataset.path, model.path, metrics, kfp_run_id)
+    steps.pretrain(params, dataset.path, model.path, metrics, kfp_run_id, base_model=base_model)
 
 
-def sft(params: dict, kfp_run_id: str, dataset: Input[Dataset], base_model: Input[Model], model: Output[Model],
-        metrics: Output[Metrics]):
+def sft(params: dict, learning_rate: float, epochs: float, kfp_run_id: str, dataset: Input[Dataset],
+        base_model: Input[Model], model: Output[Model], metrics: Output[Metrics]):
     from rlhf.components import steps
 
-    steps.sft(params, dataset.path, base_model.path, model.path, metrics, kfp_run_id)
+    steps.sft(params, dataset.path, base_model.path, model.path, metrics, kfp_run_id, learning_rate=learning_rate,
+              epochs=epochs)
 
 
-def reward(params: dict, kfp_run_id: str, dataset: Input[Dataset], sft_model: Input[Model], model: Output[Model],
-           metrics: Output[Metrics]):
+def reward(params: dict, learning_rate: float, epochs: float, kfp_run_id: str, dataset: Input[Dataset],
+           sft_model: Input[Model], model: Output[Model], metrics: Output[Metrics]):
     from rlhf.components import steps
 
-    steps.reward(params, dataset.path, sft_model.path, model.path, metrics, kfp_run_id)
+    steps.reward(params, dataset.path, sft_model.path, model.path, metrics, kfp_run_id, learning_rate=learning_rate,
+                 epochs=epochs)
 
 
 def gate_reward(params: dict, kfp_run_id: str, reward_metrics: Input[Metrics], reward_model: Input[Model],
@@ -45,11 +49,13 @@ def gate_reward(params: dict, kfp_run_id: str, reward_metrics: Input[Metrics], r
     return steps.gate("reward", params, reward_metrics.path, reward_model.path, verdict.path, kfp_run_id)
 
 
-def ppo(params: dict, kfp_run_id: str, dataset: Input[Dataset], sft_model: Input[Model], reward_model: Input[Model],
-        model: Output[Model], metrics: Output[Metrics]):
+def ppo(params: dict, learning_rate: float, kl_coef: float, total_episodes: int, kfp_run_id: str,
+        dataset: Input[Dataset], sft_model: Input[Model], reward_model: Input[Model], model: Output[Model],
+        metrics: Output[Metrics]):
     from rlhf.components import steps
 
-    steps.ppo(params, dataset.path, sft_model.path, reward_model.path, model.path, metrics, kfp_run_id)
+    steps.ppo(params, dataset.path, sft_model.path, reward_model.path, model.path, metrics, kfp_run_id,
+              learning_rate=learning_rate, kl_coef=kl_coef, total_episodes=total_episodes)
 
 
 def evaluate(params: dict, kfp_run_id: str, dataset: Input[Dataset], policy_model: Input[Model],

@@ -15,6 +15,7 @@ from typing import Any
 
 from rlhf import tracking
 from rlhf.config import Params, flatten, from_kfp
+from rlhf.console import quiet_progress_bars
 from rlhf.stages import gate_step, step
 from rlhf.storage import atomic_dir, fetch, scratch_dir, write_json
 
@@ -41,6 +42,7 @@ def _join_pipeline_run(kfp_run_id: str) -> None:
     """This step's MLflow runs nest under the pipeline's run; registered versions carry the Kubeflow run id.
     Where Kubeflow's MLflow integration made the task's run (MLFLOW_RUN_ID), that run is already nested under the
     pipeline's, and the stage logs into it."""
+    quiet_progress_bars()
     if not tracking.injected_run():
         os.environ[tracking.PARENT_RUN_ENV] = _parent_run(kfp_run_id)
     os.environ["RLHF_PIPELINE_RUN_ID"] = f"kfp-{kfp_run_id}"
@@ -62,10 +64,11 @@ def _in(data_dir: str, configured: str) -> str:
     return str(Path(data_dir) / Path(configured).name)
 
 
-def _configure(step_name: str, section: dict[str, Any], **paths: str) -> Any:
-    """The step's validated params section, with its paths pointed at the component's artifacts."""
+def _configure(step_name: str, section: dict[str, Any], **values: Any) -> Any:
+    """The step's validated params section, with its paths pointed at the component's artifacts and its typed run
+    parameters (`Step.knobs`) in place of the section's values."""
     config_class = Params.model_fields[step(step_name).section].annotation
-    return config_class.model_validate({**from_kfp(section), **paths})
+    return config_class.model_validate({**from_kfp(section), **values})
 
 
 def _report(metrics: dict[str, float], metrics_artifact) -> None:
@@ -89,7 +92,7 @@ def _summarise(params: dict[str, Any], metrics: dict[str, float]) -> None:
     try:
         MlflowClient(tracking.tracking_uri()).log_batch(
             parent, metrics=[Metric(key, float(value), now, 0) for key, value in metrics.items()],
-            params=[Param(key, str(value)) for key, value in params.items()])
+            params=[Param(key, str(value)) for key, value in tracking.describe_params(params).items()])
     except MlflowException as exc:  # a summary that cannot be written (a param logged before with another value)
         print(f"warning: the pipeline's MLflow run did not take this step's summary: {str(exc).splitlines()[0]}")
 
@@ -115,27 +118,29 @@ def prepare_data(demo: dict[str, Any], source: str, data_dir: str, kfp_run_id: s
             shutil.copytree(fetch(source), staging, dirs_exist_ok=True)
 
 
-def pretrain(section, data_dir, model_dir, metrics_artifact, kfp_run_id) -> None:
-    cfg = _configure("pretrain", section, corpus=_in(data_dir, section["corpus"]), output_dir=model_dir)
+def pretrain(section, data_dir, model_dir, metrics_artifact, kfp_run_id, **knobs) -> None:
+    if knobs.get("base_model") == "":  # the typed run parameter's form of null: the tiny model, from scratch
+        knobs["base_model"] = None
+    cfg = _configure("pretrain", section, corpus=_in(data_dir, section["corpus"]), output_dir=model_dir, **knobs)
     _train("pretrain", cfg, metrics_artifact, kfp_run_id)
 
 
-def sft(section, data_dir, base_dir, model_dir, metrics_artifact, kfp_run_id) -> None:
+def sft(section, data_dir, base_dir, model_dir, metrics_artifact, kfp_run_id, **knobs) -> None:
     cfg = _configure("sft", section, model=base_dir, dataset=_in(data_dir, section["dataset"]),
-                     output_dir=model_dir)
+                     output_dir=model_dir, **knobs)
     _train("sft", cfg, metrics_artifact, kfp_run_id)
 
 
-def reward(section, data_dir, sft_dir, model_dir, metrics_artifact, kfp_run_id) -> None:
+def reward(section, data_dir, sft_dir, model_dir, metrics_artifact, kfp_run_id, **knobs) -> None:
     cfg = _configure("reward", section, base_model=sft_dir, dataset=_in(data_dir, section["dataset"]),
-                     output_dir=model_dir)
+                     output_dir=model_dir, **knobs)
     _train("reward", cfg, metrics_artifact, kfp_run_id)
 
 
-def ppo(section, data_dir, sft_dir, reward_dir, model_dir, metrics_artifact, kfp_run_id) -> None:
+def ppo(section, data_dir, sft_dir, reward_dir, model_dir, metrics_artifact, kfp_run_id, **knobs) -> None:
     cfg = _configure("ppo", section, policy_model=sft_dir, reward_model=reward_dir,
                      prompts=_in(data_dir, section["prompts"]), eval_prompts=_in(data_dir, section["eval_prompts"]),
-                     output_dir=model_dir)
+                     output_dir=model_dir, **knobs)
     _train("ppo", cfg, metrics_artifact, kfp_run_id)
 
 

@@ -2,8 +2,9 @@
 
 Each gate returns "passed" or "failed"; `dsl.If` runs the rest only on "passed", so a failed gate skips everything
 downstream. The whole DAG sits in an exit handler that closes the pipeline's MLflow parent run (FINISHED or FAILED).
-The pipeline's parameters are params.yaml's sections (validated before compiling or submitting); resources, retries,
-caching and Kubernetes settings come from its `kubeflow` section.
+The pipeline's parameters are the knobs people tune, typed (`<step>_<key>`: a learning rate is a number field in the
+run form, not a key in a JSON blob; they win over the sections' values), then params.yaml's sections whole (validated
+before compiling or submitting); resources, retries, caching and Kubernetes settings come from its `kubeflow` section.
 """
 
 # No `from __future__ import annotations`: kfp reads the pipeline function's annotations as types.
@@ -14,20 +15,28 @@ from pathlib import Path
 from typing import Any
 
 from rlhf.config import UNPUBLISHED_IMAGE, ConfigError, KubeflowConfig, Params, to_kfp
-from rlhf.stages import SECTIONS, STEP_NAMES
+from rlhf.stages import SECTIONS, STEP_NAMES, STEPS
+
+
+def knob_arguments(params: Params) -> dict[str, Any]:
+    """The typed run parameters, `<step>_<key>` for each of a step's knobs, from `params` (a null as "")."""
+    return {f"{step.name}_{key}": "" if value is None else value
+            for step in STEPS for key in step.knobs
+            for value in [getattr(getattr(params, step.section), key)]}
 
 
 def pipeline_arguments(params: Params) -> dict[str, Any]:
-    """The pipeline's run arguments: each params.yaml section as a dict, and the data source."""
+    """The pipeline's run arguments: each params.yaml section as a dict, the data source and the typed knobs."""
     return {section: to_kfp(getattr(params, section).model_dump(mode="json")) for section in SECTIONS} | {
-        "data_source": params.kubeflow.data_source}
+        "data_source": params.kubeflow.data_source} | knob_arguments(params)
 
 
-def _configure(task, step: str, settings: KubeflowConfig, cached: bool = True):
-    """Resources, retries, caching, environment variables and the optional Kubernetes settings of one task."""
+def _configure(task, step: str, settings: KubeflowConfig, cached: bool = True, local: bool = False):
+    """Resources, retries, caching, environment variables and the optional Kubernetes settings of one task. kfp's
+    local runner ignores resources and display names, warning for each task: a local run leaves them out."""
     from kfp import kubernetes
 
-    resources = settings.resources.get(step) or settings.resources.get("default")
+    resources = None if local else settings.resources.get(step) or settings.resources.get("default")
     if resources is not None:
         if resources.cpu:
             task.set_cpu_request(resources.cpu).set_cpu_limit(resources.cpu)
@@ -47,11 +56,12 @@ def _configure(task, step: str, settings: KubeflowConfig, cached: bool = True):
         kubernetes.mount_pvc(task, settings.model_cache_pvc, mount_path=settings.model_cache_path)
     for key, value in settings.node_selector.items():
         kubernetes.add_node_selector(task, key, value)
-    return task.set_display_name(step)
+    return task if local else task.set_display_name(step)
 
 
-def build_pipeline(params: Params) -> Callable:
-    """The pipeline function, its parameters defaulting to `params` (what `compile` bakes in as defaults)."""
+def build_pipeline(params: Params, local: bool = False) -> Callable:
+    """The pipeline function, its parameters defaulting to `params` (what `compile` bakes in as defaults); `local`:
+    for kfp's local runner."""
     from kfp import dsl
 
     from rlhf.components.definitions import build_components
@@ -63,25 +73,60 @@ def build_pipeline(params: Params) -> Callable:
 
     def step(name: str, cached: bool = True, **inputs):
         task = ops[settings.step_image(name)][name](kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, **inputs)
-        return _configure(task, name, settings, cached)
+        return _configure(task, name, settings, cached, local)
 
     @dsl.pipeline(name=settings.pipeline_name, pipeline_root=settings.pipeline_root,
                   description="RLHF: pretrain, SFT, reward model, PPO, evaluation, gated registration in MLflow")
-    def rlhf_pipeline(demo: dict = defaults["demo"], pretrain: dict = defaults["pretrain"],
+    # The knobs first: the run form lists them before the whole sections they override.
+    def rlhf_pipeline(pretrain_base_model: str = defaults["pretrain_base_model"],
+                      sft_learning_rate: float = defaults["sft_learning_rate"],
+                      sft_epochs: float = defaults["sft_epochs"],
+                      reward_learning_rate: float = defaults["reward_learning_rate"],
+                      reward_epochs: float = defaults["reward_epochs"],
+                      ppo_learning_rate: float = defaults["ppo_learning_rate"],
+                      ppo_kl_coef: float = defaults["ppo_kl_coef"],
+                      ppo_total_episodes: int = defaults["ppo_total_episodes"],
+                      data_source: str = defaults["data_source"],
+                      demo: dict = defaults["demo"], pretrain: dict = defaults["pretrain"],
                       sft: dict = defaults["sft"], reward: dict = defaults["reward"], ppo: dict = defaults["ppo"],
                       evaluate: dict = defaults["evaluate"], gates: dict = defaults["gates"],
-                      registry: dict = defaults["registry"], data_source: str = defaults["data_source"]):
+                      registry: dict = defaults["registry"]):
+        """RLHF: pretrain, SFT, reward model, PPO, evaluation, gated registration in MLflow.
+
+        Args:
+            pretrain_base_model: the Hugging Face model (hub id or folder) to start from; empty: pretrain the tiny
+                model from scratch.
+            sft_learning_rate: supervised fine-tuning's peak learning rate.
+            sft_epochs: passes over the SFT dataset.
+            reward_learning_rate: the reward model's peak learning rate.
+            reward_epochs: passes over the preference pairs.
+            ppo_learning_rate: PPO's learning rate for the policy and its critic.
+            ppo_kl_coef: beta, the weight of the KL penalty to the SFT model in PPO's reward.
+            ppo_total_episodes: prompts PPO samples answers for, in all.
+            data_source: "demo" (the generated demo task) or a folder (local or s3://) of the pipeline's datasets.
+            demo: params.yaml's demo section (the demo task's sizes and seed).
+            pretrain: params.yaml's pretrain section (pretrain_base_model wins over its base_model).
+            sft: params.yaml's sft section (the sft_* parameters win over its keys).
+            reward: params.yaml's reward section (the reward_* parameters win over its keys).
+            ppo: params.yaml's ppo section (the ppo_* parameters win over its keys).
+            evaluate: params.yaml's evaluate section.
+            gates: params.yaml's gates section: the thresholds the reward model and the policy must clear.
+            registry: params.yaml's registry section: model names, serving settings.
+        """
         close = step("close_pipeline_run", cached=False)
         with dsl.ExitHandler(close, name="rlhf"):
             data = step("data", demo=demo, source=data_source)
             dataset = data.outputs["dataset"]
-            pretrained = step("pretrain", params=pretrain, dataset=dataset)
-            tuned = step("sft", params=sft, dataset=dataset, base_model=pretrained.outputs["model"])
-            scorer = step("reward", params=reward, dataset=dataset, sft_model=tuned.outputs["model"])
+            pretrained = step("pretrain", params=pretrain, base_model=pretrain_base_model, dataset=dataset)
+            tuned = step("sft", params=sft, learning_rate=sft_learning_rate, epochs=sft_epochs, dataset=dataset,
+                         base_model=pretrained.outputs["model"])
+            scorer = step("reward", params=reward, learning_rate=reward_learning_rate, epochs=reward_epochs,
+                          dataset=dataset, sft_model=tuned.outputs["model"])
             reward_gate = step("gate_reward", params=gates, reward_metrics=scorer.outputs["metrics"],
                                reward_model=scorer.outputs["model"])
             with dsl.If(reward_gate.outputs["Output"] == "passed", name="reward-model-passed"):
-                policy = step("ppo", params=ppo, dataset=dataset, sft_model=tuned.outputs["model"],
+                policy = step("ppo", params=ppo, learning_rate=ppo_learning_rate, kl_coef=ppo_kl_coef,
+                              total_episodes=ppo_total_episodes, dataset=dataset, sft_model=tuned.outputs["model"],
                               reward_model=scorer.outputs["model"])
                 evaluation = step("evaluate", params=evaluate, dataset=dataset, policy_model=policy.outputs["model"],
                                   sft_model=tuned.outputs["model"], reward_model=scorer.outputs["model"])

@@ -11,6 +11,9 @@ import contextlib
 import io
 import json
 import os
+import shutil
+import sys
+import time
 import warnings
 from datetime import datetime
 from pathlib import Path
@@ -18,9 +21,10 @@ from typing import Any
 
 from rlhf import tracking
 from rlhf.config import Params
+from rlhf.console import PROGRESS_ENV, PipelineConsole
 from rlhf.pipelines.rlhf_pipeline import build_pipeline, compile_pipeline, pipeline_arguments
 from rlhf.stages import GATES, STEPS, gate_step
-from rlhf.storage import project_root, scratch_dir
+from rlhf.storage import atomic_dir, project_root, scratch_dir
 
 
 class PipelineError(RuntimeError):
@@ -59,6 +63,21 @@ def _docker_runner():
                               user=f"{os.getuid()}:{os.getgid()}")
 
 
+@contextlib.contextmanager
+def _environment(variables: dict[str, str]):
+    """`variables` set in this process (and so in the steps it starts) for the block, then restored."""
+    saved = {key: os.environ.get(key) for key in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def _unfinished_steps(run_folder: Path, verdicts: dict[str, Any]) -> list[str]:
     """Steps that should have run but did not finish. kfp writes a task's executor_output.json when its function
     returns; DockerRunner reports success for a container that exited before it could read the status, so the
@@ -76,9 +95,12 @@ def _task_name(step: str) -> str:
     return step.replace("_", "-")
 
 
-def run_local(params: Params, pipeline_root: str | Path = "kfp-local", image: str | None = None) -> dict[str, Any]:
+def run_local(params: Params, pipeline_root: str | Path = "kfp-local", image: str | None = None,
+              verbose: bool = False) -> dict[str, Any]:
     """Runs the whole DAG here, each step a subprocess of this Python or, with `image`, a container of that image
-    (podman or docker); returns the run folder, the gate verdicts and what was registered."""
+    (podman or docker); returns the run folder, the gate verdicts, what was registered, the pipeline's MLflow run
+    and the evaluation report's copy under reports/. The console shows one line per step and the progress of the
+    long loops (rlhf.console); `verbose`: everything kfp prints."""
     from kfp import local
 
     from rlhf.image import docker_api
@@ -89,15 +111,26 @@ def run_local(params: Params, pipeline_root: str | Path = "kfp-local", image: st
     root = Path(pipeline_root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     before = set(root.iterdir())
+    # The steps (subprocesses, or containers through the forwarded environment) print progress records, not bars.
+    progress = {} if verbose else {PROGRESS_ENV: "lines"}
     if image:
         # Locally every step runs the one image, GPU steps included.
         kubeflow = params.kubeflow.model_copy(update={"image": image, "cuda_image": image,
-                                                      "env": params.kubeflow.env | _container_environment()})
+                                                      "env": params.kubeflow.env | _container_environment()
+                                                      | progress})
         params = params.model_copy(update={"kubeflow": kubeflow})
-    with docker_api() if image else contextlib.nullcontext():
+    started = time.time()
+    console = None if verbose else PipelineConsole(sys.stdout)
+    with contextlib.ExitStack() as stack:
+        if image:
+            stack.enter_context(docker_api())
+        if console:
+            stack.enter_context(contextlib.redirect_stdout(console))
+            stack.callback(console.close_bar)
         runner = _docker_runner() if image else local.SubprocessRunner(use_venv=False)
         local.init(runner=runner, pipeline_root=str(root), raise_on_error=True)
-        pipeline = build_pipeline(params)
+        stack.enter_context(_environment(progress))
+        pipeline = build_pipeline(params, local=True)
         failure = None
         with warnings.catch_warnings():
             # The local runner warns about any image without "python" in its name.
@@ -123,7 +156,34 @@ def run_local(params: Params, pipeline_root: str | Path = "kfp-local", image: st
         raise PipelineError(failure)
     registered = _task_output(run_folder, "register", "registered")
     return {"run_folder": str(run_folder), "verdicts": verdicts,
-            "registered": json.loads(registered.read_text()) if registered else None}
+            "registered": json.loads(registered.read_text()) if registered else None,
+            "mlflow_run": _pipeline_mlflow_run(started), "report": _copy_report(run_folder)}
+
+
+def _pipeline_mlflow_run(started: float) -> dict[str, str] | None:
+    """The MLflow run this pipeline run made (the newest pipeline run since `started`): its id and experiment."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking.tracking_uri())
+    experiment = client.get_experiment_by_name(tracking.experiment_name())
+    if experiment is None:
+        return None
+    found = client.search_runs([experiment.experiment_id],
+                               f"tags.`rlhf.stage` = 'pipeline' and attributes.start_time >= {int(started * 1000)}",
+                               order_by=["attributes.start_time DESC"], max_results=1)
+    return {"run_id": found[0].info.run_id, "experiment_id": experiment.experiment_id} if found else None
+
+
+def _copy_report(run_folder: Path) -> str | None:
+    """The evaluation report, copied from the evaluate step's artifacts to reports/<run folder>/, where people look
+    for it (and where `rlhf evaluate` writes it under the CLI and DVC)."""
+    report = _task_output(run_folder, _task_name("evaluate"), "report")
+    if report is None:
+        return None
+    target = project_root() / "reports" / run_folder.name
+    with atomic_dir(str(target)) as staging:
+        shutil.copytree(report, staging, dirs_exist_ok=True)
+    return str(target / "report.html")
 
 
 def _describe_server_error(exc: Exception, host: str) -> str:

@@ -19,6 +19,7 @@ from trl.trainer.utils import disable_dropout_in_model, entropy_from_logits
 
 from rlhf.chat import Prompt, format_prompt
 from rlhf.config import PPOConfig
+from rlhf.console import progress_as_lines, report_progress
 from rlhf.modeling import stop_token_ids
 from rlhf.ppo import core
 from rlhf.ppo.models import PolicyAndValue
@@ -212,7 +213,8 @@ class PPOTrainer:
 
     def save_checkpoint(self) -> None:
         folder = self.checkpoint_dir / f"step-{self.progress.step:06d}"
-        self.accelerator.save_state(str(folder))
+        # Pickled, not safetensors: the policy's tied embeddings would be dropped from the file with a warning.
+        self.accelerator.save_state(str(folder), safe_serialization=False)
         if self.accelerator.is_main_process:
             (folder / "COMPLETE").touch()  # written last: a folder without it was interrupted mid-save
             for older in self._checkpoints()[:-1]:
@@ -242,14 +244,18 @@ class PPOTrainer:
         from tqdm.auto import tqdm
 
         self.resume()
+        # In a local pipeline run the console shows progress records instead of the bar (rlhf.console).
         bar = tqdm(total=self.num_steps, initial=self.progress.step, desc="ppo",
-                   disable=not self.accelerator.is_main_process)
+                   disable=not self.accelerator.is_main_process or progress_as_lines())
         while self.progress.step < self.num_steps:
             metrics = self.step(self._prompt_batch(self.progress.step))
             self.progress.history.append({"step": self.progress.step, **metrics})
             on_step(self.progress.step, metrics, self)
             bar.update(1)
             bar.set_postfix(score=f"{metrics['objective/scores']:.2f}", kl=f"{metrics['objective/kl']:.2f}")
+            if progress_as_lines() and self.accelerator.is_main_process:
+                report_progress("ppo", self.progress.step, self.num_steps, score=metrics["objective/scores"],
+                                kl=metrics["objective/kl"])
             if self.progress.step % self.cfg.save_steps == 0 and self.progress.step < self.num_steps:
                 self.save_checkpoint()
         bar.close()

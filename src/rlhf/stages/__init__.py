@@ -21,6 +21,10 @@ class Step:
     kind: Literal["data", "stage", "gate", "register"]
     gate: str | None = None  # gates: which one (`rlhf gate NAME`, gates/NAME.json)
     registers: str | None = None  # stages: the registry role of the model it trains (sft, reward, policy)
+    # Stages: the metrics `dvc metrics show` lists (metrics/headline/NAME.json); all of them are in metrics/NAME.json.
+    headline: tuple[str, ...] = ()
+    # Keys of its section that people tune: typed run parameters of the Kubeflow pipeline, named NAME_KEY.
+    knobs: tuple[str, ...] = ()
 
     @property
     def module(self) -> str:
@@ -37,12 +41,15 @@ class Step:
 
 STEPS = (
     Step("data", "demo", "data"),
-    Step("pretrain", "pretrain", "stage"),
-    Step("sft", "sft", "stage", registers="sft"),
-    Step("reward", "reward", "stage", registers="reward"),
+    Step("pretrain", "pretrain", "stage", headline=("eval_loss",), knobs=("base_model",)),
+    Step("sft", "sft", "stage", registers="sft", headline=("eval_loss",), knobs=("learning_rate", "epochs")),
+    Step("reward", "reward", "stage", registers="reward", headline=("eval_accuracy",),
+         knobs=("learning_rate", "epochs")),
     Step("gate_reward", "gates", "gate", gate="reward"),
-    Step("ppo", "ppo", "stage", registers="policy"),
-    Step("evaluate", "evaluate", "stage"),
+    Step("ppo", "ppo", "stage", registers="policy", headline=("objective/scores", "objective/kl"),
+         knobs=("learning_rate", "kl_coef", "total_episodes")),
+    Step("evaluate", "evaluate", "stage", headline=("win_rate/rm", "win_rate/gold", "gold_gain", "policy/kl",
+                                                    "rm_accuracy")),
     Step("gate_evaluation", "gates", "gate", gate="evaluation"),
     Step("register", "registry", "register"),
 )

@@ -13,6 +13,7 @@ from pydantic import BaseModel
 
 from rlhf import tracking
 from rlhf.config import LoraParams, TrainingParams, config_hash
+from rlhf.console import progress_as_lines, trainer_progress
 from rlhf.storage import (
     atomic_dir,
     checkpoints_root,
@@ -99,14 +100,17 @@ def training_arguments(cfg: TrainingParams, checkpoints: Path, stage: str) -> di
         save_strategy="steps",
         save_steps=cfg.save_steps,
         save_total_limit=1,
-        gradient_checkpointing=cfg.gradient_checkpointing,
+        activation_checkpointing=cfg.gradient_checkpointing,
+        # Pinned memory only helps copies to a GPU (torch warns on every dataloader without one).
+        dataloader_pin_memory=torch.cuda.is_available(),
         bf16=cfg.bf16,
         # transformers allows bf16 autocast without a GPU only when told to use the CPU (fast where the CPU has
         # bf16 instructions).
         use_cpu=cfg.bf16 and not torch.cuda.is_available(),
         # The per-step metrics go to the stage's active MLflow run through transformers' MLflow callback.
         report_to=["mlflow"],
-        disable_tqdm=False,
+        # In a local pipeline run the console shows progress records instead of bars (rlhf.console).
+        disable_tqdm=progress_as_lines(),
     )
 
 
@@ -138,6 +142,12 @@ def train_resuming(trainer, checkpoints: Path) -> dict[str, float]:
     attempt was interrupted."""
     restore_checkpoint(checkpoints)
     trainer.add_callback(_mirror_on_save())
+    if progress_as_lines():
+        from transformers.trainer_callback import PrinterCallback
+
+        # Without bars transformers prints every log entry; the progress records replace them.
+        trainer.remove_callback(PrinterCallback)
+        trainer.add_callback(trainer_progress(trainer.args.run_name))
     last = _last_complete_checkpoint(checkpoints)
     if last:
         print(f"Resuming from checkpoint {last}")

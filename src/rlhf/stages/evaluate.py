@@ -15,6 +15,7 @@ from pathlib import Path
 from rlhf import tracking
 from rlhf.annotators import get_annotator
 from rlhf.config import ConfigError, EvaluateConfig, config_hash, flatten
+from rlhf.console import progress_as_lines
 from rlhf.data.formats import load_dataset, split
 from rlhf.evaluation import compare, pairwise_accuracy, sample_and_score
 from rlhf.modeling import load_causal_lm, load_reward_model, load_tokenizer, require_reward_model, resolve
@@ -85,5 +86,6 @@ def run(cfg: EvaluateConfig) -> StageResult:
                             "sft_rm_score": [row["rm_score"] for row in sft_rows],
                             "ppo": [row["response"] for row in policy_rows],
                             "ppo_rm_score": [row["rm_score"] for row in policy_rows]}, "evaluation/answers.json")
-    print(f"evaluation report: {cfg.output_dir.rstrip('/')}/report.html")
+    if not progress_as_lines():  # a local pipeline run names the report's copy under reports/ at its end
+        print(f"evaluation report: {cfg.output_dir.rstrip('/')}/report.html")
     return StageResult(metrics, [], cfg.output_dir, curves=())

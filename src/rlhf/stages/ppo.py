@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from rlhf import tracking
 from rlhf.annotators import get_annotator
 from rlhf.config import ConfigError, PPOConfig, config_hash, flatten
+from rlhf.console import progress_as_lines
 from rlhf.data.formats import load_dataset
 from rlhf.evaluation import compare, sample_and_score
 from rlhf.modeling import load_causal_lm, load_reward_model, load_tokenizer, require_reward_model, resolve
@@ -70,8 +71,9 @@ def run(cfg: PPOConfig) -> StageResult:
             if step % cfg.sample_steps == 0 and accelerator.is_main_process:
                 queries, responses, scores = trainer.last_samples
                 rows = list(zip(queries, responses, scores))[:8]
-                for query, response, value in rows[:3]:
-                    print(f"[step {step}] {value:+.2f} {query[-60:]!r} -> {response!r}")
+                if not progress_as_lines():  # a local pipeline run's console keeps to progress
+                    for query, response, value in rows[:3]:
+                        print(f"[step {step}] {value:+.2f} {query[-60:]!r} -> {response!r}")
                 tracking.log_table({"query": [r[0] for r in rows], "response": [r[1] for r in rows],
                                     "score": [r[2] for r in rows]}, f"samples/step_{step:05d}.json")
 

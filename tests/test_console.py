@@ -83,6 +83,13 @@ def test_warnings_errors_and_tracebacks_still_show() -> None:
     ]
 
 
+def test_mlflows_registry_notes_give_way_to_the_register_steps_own_line() -> None:
+    lines = step_output("register", "Successfully registered model 'rlhf-sft'.", "Created version '1' of model "
+                        "'rlhf-sft'.", "rlhf-sft v1: new version; champion (no champion yet)")
+    assert shown(lines, tty=False).splitlines() == ["rlhf-sft v1: new version; champion (no champion yet)",
+                                                     "register: done (0 s)"]
+
+
 def test_a_warning_of_the_step_logged_through_kfps_executor_shows_without_its_prefix() -> None:
     lines = step_output("ppo", "[KFP Executor 2026-12-02 15:45:58,178 WARNING]: [RANK 0] a checkpoint was not saved")
     assert "[RANK 0] a checkpoint was not saved" in shown(lines, tty=False).splitlines()

@@ -129,6 +129,13 @@ def _get(url: str, path: str, **query: str) -> dict:
         return json.loads(response.read())
 
 
+def _post(url: str, path: str, body: dict) -> dict:
+    request = urllib.request.Request(f"{url}{path}", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
 @pytest.fixture(scope="module")
 def mlflow_ui(clone: Clone):
     """The `mlflow ui` command the summary printed, on a free port."""
@@ -160,8 +167,8 @@ def test_mlflow_pages_tell_what_the_pipeline_did(clone: Clone, mlflow_ui: str) -
     tags = {tag["key"]: tag["value"] for tag in experiment.get("tags", [])}
     assert tags["mlflow.experimentKind"] == "custom_model_development"
 
-    parents = _get(mlflow_ui, "/api/2.0/mlflow/runs/search", experiment_ids=experiment["experiment_id"],
-                   filter="tags.`rlhf.stage` = 'pipeline'")["runs"]
+    parents = _post(mlflow_ui, "/api/2.0/mlflow/runs/search", {"experiment_ids": [experiment["experiment_id"]],
+                                                                "filter": "tags.`rlhf.stage` = 'pipeline'"})["runs"]
     assert len(parents) == 1
     assert len(parents[0]["data"]["params"]) > 50 and len(parents[0]["data"]["metrics"]) > 10
 
@@ -261,7 +268,7 @@ def test_demo_pipeline_reproduces_with_dvc(demo_project: Path) -> None:
     for entry in registered["versions"].values():
         # DVC's version is champion if it beat the Kubeflow run's version 1 (the first champion), else that one stays.
         crowned = "champion" in entry["outcome"].split(";")[-1]
-        champion = client.get_model_version_by_alias(entry["model"], "champion").version
+        champion = str(client.get_model_version_by_alias(entry["model"], "champion").version)
         assert champion == (str(entry["version"]) if crowned else "1"), entry
 
     # A fresh Python process loads the champion policy from the registry and summarises a new review.

@@ -15,7 +15,8 @@ def test_the_readme_opens_with_the_two_set_up_commands_and_stays_short() -> None
     first_block = readme.split("```bash\n", 1)[1].split("```", 1)[0].splitlines()
     assert first_block[0].endswith(".venv/bin/rlhf pipeline run --local")
     assert first_block[1].endswith(".venv/bin/python -m pytest")
-    assert first_block[1].split(" && ")[-1] in (REPO / ".ci" / "run").read_text()  # CI runs what the README says
+    # CI runs the second command as written, on a clean clone; tests/test_demo_pipeline.py runs the first.
+    assert first_block[1] in (REPO / ".ci" / "run").read_text()
     assert len(readme.splitlines()) <= 220
 
 

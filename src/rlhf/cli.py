@@ -161,7 +161,7 @@ def _run_summary(result: dict) -> list[str]:
     """The end of a local pipeline run: where its outputs are, the gates, the versions and how to look at them."""
     from rlhf.tracking import tracking_uri
 
-    lines = ["", f"pipeline run: {_relative(result['run_folder'])}"]
+    lines = ["", f"pipeline run: {result['run_folder']}"]
     lines += [f"gate {gate}: {'passed' if verdict['passed'] else 'FAILED'}"
               for gate, verdict in result["verdicts"].items() if verdict is not None]
     versions = (result["registered"] or {}).get("versions", {})

@@ -28,6 +28,8 @@ _KFP_LOG = re.compile(r"^\d\d:\d\d:\d\d\.\d+ - (INFO|WARNING|ERROR) - (.*)$")
 _TASK = re.compile(r"'([\w-]+)'")
 _EXECUTOR_LOG = re.compile(r"^\[KFP Executor [\d\- :,]+ (\w+)\]: (.*)$")
 _LIBRARY_INFO = re.compile(r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d INFO ")
+# MLflow's notes on registering, which the register step's own line per version repeats.
+_REGISTRY_NOTE = re.compile(r"^(Successfully registered model '|Created version '\d+' of model ')")
 
 
 def progress_as_lines() -> bool:
@@ -140,7 +142,7 @@ class PipelineConsole(io.TextIOBase):
         if text.startswith(PROGRESS_MARK):
             self._progress(json.loads(text[len(PROGRESS_MARK):]))
             return
-        if not text.strip() or set(text.strip()) == {"-"} or _LIBRARY_INFO.match(text):
+        if not text.strip() or set(text.strip()) == {"-"} or _LIBRARY_INFO.match(text) or _REGISTRY_NOTE.match(text):
             return
         self._print(text.rstrip())
 

@@ -161,16 +161,19 @@ def run_local(params: Params, pipeline_root: str | Path = "kfp-local", image: st
 
 
 def _pipeline_mlflow_run(started: float) -> dict[str, str] | None:
-    """The MLflow run this pipeline run made (the newest pipeline run since `started`): its id and experiment."""
+    """The MLflow run this pipeline run made (the newest pipeline run since `started`): its id and experiment. None
+    when the tracking store cannot say: the summary then goes without the link, the run having succeeded."""
     from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
 
     client = MlflowClient(tracking.tracking_uri())
-    experiment = client.get_experiment_by_name(tracking.experiment_name())
-    if experiment is None:
+    try:
+        experiment = client.get_experiment_by_name(tracking.experiment_name())
+        found = experiment and client.search_runs(
+            [experiment.experiment_id], f"tags.`rlhf.stage` = 'pipeline' and attributes.start_time >= "
+            f"{int(started * 1000)}", order_by=["attributes.start_time DESC"], max_results=1)
+    except MlflowException:
         return None
-    found = client.search_runs([experiment.experiment_id],
-                               f"tags.`rlhf.stage` = 'pipeline' and attributes.start_time >= {int(started * 1000)}",
-                               order_by=["attributes.start_time DESC"], max_results=1)
     return {"run_id": found[0].info.run_id, "experiment_id": experiment.experiment_id} if found else None
 
 

@@ -46,9 +46,10 @@ def readme_blocks() -> list[str]:
 
 def fresh_shell() -> dict[str, str]:
     """A new login shell's environment: no venv on PATH, none of this process's MLflow or project settings; what
-    pip and git need to reach the package index (HOME for pip's cache and config, proxies) is kept."""
+    pip and git need to reach the package index (HOME for pip's cache and config, proxies) is kept, and the
+    suite's one thread per process (conftest)."""
     kept = {key: value for key, value in os.environ.items()
-            if key in ("HOME", "USER", "LANG", "TERM", "TMPDIR") or key.lower().endswith("_proxy")
+            if key in ("HOME", "USER", "LANG", "TERM", "TMPDIR", "OMP_NUM_THREADS") or key.lower().endswith("_proxy")
             or key.startswith("PIP_INDEX") or key == "PIP_EXTRA_INDEX_URL"}
     return kept | {"PATH": "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin"}
 

@@ -87,8 +87,9 @@ def describe_params(params: dict[str, Any]) -> dict[str, Any]:
     root = project_root().resolve()
     described = {}
     for key, value in params.items():
-        if isinstance(value, str) and value and "://" not in value and Path(value).exists():
-            path = Path(value).resolve()
+        if isinstance(value, str) and value and "://" not in value and (Path(value).exists()
+                                                                        or Path(value).is_absolute()):
+            path = Path(value).resolve()  # an output folder not yet written is named all the same
             upstream = read_provenance(path) if path.is_dir() else {}
             if upstream.get("mlflow_run_id"):
                 value = f"{upstream['stage']} run {upstream['mlflow_run_id']}"

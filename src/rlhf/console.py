@@ -90,7 +90,6 @@ class PipelineConsole(io.TextIOBase):
         self._open_bar = False  # a progress line drawn in place, not yet ended
         self._quarters: dict[str, int] = {}
         self._started: dict[str, float] = {}
-        self.steps_done: list[str] = []
 
     def writable(self) -> bool:
         return True
@@ -155,8 +154,6 @@ class PipelineConsole(io.TextIOBase):
             seconds = time.monotonic() - self._started.get(name, time.monotonic())
             status = message.rsplit(" ", 1)[-1]
             self._print(f"{name}: {'done' if status == 'SUCCESS' else status} ({seconds:.0f} s)")
-            if status == "SUCCESS":
-                self.steps_done.append(name)
         elif message.startswith(f"Task '{name}' outputs:"):
             self._skipping_outputs = True
         elif level != "INFO":

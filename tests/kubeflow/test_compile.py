@@ -250,8 +250,8 @@ def test_a_knob_wins_over_its_sections_value() -> None:
 
     section = to_kfp(Params().sft.model_dump(mode="json"))
     assert steps._configure("sft", section, learning_rate=0.25, epochs=3.0).learning_rate == 0.25
-    assert steps._configure("pretrain", to_kfp(Params().pretrain.model_dump(mode="json")),
-                            base_model=None).base_model is None
+    pretrain = to_kfp(Params().pretrain.model_dump(mode="json")) | {"base_model": "gpt2"}
+    assert steps._configure("pretrain", pretrain, base_model=None).base_model is None
 
 
 def test_set_overrides_change_the_compiled_defaults(tmp_path: Path) -> None:

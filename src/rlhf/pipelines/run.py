@@ -18,6 +18,7 @@ import warnings
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 from rlhf import tracking
 from rlhf.config import Params
@@ -61,21 +62,6 @@ def _docker_runner():
     mounts = [docker.types.Mount(target=folder, source=folder, type="bind") for folder in sorted(outermost)]
     return local.DockerRunner(network_mode="host", mounts=mounts, working_dir=str(Path.cwd().resolve()),
                               user=f"{os.getuid()}:{os.getgid()}")
-
-
-@contextlib.contextmanager
-def _environment(variables: dict[str, str]):
-    """`variables` set in this process (and so in the steps it starts) for the block, then restored."""
-    saved = {key: os.environ.get(key) for key in variables}
-    os.environ.update(variables)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def _unfinished_steps(run_folder: Path, verdicts: dict[str, Any]) -> list[str]:
@@ -129,7 +115,7 @@ def run_local(params: Params, pipeline_root: str | Path = "kfp-local", image: st
             stack.callback(console.close_bar)
         runner = _docker_runner() if image else local.SubprocessRunner(use_venv=False)
         local.init(runner=runner, pipeline_root=str(root), raise_on_error=True)
-        stack.enter_context(_environment(progress))
+        stack.enter_context(mock.patch.dict(os.environ, progress))  # set for the steps, restored after
         pipeline = build_pipeline(params, local=True)
         failure = None
         with warnings.catch_warnings():

@@ -49,12 +49,17 @@ TINY_PARAMS = {
 
 @pytest.fixture(scope="session", autouse=True)
 def _one_torch_thread():
-    """Tiny in-process models run many times faster on one thread than on two contended ones (2-core CI)."""
+    """One torch thread per process, in this process and in the subprocesses tests start (a thread count the
+    caller set stays): two workers share two cores in CI, and torch jobs with a thread per core each slowed each
+    other 10-20x there."""
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
+    with pytest.MonkeyPatch.context() as patch:
+        if "OMP_NUM_THREADS" not in os.environ:
+            patch.setenv("OMP_NUM_THREADS", "1")
+        yield
     torch.set_num_threads(threads)
 
 

@@ -280,12 +280,23 @@ def test_interrupted_sft_resumes_from_checkpoint(workdir: Path, pretrained: Trai
     shutil.copytree(pretrained.output, workdir / "models" / "pretrained")
     args = ["sft", "--set", "sft.save_steps=2", "--set", "sft.epochs=2"]
 
-    # 1. Start, wait for a complete checkpoint (trainer_state.json is the last file a checkpoint gets), SIGKILL.
+    def complete_checkpoints() -> list[Path]:
+        # trainer_state.json is the last file a checkpoint gets, written in place: complete once it parses.
+        complete = []
+        for state in workdir.glob("checkpoints/sft-*/checkpoint-*/trainer_state.json"):
+            try:
+                json.loads(state.read_text())
+            except (OSError, ValueError):
+                continue
+            complete.append(state.parent)
+        return complete
+
+    # 1. Start, wait for a complete checkpoint, SIGKILL.
     log = (workdir / "first-run.log").open("w")
     process = subprocess.Popen([*RLHF, *args], cwd=workdir, env=cli_env(), stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 240
-        while not list(workdir.glob("checkpoints/sft-*/checkpoint-*/trainer_state.json")):
+        while not complete_checkpoints():
             assert process.poll() is None, "the run ended before writing a checkpoint: " + (
                 workdir / "first-run.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "no checkpoint appeared"
@@ -304,7 +315,7 @@ def test_interrupted_sft_resumes_from_checkpoint(workdir: Path, pretrained: Trai
     # Killed between two checkpoints (if this fails, the kill landed inside the next checkpoint's save, the case
     # test_resume_skips_a_half_written_checkpoint covers; the rerun below would then fail on it).
     newest = max(stage_checkpoints.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[-1]))
-    assert (newest / "trainer_state.json").exists(), f"{newest} is half-written"
+    assert newest in complete_checkpoints(), f"{newest} is half-written"
 
     # 2. The same command resumes and completes.
     result = rlhf(*args, cwd=workdir)

@@ -421,8 +421,10 @@ def test_stage_failing_while_saving_keeps_previous_output(
     assert leftovers(workdir) == []
 
 
+@pytest.mark.parametrize("trainer_state", [None, "", '{"best_global_step": null, "best_metric'],
+                         ids=["state-missing", "state-empty", "state-cut-short"])
 def test_resume_skips_a_half_written_checkpoint(
-    workdir: Path, pretrained: Trained, monkeypatch: pytest.MonkeyPatch
+    workdir: Path, pretrained: Trained, monkeypatch: pytest.MonkeyPatch, trainer_state: str | None
 ) -> None:
     from transformers import Trainer
 
@@ -434,8 +436,12 @@ def test_resume_skips_a_half_written_checkpoint(
     def killed_while_saving_step_6(self: Any, model: Any, trial: Any) -> None:
         if self.state.global_step < 6:
             return original(self, model, trial)
-        # What a SIGKILL part-way through `_save_checkpoint` leaves: the folder and weights, no trainer state.
-        self.save_model(str(Path(self.args.output_dir) / "checkpoint-6"), _internal_call=True)
+        # What a SIGKILL part-way through `_save_checkpoint` leaves: the folder and weights, and no trainer state
+        # or the start of one (it is written last, in place).
+        folder = Path(self.args.output_dir) / "checkpoint-6"
+        self.save_model(str(folder), _internal_call=True)
+        if trainer_state is not None:
+            (folder / "trainer_state.json").write_text(trainer_state)
         raise KeyboardInterrupt("simulated kill while saving checkpoint-6")
 
     with monkeypatch.context() as patch:
@@ -444,7 +450,7 @@ def test_resume_skips_a_half_written_checkpoint(
             sft.run(cfg)
     (checkpoints,) = workdir.glob("checkpoints/sft-*")
     assert (checkpoints / "checkpoint-4" / "trainer_state.json").exists()
-    assert not (checkpoints / "checkpoint-6" / "trainer_state.json").exists()
+    assert (checkpoints / "checkpoint-6" / "trainer_state.json").exists() == (trainer_state is not None)
 
     result = sft.run(cfg)  # must resume from checkpoint-4, the newest complete one
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import sys
 from dataclasses import dataclass, field
@@ -114,12 +115,21 @@ def training_arguments(cfg: TrainingParams, checkpoints: Path, stage: str) -> di
     )
 
 
+def _trainer_state_readable(folder: Path) -> bool:
+    try:
+        json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def _last_complete_checkpoint(checkpoints: Path) -> Path | None:
-    # A kill during saving leaves a checkpoint folder without trainer_state.json (written last): skip it.
+    # trainer_state.json is the last file a checkpoint gets, written in place: a kill during saving leaves a folder
+    # without it, or with it empty or cut short. Such a checkpoint is skipped.
     complete = [
         folder
         for folder in (checkpoints.glob("checkpoint-*") if checkpoints.is_dir() else [])
-        if folder.name.removeprefix("checkpoint-").isdigit() and (folder / "trainer_state.json").is_file()
+        if folder.name.removeprefix("checkpoint-").isdigit() and _trainer_state_readable(folder)
     ]
     return max(complete, key=lambda folder: int(folder.name.removeprefix("checkpoint-")), default=None)
 

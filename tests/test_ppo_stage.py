@@ -107,6 +107,15 @@ def test_killed_ppo_resumes_from_its_checkpoint(supervised: Path) -> None:
     steps = [row["step"] for row in json.loads((supervised / "plots" / "ppo" / "scores.json").read_text())]
     assert steps == [1, 2, 3, 4, 5, 6]
     assert (supervised / "models" / "ppo" / "model.safetensors").exists()
+    # Issue 15, finding 9: the killed attempt's MLflow run stayed RUNNING; the resumed one closes it.
+    killed, finished = _ppo_runs(supervised)
+    assert (killed.info.status, finished.info.status) == ("KILLED", "FINISHED")
+    assert killed.data.tags["rlhf.superseded_by"] == finished.info.run_id
+
+    # Issue 15, resume: the metrics file is the one an uninterrupted run writes (DVC sees no change).
+    resumed_metrics = (supervised / "metrics" / "ppo.json").read_text()
+    _rlhf(supervised, "ppo")
+    assert (supervised / "metrics" / "ppo.json").read_text() == resumed_metrics
 
 
 @pytest.mark.slow

@@ -25,9 +25,11 @@ PIPELINE_SECTIONS = tuple(dict.fromkeys(step.section for step in STEPS if step.k
 
 
 def _offline_friendly_environment() -> None:
-    # Telemetry would try the network on every run; users can still opt in by setting these themselves.
+    # Telemetry would try the network on every run; users can still opt in by setting these themselves. MLflow's
+    # INFO lines (creating the database's tables, "View run" links) would bury the command's own output and errors.
     for key, value in {
         "MLFLOW_DISABLE_TELEMETRY": "true",
+        "MLFLOW_LOGGING_LEVEL": "WARNING",
         "HF_HUB_DISABLE_TELEMETRY": "1",
         "DVC_NO_ANALYTICS": "1",
         "TOKENIZERS_PARALLELISM": "false",
@@ -57,10 +59,13 @@ def _params(args: argparse.Namespace, *sections: str):
 
 def _cmd_stage(args: argparse.Namespace) -> None:
     from rlhf.storage import write_json
-    from rlhf.tracking import is_main_process
+    from rlhf.tracking import is_main_process, require_store
 
     stage = step(args.command)
-    result = stage.run(getattr(_params(args, stage.section), stage.section))
+    params = getattr(_params(args, stage.section), stage.section)
+    if is_main_process():
+        require_store()  # a tracking store that cannot be used fails now: not after the models have loaded
+    result = stage.run(params)
     if not is_main_process():  # under `accelerate launch`, rank 0 writes the files DVC reads
         return
     metrics_file = args.metrics or f"metrics/{args.command}.json"
@@ -406,6 +411,14 @@ def _exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
+def _close_progress_bars() -> None:
+    if "tqdm" in sys.modules:
+        from tqdm import tqdm
+
+        for bar in list(tqdm._instances):
+            bar.close()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     _offline_friendly_environment()
     _exit_on_sigterm()
@@ -414,31 +427,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     from rlhf.pipelines.run import PipelineError
     from rlhf.registry import RegistryError
     from rlhf.s3 import StorageError
+    from rlhf.tracking import TrackingUnavailable, redact
+
+    def fail(message: str, code: int = 2) -> int:
+        # One line, whatever the message quotes (a URI's password never reaches the terminal or a CI log), and the
+        # last: a progress bar the failure left open would otherwise redraw itself below it at exit.
+        _close_progress_bars()
+        print(f"error: {redact(' '.join(str(message).split()))}", file=sys.stderr)
+        return code
 
     try:
         args.handler(args)
     except GateFailed as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except (ConfigError, DataError, RegistryError, PipelineError, StorageError, ImageError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return fail(str(exc), 1)
+    except (ConfigError, DataError, RegistryError, PipelineError, StorageError, ImageError,
+            TrackingUnavailable) as exc:
+        return fail(str(exc))
+    except KeyboardInterrupt:
+        # Outputs are written aside and renamed on success, so an interrupted command leaves none half-written;
+        # the MLflow run it had open ended as failed on the way out.
+        return fail("interrupted; nothing was half-written (rerun the same command to resume)", 130)
     except Exception as exc:
         message = _service_error(exc)
         if message is None:
             raise
-        print(f"error: {message}", file=sys.stderr)
-        return 2
+        return fail(message)
     return 0
 
 
 def _service_error(exc: Exception) -> str | None:
-    """One line for a failure of the tracking server or of S3 underneath a library (MLflow's own S3 uploads);
-    None for anything else, which keeps its traceback."""
+    """One line for a failure of the tracking store, of S3 underneath a library (MLflow's own S3 uploads), or of
+    the file system (a full disk, a read-only folder); None for anything else, which keeps its traceback."""
     import re
 
     module = type(exc).__module__
-    if module.startswith("mlflow"):
+    if module.startswith(("mlflow", "sqlalchemy")):
         from rlhf.tracking import tracking_uri
 
         text = " ".join(str(getattr(exc, "message", exc)).split())
@@ -447,11 +470,18 @@ def _service_error(exc: Exception) -> str | None:
         failed = re.search(r"API request to \S*?(/api/\S+) failed with exception .*Caused by \w+\((.*)\)\)", text)
         if failed:
             text = f"{failed.group(1)} failed: {failed.group(2).strip(chr(34) + chr(39))}"
-        return f"MLflow at {tracking_uri()}: {text[:400]}"
+        # SQLAlchemy's "(sqlite3.OperationalError) attempt to write a readonly database [SQL: ...] (Background...)".
+        database = re.search(r"\((?:sqlite3|psycopg2?|pymysql)\.\w+\) (.*?)(?: \[SQL:| \(Background|$)", text)
+        if database:
+            text = database.group(1)
+        return f"MLflow at {tracking_uri()}: {text[:300]}"
     if module.startswith(("botocore", "boto3", "s3transfer")):
         from rlhf.s3 import describe
 
         return describe(exc, None)
+    if isinstance(exc, OSError) and exc.strerror:
+        # The path when the OS gave one; transformers and safetensors often leave it out (a full disk while saving).
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else f"{exc.strerror} ({type(exc).__name__})"
     return None
 
 

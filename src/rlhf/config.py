@@ -114,6 +114,10 @@ class PretrainConfig(TrainingParams):
     def _skip_needs_base(self) -> "PretrainConfig":
         if not self.enabled and not self.base_model:
             raise ValueError("enabled=false needs base_model: there is nothing to skip to")
+        if not self.base_model and self.max_length > self.architecture.n_positions:
+            # A model built here has no position beyond n_positions (a base model's window is checked on loading).
+            raise ValueError(f"max_length ({self.max_length}) exceeds architecture.n_positions "
+                             f"({self.architecture.n_positions})")
         return self
 
 
@@ -432,7 +436,11 @@ def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | 
     if path is not None and Path(path).is_file():
         source = str(path)
         try:
-            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+            # utf-8-sig: a byte-order mark (Windows editors write one) is read past, not taken for content.
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8-sig"))
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not a UTF-8 text file (byte 0x{exc.object[exc.start]:02x} at offset "
+                              f"{exc.start})") from None
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f":{mark.line + 1}" if mark else ""

@@ -243,17 +243,51 @@ def load_tokenizer(location: str, key: str = "model", trust_remote_code: bool = 
     return tokenizer
 
 
+@contextlib.contextmanager
+def _reading_weights(key: str, location: str) -> Iterator[None]:
+    """One line naming the key and the folder for weights that are missing or cannot be read."""
+    try:
+        yield
+    except OSError as exc:
+        if "does not appear to have" in str(exc) or "no file named" in str(exc):
+            raise ConfigError(f"{key}: {location} has no weights (model.safetensors or pytorch_model.bin)") from None
+        raise
+    except Exception as exc:
+        # A weights file cut short or overwritten: safetensors' own error, or torch's unpickling one for .bin.
+        if type(exc).__name__ in ("SafetensorError", "UnpicklingError", "HeaderTooLarge") or isinstance(exc, EOFError):
+            reason = " ".join(str(exc).split())[:120]
+            raise ConfigError(f"{key}: {location}: its weights cannot be read, the file is damaged or incomplete "
+                              f"({reason})") from None
+        raise
+
+
 def load_causal_lm(location: str, tokenizer, key: str = "model", dtype: Dtype = "fp32",
                    trust_remote_code: bool = False):
     from transformers import AutoModelForCausalLM
 
     folder = require_causal_lm(location, key, trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=_torch_dtype(dtype),
-                                                 trust_remote_code=trust_remote_code)
+    with _reading_weights(key, location):
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=_torch_dtype(dtype),
+                                                     trust_remote_code=trust_remote_code)
     model.config.pad_token_id = tokenizer.pad_token_id
     if model.generation_config is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def require_context(location: str, model_key: str, length: int, length_key: str,
+                    trust_remote_code: bool = False) -> str:
+    """The resolved folder of the model at `location`, once its config (not its weights) shows that `length` tokens
+    fit its context window: a longer length would fail halfway through training or sampling with an index error."""
+    folder = resolve(location, model_key)
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    window = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if window and length > window:
+        raise ConfigError(f"{length_key}: {length} tokens exceed the context window of {location} "
+                          f"({window} positions)")
+    return folder
 
 
 @contextlib.contextmanager
@@ -281,7 +315,7 @@ def load_reward_model(location: str, tokenizer, key: str = "reward_model", dtype
     else:
         folder = require_reward_model(location, key, trust_remote_code)
     # A new head is the point of `new_head`: transformers' load report of its missing weights would only alarm.
-    with _transformers_errors_only() if new_head else contextlib.nullcontext():
+    with _reading_weights(key, location), _transformers_errors_only() if new_head else contextlib.nullcontext():
         model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1, dtype=_torch_dtype(dtype),
                                                                    trust_remote_code=trust_remote_code)
     # Sequence classifiers score the last non-pad token, so they must know which token pads.

@@ -27,7 +27,7 @@ from rlhf.gates import read_verdicts
 from rlhf.modeling import require_causal_lm, require_reward_model
 from rlhf.s3 import hash_file
 from rlhf.stages import ROLES
-from rlhf.storage import fetch, write_json
+from rlhf.storage import fetch, lock, write_json
 
 CANDIDATE, CHAMPION, PREVIOUS = "candidate", "champion", "previous"
 TAG = "rlhf."
@@ -37,10 +37,6 @@ class RegistryError(ValueError):
     """A registry request that cannot be carried out; the message names the model and version."""
 
 
-def _client():
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=tracking.tracking_uri(), registry_uri=tracking.tracking_uri())
 
 
 # Files beside a model that describe its run, not the model (the PPO history holds wall-clock timings).
@@ -62,13 +58,31 @@ def _find_version(client, name: str, model_hash: str):
     return min(versions, key=lambda v: int(v.version), default=None)
 
 
+def _absent(exc) -> bool:
+    """Whether an MLflow error says that what was asked for does not exist (as opposed to a store that failed)."""
+    return exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+
+
+def _registered_model(client, name: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_registered_model(name)
+    except MlflowException as exc:
+        if _absent(exc):
+            raise RegistryError(f"{name}: no registered model of that name") from None
+        raise
+
+
 def _alias_version(client, name: str, alias: str):
     from mlflow.exceptions import MlflowException
 
     try:
         return client.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None
+    except MlflowException as exc:
+        if _absent(exc):
+            return None
+        raise
 
 
 _DESCRIPTIONS = {
@@ -272,8 +286,9 @@ def register(cfg: RegistryConfig) -> dict[str, Any]:
     # Kubeflow passes its run id; elsewhere the three models' content identifies the run.
     pipeline_run_id = os.environ.get("RLHF_PIPELINE_RUN_ID") or "local-" + hashlib.sha256(
         "".join(hashes.values()).encode()).hexdigest()[:16]
-    client = _client()
-    with tracking.stage_run("register", flatten(cfg, "registry") | {"pipeline_run_id": pipeline_run_id}):
+    client = tracking.client()
+    with _registration_lock(), \
+            tracking.stage_run("register", flatten(cfg, "registry") | {"pipeline_run_id": pipeline_run_id}):
         existing = {role: _find_version(client, names[role], hashes[role]) for role in ROLES}
         new_roles = [role for role in ROLES if existing[role] is None]
         scores = {role: _score(role, metrics) for role in new_roles}
@@ -290,8 +305,16 @@ def register(cfg: RegistryConfig) -> dict[str, Any]:
                 # The reward model starts from the SFT model; the policy from SFT, trained against the reward model.
                 upstream = {f"{TAG}upstream.{up}": f"{names[up]}/{versions[up]}"
                             for up in {"reward": ["sft"], "policy": ["sft", "reward"]}.get(role, [])}
-                versions[role] = mlflow.register_model(logged[role].model_uri, names[role],
-                                                       tags=tags[role] | upstream).version
+                version = mlflow.register_model(logged[role].model_uri, names[role], tags=tags[role] | upstream).version
+                first = _find_version(client, names[role], hashes[role])
+                if first is not None and first.version != version:
+                    # A concurrent `rlhf register` of the same model (on a tracking server, which no file lock
+                    # reaches) created a version first: one version per content, so this one goes.
+                    client.delete_model_version(names[role], version)
+                    versions[role] = first.version
+                    del logged[role]
+                    continue
+                versions[role] = version
                 client.update_model_version(names[role], versions[role], description=_model_card(
                     client, role, tags[role] | upstream, verdicts, metrics))
 
@@ -308,18 +331,29 @@ def register(cfg: RegistryConfig) -> dict[str, Any]:
     return summary
 
 
+def _registration_lock():
+    """Registrations into one SQLite store take turns (a file lock beside it), so that concurrent ones find each
+    other's versions instead of creating duplicates. A tracking server is shared by machines no lock reaches:
+    there each new version is checked after its creation instead (`register`)."""
+    database = tracking.sqlite_path(tracking.tracking_uri())
+    return lock(database.resolve()) if database is not None else contextlib.nullcontext()
+
+
 def _version(client, name: str, version: str):
     from mlflow.exceptions import MlflowException
 
+    _registered_model(client, name)
     try:
         return client.get_model_version(name, str(version))
-    except MlflowException:
-        raise RegistryError(f"{name} v{version}: no such registered model version") from None
+    except MlflowException as exc:
+        if _absent(exc):
+            raise RegistryError(f"{name} v{version}: no such registered model version") from None
+        raise
 
 
 def promote(name: str, version: str, alias: str = CHAMPION, force: bool = False) -> str:
     """Points `alias` at a version; refuses a version whose gates failed unless forced."""
-    client = _client()
+    client = tracking.client()
     target = _version(client, name, version)
     if target.tags.get(f"{TAG}gates") != "passed" and not force:
         failed = [key.removeprefix(f"{TAG}gate.") for key, value in target.tags.items()
@@ -342,7 +376,8 @@ def promote(name: str, version: str, alias: str = CHAMPION, force: bool = False)
 
 def rollback(name: str) -> str:
     """champion <- previous. The rolled-back version is tagged; `previous` is cleared (one level of undo)."""
-    client = _client()
+    client = tracking.client()
+    _registered_model(client, name)
     previous = _alias_version(client, name, PREVIOUS)
     if previous is None:
         raise RegistryError(f"{name}: no 'previous' version to roll back to")
@@ -370,8 +405,10 @@ def _parse_uri(uri: str) -> tuple[str, str, bool]:
 
 def lineage(uri: str) -> dict[str, Any]:
     """The version behind `uri`, what it was trained from, and (recursively) its upstream versions."""
-    client = _client()
+    client = tracking.client()
     name, ref, is_alias = _parse_uri(uri)
+    if is_alias:
+        _registered_model(client, name)
     version = _alias_version(client, name, ref) if is_alias else _version(client, name, ref)
     if version is None:
         raise RegistryError(f"{uri}: {name} has no version with alias {ref!r}")

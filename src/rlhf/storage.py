@@ -44,8 +44,11 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
             s3.upload_folder(staging, str(target))
         return
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    except OSError as exc:
+        raise _not_written(target, exc) from exc
     try:
         yield staging
         os.chmod(staging, 0o777 & ~_umask())  # mkdtemp's folders are private to their owner
@@ -57,9 +60,24 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
             shutil.rmtree(retired, ignore_errors=True)
         else:
             os.replace(staging, target)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise _not_written(target, exc) from exc
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _not_written(target: Path, exc: OSError) -> s3.StorageError:
+    """One line naming the output: the OS names the staging path or none at all (savers often leave it out), or
+    a parent that is in the way."""
+    reason = exc.strerror or str(exc)
+    if isinstance(exc, (FileExistsError, NotADirectoryError)) and exc.filename:
+        reason = f"{exc.filename} is a file, where a folder is needed"
+    elif exc.filename and not str(exc.filename).startswith(str(target.parent / f".{target.name}.")):
+        reason = f"{exc.filename}: {reason}"
+    kept = "; the previous contents are unchanged" if target.exists() else ""
+    return s3.StorageError(f"{target}: not written ({reason}){kept}")
 
 
 @contextlib.contextmanager
@@ -74,8 +92,11 @@ def atomic_file(target: str | Path, mode: str = "w") -> Iterator[Any]:
             s3.upload_file(staging, str(target))
         return
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, staging = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, staging = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    except OSError as exc:
+        raise _not_written(target, exc) from exc
     try:
         encoding = None if "b" in mode else "utf-8"
         with os.fdopen(fd, mode, encoding=encoding) as handle:
@@ -83,6 +104,10 @@ def atomic_file(target: str | Path, mode: str = "w") -> Iterator[Any]:
         # mkstemp creates files readable by their owner only; give the result the usual permissions.
         os.chmod(staging, 0o666 & ~_umask())
         os.replace(staging, target)
+    except OSError as exc:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(staging)
+        raise _not_written(target, exc) from exc
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(staging)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import subprocess
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +34,122 @@ def is_main_process() -> bool:
 
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
+
+
+# How long a command waits for an unreachable tracking server before it gives up (seconds).
+WAIT_ENV, DEFAULT_WAIT = "RLHF_TRACKING_WAIT", 30.0
+_SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking store cannot be used: a server that does not answer, a database file that is not one."""
+
+
+def redact(text: str) -> str:
+    """`text` with the password of any URI in it replaced (http://alice:***@host): URIs carry credentials."""
+    return re.sub(r"(\w+://[^/\s:@]+):[^/\s@]+@", r"\1:***@", text)
+
+
+def _wait_seconds() -> float:
+    value = os.environ.get(WAIT_ENV, "")
+    try:
+        return float(value) if value else DEFAULT_WAIT
+    except ValueError:
+        raise TrackingUnavailable(f"{WAIT_ENV}={value!r}: expected a number of seconds") from None
+
+
+def _wait_for_server(uri: str) -> None:
+    """Returns once the server answers (any HTTP status will do); prints a line per retry, and gives up after
+    RLHF_TRACKING_WAIT seconds with one line instead of MLflow's own four minutes of silent retries."""
+    import requests
+
+    wait = _wait_seconds()
+    deadline = time.monotonic() + wait
+    started = time.monotonic()
+    while True:
+        try:
+            requests.get(f"{uri.rstrip('/')}/health", timeout=max(1.0, min(5.0, deadline - time.monotonic())))
+            return
+        except requests.RequestException as exc:
+            reason = _connection_reason(exc)
+        waited = time.monotonic() - started
+        if time.monotonic() + 1 >= deadline:
+            raise TrackingUnavailable(f"MLflow at {redact(uri)} cannot be reached ({reason}) after {waited:.0f} s; "
+                                      f"is the server up? ({WAIT_ENV} sets how long to wait)")
+        print(f"MLflow at {redact(uri)}: {reason}; retrying ({waited:.0f} of {wait:.0f} s)", flush=True)
+        time.sleep(min(3.0, max(0.0, deadline - time.monotonic() - 1)))
+
+
+def _connection_reason(exc: Exception) -> str:
+    text = str(exc)
+    for pattern, reason in ((r"Connection refused", "connection refused"),
+                            (r"Name or service not known|nodename nor servname|Temporary failure in name resolution",
+                             "unknown host"),
+                            (r"timed out|Timeout", "no answer"), (r"No route to host", "no route to host")):
+        if re.search(pattern, text):
+            return reason
+    return type(exc).__name__
+
+
+def sqlite_path(uri: str) -> Path | None:
+    # sqlite:///relative.db, sqlite:////absolute.db; in-memory and `file:` URIs have no path to check.
+    path = uri.removeprefix("sqlite://").split("?", 1)[0]
+    if not path.startswith("/") or path in ("/", "/:memory:") or path.startswith("/file:"):
+        return None
+    return Path(path[1:])
+
+
+def _check_sqlite(uri: str) -> None:
+    """One line for a database file that cannot hold MLflow's store, before SQLAlchemy's page-long errors."""
+    path = sqlite_path(uri)
+    if path is None:
+        return
+    if path.is_dir():
+        raise TrackingUnavailable(f"MLflow store {path}: a folder, not an SQLite database file")
+    if path.is_file():
+        with path.open("rb") as handle:
+            header = handle.read(len(_SQLITE_HEADER))
+        if header and header != _SQLITE_HEADER:
+            raise TrackingUnavailable(f"MLflow store {path}: not an SQLite database")
+    elif not path.parent.is_dir():
+        raise TrackingUnavailable(f"MLflow store {path}: its folder {path.parent} does not exist")
+
+
+def _open_store(uri: str) -> None:
+    # Opening the store creates MLflow's tables in a database without them: one that cannot be written fails here.
+    # A database file not there yet is left to the run that needs it (a command that fails on its input first
+    # creates nothing).
+    path = sqlite_path(uri)
+    if path is not None and not path.exists():
+        return
+    from mlflow import MlflowClient
+
+    MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+
+
+_ready: set[str] = set()
+
+
+def require_store() -> str:
+    """The tracking URI, once its store can be used: a server that answers, an SQLite file that is a database.
+    Checked once per process."""
+    uri = tracking_uri()
+    if uri not in _ready:
+        if uri.startswith(("http://", "https://")):
+            _wait_for_server(uri)
+        elif uri.startswith("sqlite:"):
+            _check_sqlite(uri)
+            _open_store(uri)
+        _ready.add(uri)
+    return uri
+
+
+def client():
+    """An MLflow client of the tracking store (and its registry), once the store can be used."""
+    from mlflow import MlflowClient
+
+    uri = require_store()
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def git_commit(root: Path | None = None) -> str | None:
@@ -99,26 +217,44 @@ def describe_params(params: dict[str, Any]) -> dict[str, Any]:
     return described
 
 
+CHECKPOINTS_TAG = "rlhf.checkpoints"
+
+
+def _supersede_stale_runs(run, checkpoints: str) -> None:
+    """Runs of earlier attempts at the same training (same checkpoints: same config, data and input models) that
+    are still RUNNING were killed (SIGKILL, a lost node) and never ended: this attempt marks them KILLED."""
+    store = client()
+    stale = store.search_runs([run.info.experiment_id], f"tags.`{CHECKPOINTS_TAG}` = '{checkpoints}' and "
+                              "attributes.status = 'RUNNING'")
+    for earlier in stale:
+        if earlier.info.run_id != run.info.run_id:
+            store.set_tag(earlier.info.run_id, "rlhf.superseded_by", run.info.run_id)
+            store.set_terminated(earlier.info.run_id, "KILLED")
+
+
 @contextlib.contextmanager
-def stage_run(stage: str, params: dict[str, Any]) -> Iterator[Any]:
+def stage_run(stage: str, params: dict[str, Any], checkpoints: Path | None = None) -> Iterator[Any]:
     """Starts (on the main process) the MLflow run of one stage; it ends FAILED if the block raises.
 
     Yields the active run, or None on other processes. An active run, or else the run named by RLHF_PARENT_RUN_ID
-    (the pipeline's run, under Kubeflow), becomes its parent.
+    (the pipeline's run, under Kubeflow), becomes its parent. With `checkpoints` (the stage's checkpoint folder),
+    the run is tagged with it and the runs of killed earlier attempts at the same training are closed.
     """
     if not is_main_process():
         yield None
         return
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri())
-    tags = {"rlhf.stage": stage, **lineage_tags()}
+    mlflow.set_tracking_uri(require_store())
+    tags = {"rlhf.stage": stage, **lineage_tags(), **({CHECKPOINTS_TAG: checkpoints.name} if checkpoints else {})}
     if injected_run() and mlflow.active_run() is None:
         # Kubeflow made this task's run, under its pipeline run, and closes it when the task ends. While it is
         # active the variable is unset: the trainers' MLflow callback would otherwise start the same run again.
         run_id = os.environ.pop("MLFLOW_RUN_ID")
         try:
             with mlflow.start_run(run_id=run_id, tags=tags) as run:
+                if checkpoints:
+                    _supersede_stale_runs(run, checkpoints.name)
                 mlflow.log_params(describe_params(params))
                 yield run
         finally:
@@ -126,11 +262,13 @@ def stage_run(stage: str, params: dict[str, Any]) -> Iterator[Any]:
         return
     # By name: MLFLOW_EXPERIMENT_ID is also what mlflow.set_experiment leaves behind for subprocesses, whatever the
     # tracking store; an injected task run carries its experiment itself.
-    mark_experiment(mlflow.MlflowClient(tracking_uri()), mlflow.set_experiment(experiment_name()))
+    mark_experiment(client(), mlflow.set_experiment(experiment_name()))
     nested = mlflow.active_run() is not None
     # Under Kubeflow each stage is its own process: the pipeline's parent run comes by id.
     parent = None if nested else os.environ.get(PARENT_RUN_ENV)
     with mlflow.start_run(run_name=stage, nested=nested or bool(parent), parent_run_id=parent, tags=tags) as run:
+        if checkpoints:
+            _supersede_stale_runs(run, checkpoints.name)
         mlflow.log_params(describe_params(params))
         yield run
 
@@ -211,11 +349,9 @@ def set_run_tags(run_id: str | None, tags: dict[str, str]) -> None:
     """Tags a finished run (a gate's verdict on the stage it judged)."""
     if not run_id or not is_main_process():
         return
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri())
+    store = client()
     for key, value in tags.items():
-        client.set_tag(run_id, key, value)
+        store.set_tag(run_id, key, value)
 
 
 def log_dict(payload: dict[str, Any], artifact_file: str) -> None:

@@ -149,6 +149,25 @@ def test_bad_gzip_is_named(tmp_path: Path) -> None:
         io.read_rows(path)
 
 
+@pytest.mark.parametrize("name", ["d.jsonl", "d.json", "d.jsonl.gz"])
+def test_a_byte_order_mark_is_read_past(name: str, tmp_path: Path) -> None:
+    """Issue 15, finding 10: a UTF-8 BOM (Windows tools write one) was rejected with Python's decoder hint."""
+    text = json.dumps(RECORDS) if name == "d.json" else jsonl(RECORDS)
+    raw = b"\xef\xbb\xbf" + text.encode("utf-8")
+    (tmp_path / name).write_bytes(gzip.compress(raw) if name.endswith(".gz") else raw)
+    assert io.read_rows(tmp_path / name).records == RECORDS
+
+
+def test_gzipped_content_without_the_gz_name_is_read(tmp_path: Path) -> None:
+    """Issue 15, finding 10: gzip bytes in a file named .jsonl were reported as `not UTF-8 (byte 0x8b)`."""
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(gzip.compress(jsonl(RECORDS).encode("utf-8")))
+    assert io.read_rows(path).records == RECORDS
+    path.write_bytes(gzip.compress(jsonl(RECORDS).encode("utf-8"))[:30])  # cut short
+    with pytest.raises(DataError, match=r"d\.jsonl: not a valid gzip file"):
+        io.read_rows(path)
+
+
 def test_jsonl_round_trip_with_unicode_line_separators(tmp_path: Path) -> None:
     records = [{"prompt": "one\u2028two", "chosen": "a\u0085b", "rejected": "c\u2029d"}]
     io.write_jsonl(tmp_path / "d.jsonl", records)
@@ -263,12 +282,17 @@ def test_fingerprint_is_format_independent_and_content_sensitive(tmp_path: Path)
 
 def test_split_is_seeded(tmp_path: Path) -> None:
     dataset = datasets.Dataset.from_list([{"text": f"row {index}"} for index in range(50)])
-    train, test = formats.split(dataset, 0.2, seed=1)
-    train_again, test_again = formats.split(dataset, 0.2, seed=1)
-    _, test_other = formats.split(dataset, 0.2, seed=2)
+    train, test = formats.split(dataset, 0.2, seed=1, source="corpus.jsonl")
+    train_again, test_again = formats.split(dataset, 0.2, seed=1, source="corpus.jsonl")
+    _, test_other = formats.split(dataset, 0.2, seed=2, source="corpus.jsonl")
     assert len(test) == 10 and len(train) == 40
     assert test["text"] == test_again["text"] and train["text"] == train_again["text"]
     assert set(train["text"]) | set(test["text"]) == set(dataset["text"])
     assert test_other["text"] != test["text"]
-    with pytest.raises(DataError, match="at least 2 records"):
-        formats.split(dataset.select([0]), 0.5, seed=1)
+    # The same rows as datasets' own fractional split (the shipped dvc.lock's outputs depend on them).
+    assert test["text"] == dataset.train_test_split(test_size=0.2, seed=1, shuffle=True)["test"]["text"]
+    with pytest.raises(DataError, match=r"^corpus\.jsonl: 1 record; at least 2 are needed"):
+        formats.split(dataset.select([0]), 0.5, seed=1, source="corpus.jsonl")
+    # Two records and a small fraction: one each side (datasets alone refuses an empty side).
+    train, test = formats.split(dataset.select([0, 1]), 0.1, seed=1, source="corpus.jsonl")
+    assert (len(train), len(test)) == (1, 1)

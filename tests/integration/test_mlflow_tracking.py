@@ -131,7 +131,7 @@ def test_dataset_inputs_record_training_and_evaluation_splits(tracked, stage):
     name, path, kind = DATASETS[stage]
     dataset, source_fingerprint = load_dataset(str(tracked.folder / path), kind)
     config = getattr(load_params(tracked.folder / "params.yaml"), stage)  # with the defaults filled in
-    train, held_out = split(dataset, config.eval_fraction, config.seed)
+    train, held_out = split(dataset, config.eval_fraction, config.seed, path)
     expected = {"training": train, "evaluation": held_out}
 
     by_context = {}

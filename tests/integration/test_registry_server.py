@@ -15,7 +15,7 @@ from _support import base_env, run
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "registry"))
 
-from registry_helpers import ROLES, aliases, server_project, versions  # noqa: E402
+from registry_helpers import ROLES, aliases, concurrent_registrations, server_project, versions  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -62,3 +62,21 @@ def test_register_on_a_tracking_server_then_serve_the_champion_from_it(mlflow_se
     assert isinstance(predicted["answers"], list) and len(predicted["answers"]) == 1, predicted
     assert isinstance(predicted["answers"][0], str) and predicted["answers"][0].strip(), predicted
     assert len(predicted["scores"]) == 1
+
+
+def test_concurrent_registrations_on_a_tracking_server_leave_one_version_per_model(mlflow_server,
+                                                                                  tmp_path: Path) -> None:
+    """Issue 15, finding 3, on a server (which no file lock reaches): four `rlhf register` at once leave one version
+    of each model; the ones that lost the race remove their own and report the existing one."""
+    from mlflow import MlflowClient
+
+    project, names, register = server_project(tmp_path)
+    env = base_env(MLFLOW_TRACKING_URI=mlflow_server.url, OMP_NUM_THREADS="1")
+    results = concurrent_registrations(register, project.root, env)
+
+    assert [result.returncode for result in results] == [0] * 4, [result.stderr[-2000:] for result in results]
+    client = MlflowClient(tracking_uri=mlflow_server.url, registry_uri=mlflow_server.url)
+    for role in ROLES:
+        assert len(versions(client, names[role])) == 1, (role, list(versions(client, names[role])))
+        (only,) = versions(client, names[role])
+        assert aliases(client, names[role]) == {"candidate": only, "champion": only}, role

@@ -13,6 +13,7 @@ import copy
 import hashlib
 import json
 import shutil
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -213,3 +214,15 @@ def registry_state(client: Any, names: tuple[str, ...] = tuple(NAMES.values())) 
         for number, version in versions(client, name).items():
             state.add((name, number, frozenset(version.tags.items()), frozenset(version.aliases)))
     return state
+
+
+def concurrent_registrations(command: list[str], cwd: Path, env: dict[str, str],
+                             count: int = 4) -> list[subprocess.CompletedProcess[str]]:
+    """`count` copies of `command` started together; each one's result."""
+    processes = [subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True) for _ in range(count)]
+    results = []
+    for process in processes:
+        out, err = process.communicate(timeout=600)
+        results.append(subprocess.CompletedProcess(process.args, process.returncode, out, err))
+    return results

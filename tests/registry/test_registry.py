@@ -19,6 +19,7 @@ from registry_helpers import (
     ROLES,
     Project,
     aliases,
+    concurrent_registrations,
     gold_metrics,
     provenance,
     registry_state,
@@ -209,6 +210,23 @@ def test_register_without_evaluation_metrics_is_a_one_line_error(project: Projec
 
 
 # ------------------------------------------------------------------------------------------ promote, rollback
+
+
+@pytest.mark.slow
+def test_concurrent_registrations_leave_one_version_per_model(project: Project) -> None:
+    """Issue 15, finding 3: two `rlhf register` at once made v2 and v3 of every model, with the same content hash.
+    Registrations into one SQLite store take turns: four at once leave one version of each model."""
+    project.pipeline_run()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": project.tracking_uri}
+    results = concurrent_registrations([sys.executable, "-m", "rlhf.cli", "register"], project.root, env)
+
+    assert [result.returncode for result in results] == [0] * 4, [result.stderr[-2000:] for result in results]
+    client = project.client()
+    for role in ROLES:
+        assert list(versions(client, NAMES[role])) == [1], role
+        assert aliases(client, NAMES[role]) == {"candidate": 1, "champion": 1}
+    outcomes = [result.stdout.count("already registered; unchanged") for result in results]
+    assert sorted(outcomes) == [0, 3, 3, 3], [result.stdout for result in results]
 
 
 @pytest.fixture

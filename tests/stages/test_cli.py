@@ -272,6 +272,40 @@ def finished_sft_runs(project: Path) -> list[TrackedRun]:
     return [TrackedRun(run.info.run_id, client.get_metric_history(run.info.run_id, "loss")) for run in runs]
 
 
+def sft_run_statuses(project: Path) -> dict[str, list[str | None]]:
+    """The sft runs by status, each as the run that superseded it (None if none did)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("rlhf")
+    statuses: dict[str, list[str | None]] = {}
+    for run in client.search_runs([experiment.experiment_id], "tags.`rlhf.stage` = 'sft'"):
+        statuses.setdefault(run.info.status, []).append(run.data.tags.get("rlhf.superseded_by"))
+    return statuses
+
+
+@pytest.mark.slow
+def test_ctrl_c_ends_a_stage_with_one_line_and_a_failed_run(workdir: Path, pretrained: Trained) -> None:
+    """Issue 15, finding 7: Ctrl-C printed a KeyboardInterrupt traceback."""
+    shutil.copytree(pretrained.output, workdir / "models" / "pretrained")
+    process = subprocess.Popen([*RLHF, "sft", "--set", "sft.save_steps=2", "--set", "sft.epochs=3"], cwd=workdir,
+                               env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not list(workdir.glob("checkpoints/sft-*/checkpoint-*")):  # well into training
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-3000:]
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+
+    assert process.returncode == 130, err[-3000:]
+    assert "Traceback" not in out + err, err[-3000:]
+    assert err.strip().splitlines()[-1] == ("error: interrupted; nothing was half-written (rerun the same command "
+                                            "to resume)")
+    assert sum(line.startswith("error:") for line in err.splitlines()) == 1
+    assert not (workdir / "models" / "sft").exists() and leftovers(workdir) == []
+    assert sft_run_statuses(workdir) == {"FAILED": [None]}
+
+
 @pytest.mark.slow
 def test_interrupted_sft_resumes_from_checkpoint(workdir: Path, pretrained: Trained) -> None:
     from rlhf.config import load_params
@@ -327,6 +361,8 @@ def test_interrupted_sft_resumes_from_checkpoint(workdir: Path, pretrained: Trai
     assert not list(workdir.glob("checkpoints/sft-*"))
 
     (resumed_run,) = finished_sft_runs(workdir)  # the killed run never finished
+    # Issue 15, finding 9: the killed attempt's run stayed RUNNING forever; the attempt that resumed closed it.
+    assert sft_run_statuses(workdir) == {"KILLED": [resumed_run.run_id], "FINISHED": [None]}
 
     # 3. It trained exactly as many steps as an uninterrupted run, and its loss history (restored from the
     #    checkpoint, then continued) has the same rows.

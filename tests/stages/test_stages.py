@@ -6,6 +6,7 @@ that need another configuration train in their own `workdir`, starting from the 
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import shutil
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 from rlhf.config import load_params
+from rlhf.s3 import StorageError
 
 from stage_helpers import Trained, state_dict
 
@@ -155,7 +157,8 @@ def test_sft_loss_covers_completion_tokens_only(sft_trained: Trained, session_pr
     tokenizer = trainer.processing_class
     eos = tokenizer.eos_token
     cfg = load_params(session_project / "params.yaml").sft
-    train, _ = split(load_dataset(str(session_project / cfg.dataset), "sft")[0], cfg.eval_fraction, cfg.seed)
+    train, _ = split(load_dataset(str(session_project / cfg.dataset), "sft")[0], cfg.eval_fraction, cfg.seed,
+                     cfg.dataset)
 
     for dataset in (trainer.train_dataset, trainer.eval_dataset):
         assert "labels" in dataset.column_names
@@ -343,7 +346,7 @@ def test_reward_model_with_lora_saves_merged_adapters_and_a_trained_head(workdir
 
     tokenizer = load_tokenizer(str(output))
     tokenizer.padding_side = "right"
-    pairs = split(load_dataset(cfg.dataset, "preference")[0], cfg.eval_fraction, cfg.seed)[1]
+    pairs = split(load_dataset(cfg.dataset, "preference")[0], cfg.eval_fraction, cfg.seed, cfg.dataset)[1]
     assert result.metrics["eval_pairs"] == len(pairs)  # none longer than max_length here
     with torch.no_grad():
         accuracy = pairwise_accuracy(saved, tokenizer, pairs, 16, "cpu")
@@ -411,14 +414,73 @@ def test_stage_failing_while_saving_keeps_previous_output(
     def save_then_fail(self: Any, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
         original(self, save_directory, *args, **kwargs)
         if ".sft.tmp-" in str(save_directory):  # the stage output, not the trainer's own checkpoints
-            raise OSError("simulated: disk full after the weights were written")
+            # What a full disk raises from safetensors: no path in it (issue 15, finding 7).
+            raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(PreTrainedModel, "save_pretrained", save_then_fail)
-    with pytest.raises(OSError, match="disk full"):
+    # One line naming the output, and that it is as it was.
+    with pytest.raises(StorageError, match=r"^models/sft: not written \(No space left on device\); the previous "
+                                           r"contents are unchanged$"):
         sft.run(load_params(overrides=[f"sft.model={pretrained.output}", "sft.max_steps=1"]).sft)
 
     assert sorted((p.name, p.read_bytes()) for p in previous.iterdir()) == before
     assert leftovers(workdir) == []
+
+
+def test_a_stage_failing_before_its_first_checkpoint_leaves_no_checkpoints_folder(
+    workdir: Path, pretrained: Trained, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15, finding 10: failed stages left empty `checkpoints/<stage>-…` folders."""
+    from transformers import Trainer
+
+    from rlhf.stages import sft
+
+    def fails(self: Any, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("simulated failure in the first step")
+
+    monkeypatch.setattr(Trainer, "training_step", fails)
+    with pytest.raises(RuntimeError, match="simulated"):
+        sft.run(load_params(overrides=[f"sft.model={pretrained.output}"]).sft)
+    assert not list(workdir.glob("checkpoints/sft-*"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["pretrain", "sft", "reward"])
+def test_a_resumed_stage_writes_the_metrics_of_an_uninterrupted_one(
+    stage: str, workdir: Path, pretrained: Trained, sft_trained: Trained, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15, finding 4: a resumed SFT run reported another train_loss (4.796 against 4.905) for the same
+    training, so DVC showed a change that was not one. Killed after its first checkpoint and run again, each
+    trainer stage writes the metrics file an uninterrupted run writes, byte for byte."""
+    from transformers import Trainer
+
+    from rlhf import cli
+
+    upstream = {"sft": pretrained.output, "reward": sft_trained.output}
+    if stage in upstream:
+        shutil.copytree(upstream[stage], workdir / "models" / upstream[stage].name)
+    args = [stage, "--set", f"{stage}.save_steps=2", "--set", f"{stage}.logging_steps=2"]
+    metrics = workdir / "metrics" / f"{stage}.json"
+
+    assert cli.main(args) == 0
+    uninterrupted = metrics.read_text()
+    metrics.unlink()
+
+    original = Trainer._save_checkpoint
+
+    def killed_after_the_first_checkpoint(self: Any, model: Any, trial: Any) -> None:
+        original(self, model, trial)
+        raise KeyboardInterrupt  # as Ctrl-C (or a kill) lands between two steps
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "_save_checkpoint", killed_after_the_first_checkpoint)
+        assert cli.main(args) == 130
+    assert not metrics.exists()
+    (checkpoints,) = workdir.glob(f"checkpoints/{stage}-*")
+    assert [folder.name for folder in checkpoints.glob("checkpoint-*")] == ["checkpoint-2"]
+
+    assert cli.main(args) == 0
+    assert metrics.read_text() == uninterrupted
 
 
 @pytest.mark.parametrize("trainer_state", [None, "", '{"best_global_step": null, "best_metric'],

@@ -24,9 +24,7 @@ KFP_RUN_TAG = "kfp.run_id"
 
 def _parent_run(kfp_run_id: str) -> str:
     """The MLflow run of this pipeline run (tagged with the Kubeflow run id), created by the first step that asks."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking.tracking_uri())
+    client = tracking.client()
     name = tracking.experiment_name()
     experiment = client.get_experiment_by_name(name) or client.get_experiment(client.create_experiment(name))
     tracking.mark_experiment(client, experiment)
@@ -51,12 +49,10 @@ def _join_pipeline_run(kfp_run_id: str) -> None:
 def close_pipeline_run(kfp_run_id: str, state: str) -> None:
     """The exit handler: the pipeline's MLflow run ends FINISHED if every task succeeded, else FAILED (Kubeflow's
     MLflow integration closes its own runs)."""
-    from mlflow import MlflowClient
-
     if tracking.injected_run():
         return
     run_id = _parent_run(kfp_run_id)
-    MlflowClient(tracking.tracking_uri()).set_terminated(run_id, "FINISHED" if state == "SUCCEEDED" else "FAILED")
+    tracking.client().set_terminated(run_id, "FINISHED" if state == "SUCCEEDED" else "FAILED")
 
 
 def _in(data_dir: str, configured: str) -> str:
@@ -84,13 +80,12 @@ def _summarise(params: dict[str, Any], metrics: dict[str, float]) -> None:
     parent = os.environ.get(tracking.PARENT_RUN_ENV)
     if not parent or tracking.injected_run():
         return
-    from mlflow import MlflowClient
     from mlflow.entities import Metric, Param
     from mlflow.exceptions import MlflowException
 
     now = int(time.time() * 1000)
     try:
-        MlflowClient(tracking.tracking_uri()).log_batch(
+        tracking.client().log_batch(
             parent, metrics=[Metric(key, float(value), now, 0) for key, value in metrics.items()],
             params=[Param(key, str(value)) for key, value in tracking.describe_params(params).items()])
     except MlflowException as exc:  # a summary that cannot be written (a param logged before with another value)

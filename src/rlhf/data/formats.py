@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 import datasets
@@ -104,9 +105,13 @@ def load_dataset(source: str, kind: Kind) -> tuple[datasets.Dataset, str]:
     return datasets.Dataset.from_list(records), fingerprint(records)
 
 
-def split(dataset: datasets.Dataset, eval_fraction: float, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
-    """A seeded, deterministic train/eval split (the same rows on every run with the same seed)."""
+def split(dataset: datasets.Dataset, eval_fraction: float, seed: int,
+          source: str) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """A seeded, deterministic train/eval split (the same rows on every run with the same seed) of the records read
+    from `source`; at least one record on each side."""
     if len(dataset) < 2:
-        raise DataError(f"need at least 2 records to split off an evaluation set, got {len(dataset)}")
-    parts = dataset.train_test_split(test_size=eval_fraction, seed=seed, shuffle=True)
+        raise DataError(f"{source}: {len(dataset)} record{'s' if len(dataset) != 1 else ''}; at least 2 are needed "
+                        "to split off an evaluation set")
+    held_out = min(len(dataset) - 1, max(1, math.ceil(eval_fraction * len(dataset))))
+    parts = dataset.train_test_split(test_size=held_out, seed=seed, shuffle=True)
     return parts["train"], parts["test"]

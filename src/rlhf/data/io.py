@@ -40,19 +40,24 @@ class Rows:
         return len(self.records)
 
 
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
 def _read_bytes(path: Path, name: str):
     raw = path.read_bytes()
-    if path.name.endswith(".gz"):
+    # By content, not only by name: a gzipped file saved without its .gz is read all the same.
+    if path.name.endswith(".gz") or raw.startswith(_GZIP_MAGIC):
         try:
             raw = gzip.decompress(raw)
-        except OSError as exc:
+        except (OSError, EOFError) as exc:
             raise DataError(f"{name}: not a valid gzip file ({exc})") from None
     return raw
 
 
 def _decode(name: str, raw: bytes) -> str:
     try:
-        return raw.decode("utf-8")
+        # utf-8-sig: a byte-order mark (Windows tools write one) is read past, not taken for content.
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         raise DataError(f"{name}:{line}: not UTF-8 (byte 0x{raw[exc.start]:02x})") from None

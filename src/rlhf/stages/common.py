@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,11 +148,44 @@ def _mirror_on_save():
     return MirrorCheckpoints()
 
 
+def _log_the_last_step():
+    from transformers import TrainerCallback
+
+    class LogTheLastStep(TrainerCallback):
+        """The last step's loss is logged too (transformers logs every `logging_steps` only): the log then covers
+        every step, and the training loss is computed from it (`train_loss`)."""
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step >= state.max_steps:
+                control.should_log = True
+
+    return LogTheLastStep()
+
+
+def train_loss(log_history: list[dict[str, Any]]) -> float:
+    """The mean training loss over every step, from the logged losses (each the mean of its logging window).
+
+    Not transformers' `train_loss`: that averages the steps of the last `train()` call only, so a resumed run would
+    report a different number for the same training. The log is restored with a checkpoint; this is the same."""
+    total, previous = 0.0, 0
+    for entry in log_history:
+        if "loss" in entry and "step" in entry:
+            total += entry["loss"] * (entry["step"] - previous)
+            previous = entry["step"]
+    return total / previous if previous else float("nan")
+
+
+def _remove_if_unused(checkpoints: Path) -> None:
+    if checkpoints.is_dir() and not any(checkpoints.glob("checkpoint-*")):
+        shutil.rmtree(checkpoints, ignore_errors=True)
+
+
 def train_resuming(trainer, checkpoints: Path) -> dict[str, float]:
     """Trains, resuming from the newest complete checkpoint in `checkpoints` (or in its s3:// mirror) if an earlier
-    attempt was interrupted."""
+    attempt was interrupted. A failure before the first checkpoint leaves no empty checkpoints folder behind."""
     restore_checkpoint(checkpoints)
     trainer.add_callback(_mirror_on_save())
+    trainer.add_callback(_log_the_last_step())
     if progress_as_lines():
         from transformers.trainer_callback import PrinterCallback
 
@@ -161,7 +195,13 @@ def train_resuming(trainer, checkpoints: Path) -> dict[str, float]:
     last = _last_complete_checkpoint(checkpoints)
     if last:
         print(f"Resuming from checkpoint {last}")
-    return trainer.train(resume_from_checkpoint=str(last) if last else None).metrics
+    try:
+        metrics = trainer.train(resume_from_checkpoint=str(last) if last else None).metrics
+    except BaseException:
+        if tracking.is_main_process():
+            _remove_if_unused(checkpoints)
+        raise
+    return metrics | {"train_loss": train_loss(trainer.state.log_history)}
 
 
 def final_evaluation(trainer) -> dict[str, float]:

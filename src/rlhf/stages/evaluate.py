@@ -18,7 +18,14 @@ from rlhf.config import ConfigError, EvaluateConfig, config_hash, flatten
 from rlhf.console import progress_as_lines
 from rlhf.data.formats import load_dataset, split
 from rlhf.evaluation import compare, pairwise_accuracy, sample_and_score
-from rlhf.modeling import load_causal_lm, load_reward_model, load_tokenizer, require_reward_model, resolve
+from rlhf.modeling import (
+    load_causal_lm,
+    load_reward_model,
+    load_tokenizer,
+    require_context,
+    require_reward_model,
+    resolve,
+)
 from rlhf.report import write_report
 from rlhf.stages.common import StageResult
 from rlhf.storage import atomic_dir, fetch, write_json
@@ -28,10 +35,12 @@ from rlhf.tracking import HISTORY_FILE
 def run(cfg: EvaluateConfig) -> StageResult:
     eval_prompts, prompts_fingerprint = load_dataset(cfg.eval_prompts, "prompts")
     preferences, preferences_fingerprint = load_dataset(cfg.preferences, "preference")
-    held_out_pairs = split(preferences, cfg.preferences_eval_fraction, cfg.preferences_seed)[1]
+    held_out_pairs = split(preferences, cfg.preferences_eval_fraction, cfg.preferences_seed, cfg.preferences)[1]
     annotator = get_annotator(cfg.gold_annotator)
-    # Models that are not here, or a causal LM given as the reward model, fail now: before any model loads.
-    resolve(cfg.policy_model, "evaluate.policy_model")
+    # Models that are not here, too short a context window, or a causal LM given as the reward model, fail now:
+    # before any model loads.
+    require_context(cfg.policy_model, "evaluate.policy_model", cfg.max_new_tokens + 1, "evaluate.max_new_tokens",
+                    cfg.trust_remote_code)
     resolve(cfg.sft_model, "evaluate.sft_model")
     require_reward_model(cfg.reward_model, "evaluate.reward_model", cfg.trust_remote_code)
     import torch

@@ -15,7 +15,13 @@ from rlhf.config import ConfigError, PPOConfig, config_hash, flatten
 from rlhf.console import progress_as_lines
 from rlhf.data.formats import load_dataset
 from rlhf.evaluation import compare, sample_and_score
-from rlhf.modeling import load_causal_lm, load_reward_model, load_tokenizer, require_reward_model, resolve
+from rlhf.modeling import (
+    load_causal_lm,
+    load_reward_model,
+    load_tokenizer,
+    require_context,
+    require_reward_model,
+)
 from rlhf.ppo.models import Critic, reference_model
 from rlhf.stages.common import StageResult, checkpoint_dir, finish, lora_config, save_model
 from rlhf.tracking import HISTORY_FILE
@@ -29,7 +35,9 @@ def run(cfg: PPOConfig) -> StageResult:
     eval_prompts, eval_fingerprint = load_dataset(cfg.eval_prompts, "prompts")
     get_annotator(cfg.gold_annotator)  # fail now, not after training, on a scorer that cannot be loaded
     # Models that are not here, or a causal LM given as the reward model, fail now: before the heavy imports.
-    resolve(cfg.policy_model, "ppo.policy_model")
+    # max_new_tokens and at least one prompt token must fit the policy's context window.
+    require_context(cfg.policy_model, "ppo.policy_model", cfg.max_new_tokens + 1, "ppo.max_new_tokens",
+                    cfg.trust_remote_code)
     require_reward_model(cfg.reward_model, "ppo.reward_model", cfg.trust_remote_code)
     from accelerate import Accelerator
     from transformers import set_seed
@@ -59,7 +67,7 @@ def run(cfg: PPOConfig) -> StageResult:
     critic = _critic(cfg, reward_tokenizer, loading) if cfg.value_model == "reward" else None
     checkpoints = checkpoint_dir("ppo", cfg, prompts_fingerprint, cfg.policy_model, cfg.reward_model)
 
-    with tracking.stage_run("ppo", flatten(cfg, "ppo")):
+    with tracking.stage_run("ppo", flatten(cfg, "ppo"), checkpoints):
         tracking.log_dataset(prompts, "prompts", cfg.prompts, prompts_fingerprint, context="training")
         tracking.log_dataset(eval_prompts, "eval_prompts", cfg.eval_prompts, eval_fingerprint, context="evaluation")
         trainer = PPOTrainer(cfg, policy, reference, critic, reward_model, tokenizer, reward_tokenizer,

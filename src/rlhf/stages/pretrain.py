@@ -16,7 +16,7 @@ from rlhf.modeling import (
     count_parameters,
     load_causal_lm,
     load_tokenizer,
-    resolve,
+    require_context,
     train_tokenizer,
 )
 from rlhf.stages.common import (
@@ -34,7 +34,9 @@ from rlhf.stages.common import (
 
 def run(cfg: PretrainConfig) -> StageResult:
     if cfg.base_model:
-        resolve(cfg.base_model, "pretrain.base_model")  # a model that is not here fails now, not after the imports
+        # A model that is not here, or too short a context for max_length, fails now: not after the imports.
+        require_context(cfg.base_model, "pretrain.base_model", cfg.max_length, "pretrain.max_length",
+                        cfg.trust_remote_code)
     from transformers import set_seed
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
@@ -50,10 +52,10 @@ def run(cfg: PretrainConfig) -> StageResult:
         return StageResult({"skipped": 1.0, "parameters": float(count_parameters(model))}, [], cfg.output_dir)
 
     corpus, fingerprint = load_dataset(cfg.corpus, "text")
-    train, held_out = split(corpus, cfg.eval_fraction, cfg.seed)
+    train, held_out = split(corpus, cfg.eval_fraction, cfg.seed, cfg.corpus)
     checkpoints = checkpoint_dir("pretrain", cfg, fingerprint, cfg.base_model)
 
-    with tracking.stage_run("pretrain", flatten(cfg, "pretrain")):
+    with tracking.stage_run("pretrain", flatten(cfg, "pretrain"), checkpoints):
         tracking.log_dataset(train, "corpus", cfg.corpus, fingerprint, context="training")
         tracking.log_dataset(held_out, "corpus", cfg.corpus, fingerprint, context="evaluation")
         if not cfg.base_model:

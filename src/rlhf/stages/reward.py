@@ -13,7 +13,7 @@ from rlhf import tracking
 from rlhf.chat import preference_rows
 from rlhf.config import RewardConfig, config_hash, flatten
 from rlhf.data.formats import load_dataset, split
-from rlhf.modeling import load_reward_model, load_tokenizer, resolve
+from rlhf.modeling import load_reward_model, load_tokenizer, require_context
 from rlhf.stages.common import (
     StageResult,
     checkpoint_dir,
@@ -30,8 +30,9 @@ from rlhf.stages.common import (
 
 def run(cfg: RewardConfig) -> StageResult:
     dataset, fingerprint = load_dataset(cfg.dataset, "preference")
-    train, held_out = split(dataset, cfg.eval_fraction, cfg.seed)
-    resolve(cfg.base_model, "reward.base_model")  # a model that is not here fails now, not after the imports
+    train, held_out = split(dataset, cfg.eval_fraction, cfg.seed, cfg.dataset)
+    # A model that is not here, or too short a context for max_length, fails now: not after the imports.
+    require_context(cfg.base_model, "reward.base_model", cfg.max_length, "reward.max_length", cfg.trust_remote_code)
     from transformers import set_seed
     from trl import RewardConfig as TRLRewardConfig
     from trl import RewardTrainer
@@ -42,7 +43,7 @@ def run(cfg: RewardConfig) -> StageResult:
                               new_head=True)
     checkpoints = checkpoint_dir("reward", cfg, fingerprint, cfg.base_model)
 
-    with tracking.stage_run("reward", flatten(cfg, "reward")):
+    with tracking.stage_run("reward", flatten(cfg, "reward"), checkpoints):
         tracking.log_dataset(train, "preferences", cfg.dataset, fingerprint, context="training")
         tracking.log_dataset(held_out, "preferences", cfg.dataset, fingerprint, context="evaluation")
         args = TRLRewardConfig(

@@ -12,7 +12,7 @@ from rlhf import tracking
 from rlhf.chat import sft_rows
 from rlhf.config import SFTConfig, config_hash, flatten
 from rlhf.data.formats import load_dataset, split
-from rlhf.modeling import load_causal_lm, load_tokenizer, resolve
+from rlhf.modeling import load_causal_lm, load_tokenizer, require_context
 from rlhf.stages.common import (
     StageResult,
     checkpoint_dir,
@@ -30,8 +30,9 @@ from rlhf.stages.common import (
 
 def run(cfg: SFTConfig) -> StageResult:
     dataset, fingerprint = load_dataset(cfg.dataset, "sft")
-    train, held_out = split(dataset, cfg.eval_fraction, cfg.seed)
-    resolve(cfg.model, "sft.model")  # a model that is not here fails now, not after the imports
+    train, held_out = split(dataset, cfg.eval_fraction, cfg.seed, cfg.dataset)
+    # A model that is not here, or too short a context for max_length, fails now: not after the imports.
+    require_context(cfg.model, "sft.model", cfg.max_length, "sft.max_length", cfg.trust_remote_code)
     from transformers import set_seed
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
@@ -42,7 +43,7 @@ def run(cfg: SFTConfig) -> StageResult:
     checkpoints = checkpoint_dir("sft", cfg, fingerprint, cfg.model)
     (train_rows, assistant_masks), (held_out_rows, _) = sft_rows(train, tokenizer), sft_rows(held_out, tokenizer)
 
-    with tracking.stage_run("sft", flatten(cfg, "sft")):
+    with tracking.stage_run("sft", flatten(cfg, "sft"), checkpoints):
         tracking.log_dataset(train, "sft", cfg.dataset, fingerprint, context="training")
         tracking.log_dataset(held_out, "sft", cfg.dataset, fingerprint, context="evaluation")
         args = TRLSFTConfig(

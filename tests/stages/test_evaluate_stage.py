@@ -340,7 +340,10 @@ def test_failure_while_writing_keeps_the_previous_report(project: Project, same_
         raise OSError("disk full")
 
     monkeypatch.setattr(evaluate_stage, "write_report", crash_after_writing)
-    with pytest.raises(OSError, match="disk full"):
+    from rlhf.s3 import StorageError
+
+    with pytest.raises(StorageError, match=r"reports/same: not written \(disk full\); the previous contents are "
+                                           "unchanged"):
         project.evaluate(project.sft, "reports/same")
     after = {path.relative_to(output): path.read_bytes() for path in output.rglob("*") if path.is_file()}
     assert after == before

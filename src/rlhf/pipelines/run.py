@@ -38,14 +38,16 @@ def _task_output(run_folder: Path, task: str, output: str) -> Path | None:
 
 
 # What a step's container inherits from this process: the tracking store and its credentials, S3, the project's
-# own settings, the Hub's. Paths to files on this machine (CA bundles, credential files) are left out.
+# own settings, the Hub's, and the thread counts (with the same threads a container computes what the subprocess
+# runner computes, to the last bit). Paths to files on this machine (CA bundles, credential files) are left out.
 FORWARDED_PREFIXES = ("MLFLOW_", "AWS_", "RLHF_", "HF_", "TOKENIZERS_", "DVC_")
+FORWARDED = {"OMP_NUM_THREADS", "MKL_NUM_THREADS"}
 NOT_FORWARDED = {"AWS_CA_BUNDLE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "RLHF_IMAGE_SOURCE"}
 
 
 def _container_environment() -> dict[str, str]:
     env = {key: value for key, value in os.environ.items()
-           if key.startswith(FORWARDED_PREFIXES) and key not in NOT_FORWARDED}
+           if (key.startswith(FORWARDED_PREFIXES) or key in FORWARDED) and key not in NOT_FORWARDED}
     # HOME: the step runs as this machine's user, who may have no home in the image.
     return env | {"HOME": "/tmp", "RLHF_GIT_COMMIT": tracking.git_commit() or ""}
 

@@ -31,9 +31,11 @@ def cli_env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def rlhf(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def rlhf(*args: str, cwd: Path, timeout: float = 300,
+         env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [*RLHF, *args], cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=timeout, check=False
+        [*RLHF, *args], cwd=cwd, env={**cli_env(), **(env or {})}, capture_output=True, text=True, timeout=timeout,
+        check=False,
     )
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import gzip
 import shutil
 import sqlite3
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 from stage_helpers import Trained
-from test_cli import RLHF, cli_env, error_lines, leftovers
+from test_cli import error_lines, leftovers, rlhf
 
 Setup = Callable[[Path], None]
 
@@ -212,7 +211,7 @@ def test_bad_input_fails_with_one_line_naming_it_and_leaves_nothing(case: Case, 
     before = _state(workdir)
 
     started = time.monotonic()
-    result = subprocess_run(case, workdir)
+    result = rlhf(*case.args, cwd=workdir, env=case.env)
     elapsed = time.monotonic() - started
 
     errors = error_lines(result)
@@ -226,11 +225,6 @@ def test_bad_input_fails_with_one_line_naming_it_and_leaves_nothing(case: Case, 
     assert _state(workdir) == before, "a failed run changed or left files"
     assert leftovers(workdir) == []
     assert _running_runs(workdir) == 0
-
-
-def subprocess_run(case: Case, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*RLHF, *case.args], cwd=cwd, env={**cli_env(), **case.env}, capture_output=True,
-                          text=True, timeout=300, check=False)
 
 
 def test_the_catalogue_is_wide() -> None:

@@ -42,7 +42,8 @@ TINY_PARAMS = {
     # Tiny models clear no real bar: the pipeline tests run every gate with its checks off (null); the gate tests
     # set thresholds themselves.
     "gates": {"min_rm_accuracy": None, "min_win_rate_rm": None, "min_win_rate_gold": None, "min_rm_gain": None,
-              "min_gold_gain": None, "max_kl": None, "min_eos_rate": None, "max_repetition": None},
+              "min_gold_gain": None, "max_kl": None, "min_eos_rate": None, "max_repetition": None,
+              "max_gold_drop": None},
     "registry": {"max_new_tokens": 8, "prompt_template": "Review: {prompt}\nSummary:"},
 }
 

@@ -49,17 +49,27 @@ def supervised(_supervised_once: Path, tmp_path: Path, monkeypatch: pytest.Monke
 
 @pytest.mark.slow
 def test_ppo_stage_writes_policy_metrics_and_curves(supervised: Path) -> None:
-    _rlhf(supervised, "ppo", "--set", "ppo.total_episodes=16")
+    _rlhf(supervised, "ppo", "--set", "ppo.total_episodes=24", "--set", "ppo.eval_steps=2")
     metrics = json.loads((supervised / "metrics" / "ppo.json").read_text())
     for key in ("objective/kl", "objective/scores", "eval/policy/rm_score", "eval/sft/rm_score", "eval/gold_gain"):
         assert key in metrics
     assert (supervised / "models" / "ppo" / "model.safetensors").exists()
     scores = json.loads((supervised / "plots" / "ppo" / "scores.json").read_text())
-    assert [row["step"] for row in scores] == [1, 2]
+    assert [row["step"] for row in scores] == [1, 2, 3]
     assert not list((supervised / "checkpoints").glob("ppo-*"))
+    # The held-out curve (issue 16): the SFT model at step 0, every eval_steps (2), and the final policy (3); the
+    # first and last are the closing comparison's own numbers.
+    history = json.loads((supervised / "models" / "ppo" / "training_history.json").read_text())
+    curve = [row for row in history if "heldout/gold_score" in row]
+    assert [row["step"] for row in curve] == [0, 2, 3]
+    assert curve[0]["heldout/kl"] == metrics["eval/sft/kl"]
+    assert curve[0]["heldout/rm_score"] == metrics["eval/sft/rm_score"]
+    assert curve[-1]["heldout/gold_score"] == metrics["eval/policy/gold_score"]
     # Every sample_steps (2) a table of (query, response, score) goes to the MLflow run.
     run = _ppo_runs(supervised)[-1]
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{supervised / 'mlflow.db'}")
+    logged = client.get_metric_history(run.info.run_id, "heldout/gold_score")
+    assert sorted((m.step, m.value) for m in logged) == [(row["step"], row["heldout/gold_score"]) for row in curve]
     tables = [a.path for a in client.list_artifacts(run.info.run_id, "samples")]
     assert tables == ["samples/step_00002.json"]
     table = json.loads(Path(client.download_artifacts(run.info.run_id, tables[0], str(supervised))).read_text())

@@ -190,8 +190,10 @@ class PPOConfig(ModelLoading):
     logging_steps: int = Field(1, ge=1)
     sample_steps: int = Field(10, ge=1, description="log a table of (query, response, score) every N steps")
     save_steps: int = Field(10, ge=1)
+    eval_steps: int = Field(8, ge=1, description="answer the held-out prompts every N steps (RM and gold vs KL)")
     eval_batch_size: int = Field(64, ge=1)
-    gold_annotator: str = Field("vader", description="held-out gold scorer: vader, none or module:function")
+    gold_annotator: str = Field("vader", description="held-out gold scorer: vader, rubric (the demo's summary "
+                                "rubric), none or module:function")
     lora: LoraParams = LoraParams()
     bf16: bool = False
     gradient_checkpointing: bool = False
@@ -225,7 +227,8 @@ class EvaluateConfig(ModelLoading):
     top_k: int | None = Field(None, ge=0)
     top_p: float | None = Field(None, gt=0, le=1)
     batch_size: int = Field(64, ge=1)
-    gold_annotator: str = Field("vader", description="vader, none or module:function")
+    gold_annotator: str = Field("vader", description="vader, rubric (the demo's summary rubric), none or "
+                                "module:function")
     dtype: Dtype = Field("auto", description="weights' dtype on load: auto (as stored), bf16, fp16 or fp32")
     sample_rows: int = Field(12, ge=0, description="rows of the report's sample table")
 
@@ -246,6 +249,9 @@ class GatesConfig(Section):
     max_kl: float | None = Field(6.0, gt=0, description="KL of PPO to SFT on the held-out prompts, nats/response")
     min_eos_rate: float | None = Field(0.9, ge=0, le=1)
     max_repetition: float | None = Field(0.2, ge=0, le=1, description="mean share of repeated bigrams per response")
+    max_gold_drop: float | None = Field(
+        0.05, ge=0, description="over-optimisation: how far PPO's held-out gold may fall from its peak while the "
+        "reward model's score rises")
     reward_metrics: str = "metrics/reward.json"
     reward_model: str = Field("models/reward", description="its rlhf_run.json names the MLflow run to tag")
     evaluation_metrics: str = "metrics/evaluate.json"

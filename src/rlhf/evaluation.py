@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from rlhf.chat import Prompt, display, format_prompt
+from rlhf.measures import distinct_2, mean_interval, repetition, wilson_interval
 from rlhf.modeling import stop_token_ids
 from rlhf.sampling import ReferenceLogits, rollout, score, with_model_sampling
 
@@ -43,36 +44,21 @@ def sample_and_score(policy, reference_logits: ReferenceLogits, tokenizer, rewar
         samples = answers.samples
         kls = (answers.logprobs - answers.ref_logprobs).sum(1).tolist()
         rm_scores = answers.scores.tolist()
-        gold = annotator(samples.texts) if annotator else [None] * len(batch)
-        for i, prompt in enumerate(batch):
+        shown = [display(prompt) for prompt in batch]
+        gold = annotator(shown, samples.texts) if annotator else [{}] * len(batch)
+        for i, prompt in enumerate(shown):
             rows.append({
-                "prompt": display(prompt),
+                "prompt": prompt,
                 "response": samples.texts[i],
                 "rm_score": rm_scores[i],
-                "gold_score": gold[i],
+                "gold_score": gold[i].get("score"),
+                "gold": {key: value for key, value in gold[i].items() if key != "score"},
                 "kl": kls[i],
                 "eos": bool(samples.ends_with_eos[i]),
                 "length": int(samples.mask[i].sum()),
                 "repetition": repetition(samples.texts[i]),
             })
     return rows
-
-
-def _bigrams(text: str) -> list[tuple[str, str]]:
-    words = text.split()
-    return list(zip(words, words[1:]))
-
-
-def repetition(text: str) -> float:
-    """Share of a response's word bigrams that repeat an earlier one: 0 for none, near 1 for a loop."""
-    bigrams = _bigrams(text)
-    return 1.0 - len(set(bigrams)) / len(bigrams) if bigrams else 0.0
-
-
-def distinct_2(texts: Sequence[str]) -> float:
-    """Distinct bigrams over all bigrams across the responses (Li et al., 2016): low means mode collapse."""
-    bigrams = [bigram for text in texts for bigram in _bigrams(text)]
-    return len(set(bigrams)) / len(bigrams) if bigrams else 0.0
 
 
 def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
@@ -88,6 +74,9 @@ def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
     }
     if rows and rows[0]["gold_score"] is not None:
         summary["gold_score"] = statistics.fmean(row["gold_score"] for row in rows)
+        # The annotator's components (the demo rubric's genre, tone, invented, …), where every answer has them.
+        components = set.intersection(*(set(row.get("gold") or ()) for row in rows))
+        summary |= {f"gold/{key}": statistics.fmean(row["gold"][key] for row in rows) for key in sorted(components)}
     return summary
 
 
@@ -97,19 +86,44 @@ def win_rate(challenger: Sequence[float], baseline: Sequence[float]) -> float:
     return wins / len(baseline)
 
 
-def compare(policy_rows: Sequence[dict[str, Any]], sft_rows: Sequence[dict[str, Any]]) -> dict[str, float]:
-    """Summaries of both models (`policy/…`, `sft/…`), the policy's gains over SFT and its win rates."""
+def compare(policy_rows: Sequence[dict[str, Any]], sft_rows: Sequence[dict[str, Any]],
+            confidence: float = 0.95) -> dict[str, float]:
+    """Summaries of both models (`policy/…`, `sft/…`), the policy's gains over SFT and its win rates, each gain and
+    rate with its interval at `confidence` (`…_ci_low`, `…_ci_high`)."""
     policy, sft = summarize(policy_rows), summarize(sft_rows)
     stats = {f"policy/{key}": value for key, value in policy.items()}
     stats |= {f"sft/{key}": value for key, value in sft.items()}
-    stats["rm_gain_in_sft_std"] = (policy["rm_score"] - sft["rm_score"]) / max(sft["rm_score_std"], 1e-8)
-    stats["win_rate/rm"] = win_rate([r["rm_score"] for r in policy_rows], [r["rm_score"] for r in sft_rows])
+    n = len(policy_rows)
+    sft_std = max(sft["rm_score_std"], 1e-8)
+    gains = {"rm_gain_in_sft_std": [(p["rm_score"] - s["rm_score"]) / sft_std for p, s in zip(policy_rows, sft_rows)]}
+    rates = {"win_rate/rm": win_rate([r["rm_score"] for r in policy_rows], [r["rm_score"] for r in sft_rows])}
     if "gold_score" in policy:
-        stats["gold_gain"] = policy["gold_score"] - sft["gold_score"]
-        stats["win_rate/gold"] = win_rate([r["gold_score"] for r in policy_rows],
-                                          [r["gold_score"] for r in sft_rows])
-    stats["prompts"] = float(len(policy_rows))
+        gains["gold_gain"] = [p["gold_score"] - s["gold_score"] for p, s in zip(policy_rows, sft_rows)]
+        rates["win_rate/gold"] = win_rate([r["gold_score"] for r in policy_rows], [r["gold_score"] for r in sft_rows])
+    for key, differences in gains.items():
+        stats[key] = statistics.fmean(differences)
+        stats[f"{key}_ci_low"], stats[f"{key}_ci_high"] = mean_interval(differences, confidence)
+    for key, rate in rates.items():
+        stats[key] = rate
+        stats[f"{key}_ci_low"], stats[f"{key}_ci_high"] = wilson_interval(rate, n, confidence)
+    stats["prompts"] = float(n)
     return stats
+
+
+def overoptimisation(history: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Over-optimisation on the held-out prompts through PPO (Gao et al. 2022): how far the gold score fell from its
+    peak by the end while the reward model's score rose. `gold_drop_while_rm_rose` is 0 when gold did not fall or the
+    proxy fell with it; empty without held-out points or gold."""
+    points = [row for row in history if "heldout/gold_score" in row]
+    if len(points) < 2:
+        return {}
+    peak = max(points, key=lambda row: row["heldout/gold_score"])
+    final = points[-1]
+    gold_drop = peak["heldout/gold_score"] - final["heldout/gold_score"]
+    rm_rise = final["heldout/rm_score"] - peak["heldout/rm_score"]
+    return {"overoptimisation/gold_peak": peak["heldout/gold_score"], "overoptimisation/gold_peak_step": peak["step"],
+            "overoptimisation/gold_drop": gold_drop, "overoptimisation/rm_rise": rm_rise,
+            "gold_drop_while_rm_rose": gold_drop if rm_rise > 0 else 0.0}
 
 
 @torch.no_grad()

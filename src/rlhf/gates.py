@@ -10,17 +10,17 @@ on the returned verdict instead.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
-from statistics import NormalDist
 from typing import Any, Literal
 
 from rlhf import tracking
 from rlhf.config import ConfigError, GatesConfig
+from rlhf.measures import wilson_interval
 from rlhf.stages import GATES
 from rlhf.storage import write_json
 
-_GOLD_METRICS = ("win_rate/gold", "gold_gain")  # absent without a gold annotator: those checks are skipped
+# Absent without a gold annotator (or, for over-optimisation, without PPO's held-out curve): those checks are skipped.
+_GOLD_METRICS = ("win_rate/gold", "gold_gain", "gold_drop_while_rm_rose")
 GateName = Literal["reward", "evaluation"]
 
 # (threshold key, metric key, direction, sample-size key for a proportion's confidence bound or None)
@@ -34,6 +34,7 @@ _CHECKS: dict[str, tuple[tuple[str, str, str, str | None], ...]] = {
         ("max_kl", "policy/kl", "<=", None),
         ("min_eos_rate", "policy/eos_rate", ">=", None),
         ("max_repetition", "policy/repetition", "<=", None),
+        ("max_gold_drop", "gold_drop_while_rm_rose", "<=", None),
     ),
 }
 
@@ -41,12 +42,7 @@ _CHECKS: dict[str, tuple[tuple[str, str, str, str | None], ...]] = {
 
 def wilson_lower_bound(proportion: float, n: float, confidence: float) -> float:
     """Lower end of the Wilson score interval: what a gate trusts of a proportion measured on n samples."""
-    if confidence <= 0 or n <= 0:
-        return proportion
-    z = NormalDist().inv_cdf(0.5 + confidence / 2)
-    centre = proportion + z * z / (2 * n)
-    spread = z * math.sqrt(proportion * (1 - proportion) / n + z * z / (4 * n * n))
-    return max(0.0, (centre - spread) / (1 + z * z / n))
+    return wilson_interval(proportion, n, confidence)[0]
 
 
 def _read_metrics(path: str, key: str) -> dict[str, float]:
@@ -67,7 +63,8 @@ def _check(cfg: GatesConfig, threshold_key: str, metric: str, direction: str, si
     if threshold is None:
         return check | {"status": "skipped", "reason": "threshold is null"}
     if metric not in metrics and metric in _GOLD_METRICS:
-        return check | {"status": "skipped", "reason": f"{metric} not measured (no gold annotator)"}
+        reason = "no held-out curve with gold" if metric == "gold_drop_while_rm_rose" else "no gold annotator"
+        return check | {"status": "skipped", "reason": f"{metric} not measured ({reason})"}
     for key in (metric, size_key):
         if key and key not in metrics:
             raise ConfigError(f"gates.{metrics_key}: {metrics_file} has no {key!r}; a gate cannot judge without it")

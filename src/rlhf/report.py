@@ -1,7 +1,10 @@
 """The evaluation report: Markdown (beside PNG plots) and one self-contained HTML page (plots inlined as data URIs).
 
-Plots: reward-model and gold score distributions of SFT vs PPO answers to the same prompts, and the PPO training
-curves. Tables: every metric side by side, the comparisons the gates read, and sample answers.
+Written for the people who decide whether the policy ships, in the order they read it: the gates' verdicts with their
+thresholds, the champion the policy would replace side by side, the comparisons with SFT with their 95% intervals,
+the models' identities (versions, runs, commit, data), then plots (score distributions; gold and reward-model score
+against KL through PPO, where over-optimisation shows; the training curves) and the answers, flagged ones first
+(tone flipped, genre changed, aspect invented, repetition, from the gold annotator's components).
 """
 
 from __future__ import annotations
@@ -10,17 +13,37 @@ import base64
 import html
 import io
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 # Fixed colours (matplotlib's first two), so the two models look the same in every plot.
 SFT_COLOUR = "#1f77b4"
 POLICY_COLOUR = "#ff7f0e"
+GOLD_COLOUR = "#2ca02c"
 CURVES = (("objective/scores", "reward-model score"), ("objective/kl", "KL to reference"),
           ("objective/rlhf_reward", "score − KL penalty"), ("objective/entropy", "entropy"))
 PER_MODEL = ("rm_score", "gold_score", "kl", "eos_rate", "length", "repetition", "distinct_2")
-COMPARISONS = ("win_rate/rm", "win_rate/gold", "rm_gain_in_sft_std", "gold_gain", "rm_accuracy", "rm_pairs",
-               "prompts")
+COMPARISONS = ("win_rate/rm", "win_rate/gold", "rm_gain_in_sft_std", "gold_gain", "gold_drop_while_rm_rose",
+               "rm_accuracy", "rm_pairs", "prompts")
+# What makes an answer unfaithful, from the gold annotator's components (the demo rubric's), and the repetition.
+FLAGS = (("genre changed", lambda row: row["gold"].get("genre", 1.0) < 1.0),
+         ("tone flipped", lambda row: row["gold"].get("tone", 1.0) < 1.0),
+         ("aspect invented", lambda row: row["gold"].get("invented", 0.0) > 0),
+         ("repetition", lambda row: row["repetition"] > 0))
+
+
+@dataclass
+class Decision:
+    """What the report needs beyond the scores: the gates' verdicts (as `rlhf.gates` writes them), one row per model
+    of who it is, and the champion the policy would replace (`champion_rows` answered the same prompts)."""
+
+    verdicts: list[dict[str, Any]] = field(default_factory=list)
+    identities: list[dict[str, str]] = field(default_factory=list)
+    champion: str | None = None  # e.g. "rlhf-policy v3"; None: no champion yet
+    champion_note: str = ""  # why there is no side-by-side, when there is none
+    champion_rows: list[dict] = field(default_factory=list)
+    champion_metrics: dict[str, float] = field(default_factory=dict)  # compare(policy_rows, champion_rows)
 
 
 def _figure(width: float = 9, height: float = 3.4):
@@ -61,52 +84,126 @@ def training_curves(history: Sequence[dict[str, float]]) -> bytes:
     return _png(figure)
 
 
+def overoptimisation_curve(history: Sequence[dict[str, float]]) -> bytes | None:
+    """Gold and reward-model score of the held-out answers against √KL through PPO, as in Gao et al. 2022: the proxy
+    climbing while gold turns down is over-optimisation. None without held-out points."""
+    points = [row for row in history if "heldout/rm_score" in row]
+    if len(points) < 2:
+        return None
+    distance = [max(row.get("heldout/kl", 0.0), 0.0) ** 0.5 for row in points]
+    figure = _figure(9, 3.4)
+    proxy_axes = figure.subplots()
+    proxy_axes.plot(distance, [row["heldout/rm_score"] for row in points], "o-", color=POLICY_COLOUR,
+                    label="reward model (proxy)")
+    proxy_axes.set_xlabel("√KL to the SFT model (nats), held-out prompts")
+    proxy_axes.set_ylabel("reward-model score", color=POLICY_COLOUR)
+    if any("heldout/gold_score" in row for row in points):
+        gold_axes = proxy_axes.twinx()
+        gold_axes.plot(distance, [row.get("heldout/gold_score") for row in points], "s-", color=GOLD_COLOUR,
+                       label="gold")
+        gold_axes.set_ylabel("gold score", color=GOLD_COLOUR)
+    for x, row in zip(distance, points):
+        proxy_axes.annotate(f"step {row['step']}", (x, row["heldout/rm_score"]), fontsize=7,
+                            textcoords="offset points", xytext=(2, 4))
+    proxy_axes.set_title("Over-optimisation check: gold and proxy against KL through PPO")
+    figure.legend(loc="lower right")
+    return _png(figure)
+
+
 def _number(value: Any) -> str:
     return "–" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def _tables(metrics: dict[str, float], policy_rows: Sequence[dict], sft_rows: Sequence[dict], sample_rows: int):
-    per_model = [[key, _number(metrics.get(f"sft/{key}")), _number(metrics.get(f"policy/{key}"))]
-                 for key in PER_MODEL if f"policy/{key}" in metrics]
-    comparisons = [[key, _number(metrics[key])] for key in COMPARISONS if key in metrics]
+def _interval(metrics: dict[str, float], key: str) -> str:
+    low, high = metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high")
+    return "–" if low is None or high is None else f"[{low:.3g}, {high:.3g}]"
+
+
+def flags(row: dict) -> list[str]:
+    return [name for name, test in FLAGS if test({"gold": row.get("gold") or {}, **row})]
+
+
+def _verdict_rows(verdicts: Sequence[dict[str, Any]]) -> list[list[str]]:
+    rows = []
+    for verdict in verdicts:
+        for check in verdict["checks"] or [{"check": "not run", "status": "fail"}]:
+            value = _number(check.get("value")) + (f" (measured {check['measured']:.4g})" if "measured" in check else "")
+            rows.append([verdict["gate"], check["check"], check.get("metric", ""), value,
+                         f"{check.get('op', '')} {_number(check.get('threshold'))}",
+                         check["status"].upper() if check["status"] in ("pass", "fail") else check.get("reason", "")])
+    return rows
+
+
+def _tables(metrics: dict[str, float], policy_rows: Sequence[dict], sft_rows: Sequence[dict], sample_rows: int,
+            decision: Decision):
+    champion = decision.champion_metrics
+    models = ["SFT", "PPO"] + ([f"champion ({decision.champion})"] if champion else [])
+    components = sorted(key.removeprefix("policy/") for key in metrics if key.startswith("policy/gold/"))
+    per_model = [[key, _number(metrics.get(f"sft/{key}")), _number(metrics.get(f"policy/{key}")),
+                  *([_number(champion.get(f"sft/{key}"))] if champion else [])]
+                 for key in (*PER_MODEL, *components) if f"policy/{key}" in metrics]
+    comparisons = [[key, _number(metrics[key]), _interval(metrics, key)] for key in COMPARISONS if key in metrics]
+    # The champion's table reads compare(policy, champion): its "sft/…" side is the champion.
+    against_champion = [[key, _number(champion[key]), _interval(champion, key)]
+                        for key in ("win_rate/gold", "gold_gain", "win_rate/rm") if key in champion]
+    paired = list(zip(sft_rows, policy_rows))
+    flagged = [(sft, policy) for sft, policy in paired if flags(policy)]
+    ordered = flagged + [(sft, policy) for sft, policy in paired if not flags(policy)]
     samples = [
-        [sft["prompt"], sft["response"], _number(sft["rm_score"]), _number(sft["gold_score"]),
+        [", ".join(flags(policy)) or "–", sft["prompt"], sft["response"], _number(sft["gold_score"]),
          policy["response"], _number(policy["rm_score"]), _number(policy["gold_score"])]
-        for sft, policy in list(zip(sft_rows, policy_rows))[:sample_rows]
+        for sft, policy in ordered[: max(sample_rows, min(len(flagged), 3 * sample_rows))]
     ]
-    return [
-        ("Per model", ["metric", "SFT", "PPO"], per_model),
-        ("PPO against SFT", ["metric", "value"], comparisons),
-        ("Sample answers (same prompt, same seed)",
-         ["prompt", "SFT answer", "SFT RM", "SFT gold", "PPO answer", "PPO RM", "PPO gold"], samples),
-    ]
+    identity_header = ["model", "MLflow run", "commit", "data (sha256)"]
+    identities = [[row.get(key, "–") for key in ("model", "mlflow", "commit", "data")] for row in decision.identities]
+    champion_title = (f"Against the champion it would replace: {decision.champion}" if champion
+                      else f"Against the champion it would replace: {decision.champion_note or 'no champion yet'}")
+    return {
+        "verdicts": ("Gate verdicts", ["gate", "check", "metric", "value", "threshold", "verdict"],
+                     _verdict_rows(decision.verdicts)),
+        "champion": (champion_title, ["metric (PPO vs champion)", "value", "95% interval"], against_champion),
+        "per_model": ("Per model (held-out prompts, same sampling seed)", ["metric", *models], per_model),
+        "comparisons": ("PPO against SFT", ["metric", "value", "95% interval"], comparisons),
+        "identities": ("Identities", identity_header, identities),
+        "samples": (f"Answers, flagged first ({len(flagged)} of {len(paired)} PPO answers flagged)",
+                    ["flags", "prompt", "SFT answer", "SFT gold", "PPO answer", "PPO RM", "PPO gold"], samples),
+    }
 
 
 def write_report(folder: Path, metrics: dict[str, float], policy_rows: Sequence[dict], sft_rows: Sequence[dict],
-                 history: Sequence[dict[str, float]], sample_rows: int) -> list[str]:
+                 history: Sequence[dict[str, float]], sample_rows: int, decision: Decision | None = None) -> list[str]:
     """Writes report.md, report.html and plots/*.png into `folder`; returns the report's file names."""
+    decision = decision or Decision()
     plots = {"score_distributions.png": ("Score distributions, SFT vs PPO", score_distributions(policy_rows, sft_rows))}
-    if history:
+    curve = overoptimisation_curve(history)
+    if curve:
+        plots["overoptimisation.png"] = ("Gold and proxy against KL through PPO", curve)
+    if any(key in row for row in history for key, _ in CURVES):
         plots["ppo_training.png"] = ("PPO training curves", training_curves(history))
     (folder / "plots").mkdir(parents=True, exist_ok=True)
     for name, (_, png) in plots.items():
         (folder / "plots" / name).write_bytes(png)
-    per_model, comparisons, samples = _tables(metrics, policy_rows, sft_rows, sample_rows)
-    # Tables, then plots, then sample answers: the same order in both documents.
-    blocks = [per_model, comparisons, *((title, name, png) for name, (title, png) in plots.items()), samples]
+    tables = _tables(metrics, policy_rows, sft_rows, sample_rows, decision)
+    # The decision first (verdicts, champion), then the evidence: tables, plots, identities, answers.
+    blocks = [tables["verdicts"]] if decision.verdicts else []
+    blocks += [tables["champion"]] if decision.champion or decision.champion_note else []
+    blocks += [tables["per_model"], tables["comparisons"]]
+    blocks += [(title, name, png) for name, (title, png) in plots.items()]
+    blocks += [tables[name] for name in ("identities", "samples") if tables[name][2] or name == "samples"]
 
     markdown = ["# RLHF evaluation", ""]
     page = ["<!doctype html><html><head><meta charset='utf-8'><title>RLHF evaluation</title><style>",
             "body{font-family:sans-serif;margin:2em;max-width:75em}table{border-collapse:collapse;margin:1em 0}",
             "td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left;vertical-align:top}",
-            "img{max-width:100%}</style></head><body><h1>RLHF evaluation</h1>"]
+            "td.PASS{background:#e3f4e1}td.FAIL{background:#fbe0dc}img{max-width:100%}</style></head><body>",
+            "<h1>RLHF evaluation</h1>"]
     for title, second, third in blocks:
         markdown += [f"## {title}", ""]
         page.append(f"<h2>{html.escape(title)}</h2>")
         if isinstance(third, bytes):  # a plot: (title, file name, PNG)
             markdown += [f"![{title}](plots/{second})", ""]
             page.append(f"<img alt='{html.escape(title)}' src='data:image/png;base64,{base64.b64encode(third).decode()}'>")
-        else:  # a table: (title, header, rows)
+        elif third:  # a table: (title, header, rows)
             markdown += [_markdown_row(second), "|" + "---|" * len(second), *map(_markdown_row, third), ""]
             page.append(_html_table(second, third))
     page.append("</body></html>")
@@ -123,5 +220,7 @@ def _markdown_row(cells: list[str]) -> str:
 
 def _html_table(header: list[str], rows: list[list[str]]) -> str:
     head = "".join(f"<th>{html.escape(cell)}</th>" for cell in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in rows)
+    # A verdict cell is coloured by its class (PASS, FAIL).
+    body = "".join("<tr>" + "".join(f"<td class='{cell if cell in ('PASS', 'FAIL') else ''}'>{html.escape(cell)}</td>"
+                                    for cell in row) + "</tr>" for row in rows)
     return f"<table><tr>{head}</tr>{body}</table>"

@@ -24,8 +24,9 @@ Z95 = 1.959963984540054  # the 97.5% quantile of the standard normal
 PASSING_EVALUATION = {
     "win_rate/rm": 0.92, "win_rate/gold": 0.91, "prompts": 128.0, "rm_gain_in_sft_std": 1.2, "gold_gain": 0.67,
     "policy/kl": 3.9, "policy/eos_rate": 1.0, "policy/repetition": 0.0, "rm_accuracy": 1.0, "rm_pairs": 300.0,
+    "gold_drop_while_rm_rose": 0.01,
 }
-GOLD_METRICS = ("win_rate/gold", "gold_gain")
+GOLD_METRICS = ("win_rate/gold", "gold_gain", "gold_drop_while_rm_rose")
 
 # check -> (metric, a value that fails the check's default threshold on its own)
 FAILING_VALUE = {
@@ -36,6 +37,7 @@ FAILING_VALUE = {
     "max_kl": ("policy/kl", 7.5),
     "min_eos_rate": ("policy/eos_rate", 0.8),
     "max_repetition": ("policy/repetition", 0.35),
+    "max_gold_drop": ("gold_drop_while_rm_rose", 0.08),  # over-optimisation: gold fell from its peak, proxy rose
 }
 
 
@@ -285,7 +287,7 @@ def test_cli_gate_passing_exits_zero(project: Path, capsys: pytest.CaptureFixtur
     assert main(["gate", "evaluation", "--params", "params.yaml"]) == 0
     out, err = capsys.readouterr()
     assert "gate evaluation: passed" in out
-    assert sum("pass  " in line for line in out.splitlines()) == 7  # one line per check
+    assert sum("pass  " in line for line in out.splitlines()) == 8  # one line per check
     assert err == ""
     assert json.loads((project / "gates" / "evaluation.json").read_text())["passed"] is True
 

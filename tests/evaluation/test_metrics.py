@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from rlhf.evaluation import compare, distinct_2, repetition, summarize, win_rate
+from rlhf.evaluation import compare, overoptimisation, summarize, win_rate
+from rlhf.measures import distinct_2, repetition
 from rlhf.gates import wilson_lower_bound
 
 
@@ -69,3 +70,53 @@ def test_without_a_gold_annotator_there_are_no_gold_metrics() -> None:
     stats = compare(rows, rows)
     assert "win_rate/gold" not in stats and "gold_gain" not in stats
     assert stats["win_rate/rm"] == 0.5  # identical answers tie everywhere
+
+
+# ------------------------------------------------------------------------------------- intervals, over-optimisation
+
+
+def test_compare_gives_each_gain_and_rate_a_95_percent_interval_around_it() -> None:
+    policy = [_row(f"p{i}", rm=1.0 + (i % 5) * 0.2, gold=0.5 + (i % 3) * 0.1) for i in range(40)]
+    sft = [_row(f"s{i}", rm=0.5 + (i % 7) * 0.1, gold=0.45 + (i % 4) * 0.05) for i in range(40)]
+    stats = compare(policy, sft)
+    for key in ("gold_gain", "rm_gain_in_sft_std", "win_rate/rm", "win_rate/gold"):
+        assert stats[f"{key}_ci_low"] < stats[key] < stats[f"{key}_ci_high"], key
+    # The gain's interval is the paired one: mean ± 1.96 standard errors of the per-prompt differences.
+    differences = [p["gold_score"] - s["gold_score"] for p, s in zip(policy, sft)]
+    mean = sum(differences) / 40
+    sd = math.sqrt(sum((d - mean) ** 2 for d in differences) / 39)
+    assert stats["gold_gain_ci_high"] - stats["gold_gain"] == pytest.approx(1.959964 * sd / math.sqrt(40))
+    # Four times the prompts, half the width.
+    wide = compare(policy * 4, sft * 4)
+    assert (wide["gold_gain_ci_high"] - wide["gold_gain_ci_low"]) == pytest.approx(
+        (stats["gold_gain_ci_high"] - stats["gold_gain_ci_low"]) * math.sqrt(39 / 159), rel=1e-6)
+
+
+def test_compare_averages_the_gold_annotators_components() -> None:
+    policy = [_row("a", 1.0, 0.5) | {"gold": {"genre": 1.0, "tone": 0.5}},
+              _row("b", 1.0, 0.7) | {"gold": {"genre": 0.0, "tone": 1.0}}]
+    sft = [_row("c", 0.0, 0.2) | {"gold": {"genre": 1.0}}, _row("d", 0.0, 0.1) | {"gold": {"genre": 1.0}}]
+    stats = compare(policy, sft)
+    assert stats["policy/gold/genre"] == 0.5 and stats["policy/gold/tone"] == 0.75
+    assert stats["sft/gold/genre"] == 1.0 and "sft/gold/tone" not in stats
+
+
+def _curve(*points: tuple[float, float]) -> list[dict]:
+    """PPO's history: a training row per step; (rm, gold) held-out points at steps 0, 8, 16, …"""
+    history = [{"step": step, "objective/scores": 0.1 * step} for step in range(1, 8 * len(points))]
+    history.insert(0, {"step": 0})
+    for i, (rm, gold) in enumerate(points):
+        history[8 * i] |= {"heldout/rm_score": rm, "heldout/gold_score": gold, "heldout/kl": 0.5 * i}
+    return history
+
+
+def test_overoptimisation_is_gold_falling_from_its_peak_while_the_proxy_rises() -> None:
+    hacked = overoptimisation(_curve((0.0, 0.3), (1.0, 0.6), (2.0, 0.5), (3.0, 0.4)))
+    assert hacked["overoptimisation/gold_peak"] == 0.6 and hacked["overoptimisation/gold_peak_step"] == 8
+    assert hacked["gold_drop_while_rm_rose"] == pytest.approx(0.2)
+    assert hacked["overoptimisation/rm_rise"] == pytest.approx(2.0)
+    # Both rising: nothing fell. Both falling after the peak: the proxy agrees with gold, not over-optimisation.
+    assert overoptimisation(_curve((0.0, 0.3), (1.0, 0.5), (2.0, 0.7)))["gold_drop_while_rm_rose"] == 0.0
+    assert overoptimisation(_curve((0.0, 0.3), (2.0, 0.7), (1.0, 0.5)))["gold_drop_while_rm_rose"] == 0.0
+    # No curve (an older policy, or no gold annotator): nothing to judge.
+    assert overoptimisation([{"step": 1, "objective/scores": 1.0}]) == {}

@@ -19,7 +19,8 @@ from typing import Any
 
 import pytest
 
-from rlhf.evaluation import compare, repetition
+from rlhf.evaluation import compare
+from rlhf.measures import repetition
 from rlhf.report import POLICY_COLOUR, SFT_COLOUR, write_report
 
 SAMPLE_ROWS = 5
@@ -59,8 +60,8 @@ def embedded_pngs(page: str) -> list[bytes]:
 
 
 def section(markdown: str, title: str) -> str:
-    """The body of one `## title` section of the Markdown report."""
-    return markdown.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+    """The body of the `## title…` section of the Markdown report (a title that starts with `title`)."""
+    return markdown.split(f"## {title}", 1)[1].split("\n", 1)[1].split("\n## ", 1)[0]
 
 
 # --------------------------------------------------------------------------------------------- files and tables
@@ -91,9 +92,9 @@ def test_report_files_and_markdown_links(tmp_path: Path) -> None:
         assert f"| {key} |" in comparisons, key
     assert "| rm_accuracy | 0.9 |" in comparisons and "| prompts | 30 |" in comparisons
     # The sample table has `sample_rows` rows, the first prompt first.
-    samples = section(markdown, "Sample answers (same prompt, same seed)")
-    rows = [line for line in samples.splitlines() if line.startswith("| Review")]
-    assert len(rows) == SAMPLE_ROWS and rows[0].startswith("| Review 0: a film. Summary: |")
+    samples = section(markdown, "Answers, flagged first")
+    rows = [line for line in samples.splitlines() if line.startswith("| – | Review")]  # none flagged
+    assert len(rows) == SAMPLE_ROWS and rows[0].startswith("| – | Review 0: a film. Summary: |")
 
 
 def test_html_is_self_contained(tmp_path: Path) -> None:
@@ -141,8 +142,8 @@ def test_markdown_table_cells_stay_in_their_column(tmp_path: Path) -> None:
     policy = make_rows(30, 3.0, seed=1)
     policy[0]["response"] = " good | bad\nsecond line"
     build(tmp_path, policy_rows=policy)
-    samples = section((tmp_path / "report.md").read_text(encoding="utf-8"), "Sample answers (same prompt, same seed)")
-    [row] = [line for line in samples.splitlines() if line.startswith("| Review 0:")]
+    samples = section((tmp_path / "report.md").read_text(encoding="utf-8"), "Answers, flagged first")
+    [row] = [line for line in samples.splitlines() if "| Review 0:" in line]
     assert "good \\| bad second line" in row
     assert len(re.findall(r"(?<!\\)\|", row)) == 8  # 7 cells
 
@@ -263,3 +264,60 @@ def test_html_report_renders_its_plots_in_headless_chromium(tmp_path: Path) -> N
 
     control = colour_counts(screenshot(broken, tmp_path))
     assert control == {"sft_bar": 0, "policy_bar": 0, "policy_line": 0}, control
+
+
+# ------------------------------------------------------------------------------------------ the decision sections
+
+
+def test_flagged_answers_come_first_naming_what_is_wrong(tmp_path: Path) -> None:
+    """PPO answers the gold annotator's components call unfaithful (genre, tone, invented aspect, repetition) lead
+    the answers table, each with its flags; the rest follow in prompt order."""
+    policy = make_rows(30, 3.0, seed=1)
+    for row in policy:
+        row["gold"] = {"genre": 1.0, "tone": 1.0, "invented": 0.0}
+    policy[7]["gold"] = {"genre": 0.0, "tone": 0.5, "invented": 0.0}
+    policy[12]["gold"]["invented"] = 2.0
+    policy[20] |= {"response": " great plot and great plot", "repetition": repetition(" great plot and great plot")}
+    build(tmp_path, policy_rows=policy)
+    samples = section((tmp_path / "report.md").read_text(encoding="utf-8"), "Answers, flagged first")
+    rows = [line for line in samples.splitlines() if "| Review" in line]
+    assert [row.split(" | ")[0] for row in rows[:4]] == [
+        "| genre changed, tone flipped", "| aspect invented", "| repetition", "| –"]
+    assert "Review 7:" in rows[0] and "Review 12:" in rows[1] and "Review 20:" in rows[2] and "Review 0:" in rows[3]
+    assert "(3 of 30 PPO answers flagged)" in (tmp_path / "report.md").read_text(encoding="utf-8")
+
+
+def test_verdicts_identities_and_intervals_are_in_the_report(tmp_path: Path) -> None:
+    from rlhf.report import Decision
+
+    policy_rows, sft_rows = make_rows(30, 3.0, seed=1), make_rows(30, 0.0, seed=2)
+    metrics = compare(policy_rows, sft_rows)
+    verdict = {"gate": "evaluation", "passed": False, "failed_checks": ["max_kl"], "checks": [
+        {"check": "max_kl", "metric": "policy/kl", "threshold": 6.0, "op": "<=", "value": 7.5, "status": "fail"},
+        {"check": "min_win_rate_rm", "metric": "win_rate/rm", "threshold": 0.6, "op": ">=", "value": 0.8,
+         "measured": 0.9, "status": "pass"}]}
+    identity = {"model": "PPO policy: models/ppo", "mlflow": "0123abcd", "commit": "deadbeef0123", "data": "prompts 9f"}
+    write_report(tmp_path, metrics, policy_rows, sft_rows, [], SAMPLE_ROWS,
+                 Decision(verdicts=[verdict], identities=[identity], champion_note="no champion yet"))
+    markdown = (tmp_path / "report.md").read_text(encoding="utf-8")
+    titles = re.findall(r"^## (.+)$", markdown, re.M)
+    assert titles[:2] == ["Gate verdicts", "Against the champion it would replace: no champion yet"]
+    verdicts = section(markdown, "Gate verdicts")
+    assert "| evaluation | max_kl | policy/kl | 7.5 | &lt;= 6 | FAIL |" in verdicts  # escaped: shown as <=
+    assert "| evaluation | min_win_rate_rm | win_rate/rm | 0.8 (measured 0.9) | &gt;= 0.6 | PASS |" in verdicts
+    assert "| PPO policy: models/ppo | 0123abcd | deadbeef0123 | prompts 9f |" in section(markdown, "Identities")
+    low, high = metrics["gold_gain_ci_low"], metrics["gold_gain_ci_high"]
+    assert f"| gold_gain | {metrics['gold_gain']:.4g} | [{low:.3g}, {high:.3g}] |" in section(markdown, "PPO against SFT")
+    assert "<td class='FAIL'>FAIL</td>" in (tmp_path / "report.html").read_text(encoding="utf-8")
+
+
+def test_overoptimisation_plot_from_the_held_out_curve(tmp_path: Path) -> None:
+    """With held-out points in PPO's history, the report plots gold and proxy against √KL."""
+    history = make_history() + [{"step": 0, "heldout/rm_score": 0.0, "heldout/gold_score": 0.3, "heldout/kl": 0.0}]
+    for step, (rm, gold) in ((4, (1.0, 0.6)), (8, (2.0, 0.5)), (12, (3.0, 0.4))):
+        history[step - 1] |= {"heldout/rm_score": rm, "heldout/gold_score": gold, "heldout/kl": step / 4}
+    policy_rows, sft_rows = make_rows(30, 3.0, seed=1), make_rows(30, 0.0, seed=2)
+    names = write_report(tmp_path, compare(policy_rows, sft_rows), policy_rows, sft_rows, history, SAMPLE_ROWS)
+    assert names == ["report.md", "report.html", "plots/score_distributions.png", "plots/overoptimisation.png",
+                     "plots/ppo_training.png"]
+    assert len(embedded_pngs((tmp_path / "report.html").read_text(encoding="utf-8"))) == 3

@@ -17,7 +17,7 @@ from rlhf.annotators import get_annotator
 from rlhf.config import ConfigError, EvaluateConfig, config_hash, flatten
 from rlhf.console import progress_as_lines
 from rlhf.data.formats import load_dataset, split
-from rlhf.evaluation import compare, pairwise_accuracy, sample_and_score
+from rlhf.evaluation import compare, overoptimisation, pairwise_accuracy, sample_and_score
 from rlhf.modeling import (
     load_causal_lm,
     load_reward_model,
@@ -26,7 +26,7 @@ from rlhf.modeling import (
     require_reward_model,
     resolve,
 )
-from rlhf.report import write_report
+from rlhf.report import Decision, write_report
 from rlhf.stages.common import StageResult
 from rlhf.storage import atomic_dir, fetch, write_json
 from rlhf.tracking import HISTORY_FILE
@@ -75,14 +75,15 @@ def run(cfg: EvaluateConfig) -> StageResult:
         tracking.log_dataset(eval_prompts, "eval_prompts", cfg.eval_prompts, prompts_fingerprint, "evaluation")
         tracking.log_dataset(held_out_pairs, "preferences", cfg.preferences, preferences_fingerprint, "evaluation")
         policy_rows, sft_rows = answers(policy), answers(sft)
-        metrics = compare(policy_rows, sft_rows)
+        metrics = compare(policy_rows, sft_rows) | overoptimisation(history)
         metrics["rm_accuracy"] = pairwise_accuracy(reward_model, reward_tokenizer, held_out_pairs, cfg.batch_size,
                                                    device)
         metrics["rm_pairs"] = float(len(held_out_pairs))
         tracking.log_metrics(metrics)
         datasets = {"eval_prompts": prompts_fingerprint, "preferences": preferences_fingerprint}
         with atomic_dir(cfg.output_dir) as staging:
-            write_report(staging, metrics, policy_rows, sft_rows, history, cfg.sample_rows)
+            write_report(staging, metrics, policy_rows, sft_rows, history, cfg.sample_rows,
+                         Decision(identities=_identities(cfg, datasets)))
             with open(staging / "answers.jsonl", "w", encoding="utf-8") as answers_file:
                 for model, rows in (("sft", sft_rows), ("policy", policy_rows)):
                     for row in rows:
@@ -98,3 +99,17 @@ def run(cfg: EvaluateConfig) -> StageResult:
     if not progress_as_lines():  # a local pipeline run names the report's copy under reports/ at its end
         print(f"evaluation report: {cfg.output_dir.rstrip('/')}/report.html")
     return StageResult(metrics, [], cfg.output_dir, curves=())
+
+
+def _identities(cfg: EvaluateConfig, datasets: dict[str, str]) -> list[dict[str, str]]:
+    """Who each model is, from the provenance saved beside it: the MLflow run that trained it, the commit, the data."""
+    rows = []
+    for model, folder in (("PPO policy", cfg.policy_model), ("SFT", cfg.sft_model), ("reward model", cfg.reward_model)):
+        provenance = tracking.read_provenance(folder)
+        rows.append({"model": f"{model}: {folder}", "mlflow": provenance.get("mlflow_run_id") or "–",
+                     "commit": (provenance.get("git_commit") or "–")[:12],
+                     "data": ", ".join(f"{name} {fingerprint[:12]}"
+                                       for name, fingerprint in provenance.get("datasets", {}).items()) or "–"})
+    rows.append({"model": "this evaluation", "mlflow": "–", "commit": (tracking.git_commit() or "–")[:12],
+                 "data": ", ".join(f"{name} {fingerprint[:12]}" for name, fingerprint in datasets.items())})
+    return rows

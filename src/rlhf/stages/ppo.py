@@ -14,7 +14,7 @@ from rlhf.annotators import get_annotator
 from rlhf.config import ConfigError, PPOConfig, config_hash, flatten
 from rlhf.console import progress_as_lines
 from rlhf.data.formats import load_dataset
-from rlhf.evaluation import compare, sample_and_score
+from rlhf.evaluation import compare, sample_and_score, summarize
 from rlhf.modeling import (
     load_causal_lm,
     load_reward_model,
@@ -73,9 +73,15 @@ def run(cfg: PPOConfig) -> StageResult:
         trainer = PPOTrainer(cfg, policy, reference, critic, reward_model, tokenizer, reward_tokenizer,
                              prompts["prompt"], checkpoints, accelerator)
 
+        held_out = _HeldOut(cfg, trainer, tokenizer, reward_tokenizer, eval_prompts["prompt"], accelerator.device)
+
         def on_step(step: int, metrics: dict[str, float], trainer: PPOTrainer) -> None:
+            if step % cfg.eval_steps == 0 and step < trainer.num_steps and accelerator.is_main_process:
+                # Kept in the step's history row, so a resumed run keeps the points before its checkpoint.
+                trainer.progress.history[-1] |= held_out.point(held_out.answers(trainer.policy))
+                metrics = trainer.progress.history[-1]
             if step % cfg.logging_steps == 0:
-                tracking.log_metrics(metrics, step=step)
+                tracking.log_metrics({key: value for key, value in metrics.items() if key != "step"}, step=step)
             if step % cfg.sample_steps == 0 and accelerator.is_main_process:
                 queries, responses, scores = trainer.last_samples
                 rows = list(zip(queries, responses, scores))[:8]
@@ -91,8 +97,7 @@ def run(cfg: PPOConfig) -> StageResult:
         timings = ("step", "time/rollout", "time/update", "tokens_per_second")
         metrics = {key: value for key, value in history[-1].items() if key not in timings} if history else {}
         if accelerator.is_main_process:
-            metrics |= _compare_on_held_out(cfg, trainer, tokenizer, reward_tokenizer, eval_prompts["prompt"],
-                                            accelerator.device)
+            metrics |= held_out.compare_with_sft(history)
             tracking.log_metrics(metrics)
         accelerator.wait_for_everyone()
         policy = trainer.policy.merge_and_unload() if cfg.lora.enabled else trainer.policy
@@ -116,19 +121,43 @@ def _critic(cfg: PPOConfig, reward_tokenizer, loading: dict) -> Critic:
     return Critic(classifier)
 
 
-def _compare_on_held_out(cfg, trainer: PPOTrainer, tokenizer, reward_tokenizer, prompts, device) -> dict[str, float]:
-    """The policy against the SFT model on held-out prompts, sampled with the same seed (`eval/…` metrics)."""
-    annotator = get_annotator(cfg.gold_annotator)
-    policy = trainer.policy.eval()
+class _HeldOut:
+    """The held-out prompts, answered and scored by the reward model and the gold annotator under one sampling seed:
+    every `eval_steps` during training (over-optimisation shows as gold falling while the proxy rises), and the
+    final policy against the SFT model."""
 
-    def answers(model) -> list[dict]:
-        return sample_and_score(model, trainer.reference_logits, tokenizer, trainer.reward_model, reward_tokenizer,
-                                prompts, trainer.cfg, cfg.eval_batch_size, annotator, device)
+    def __init__(self, cfg: PPOConfig, trainer: PPOTrainer, tokenizer, reward_tokenizer, prompts, device) -> None:
+        self.cfg, self.trainer, self.prompts, self.device = cfg, trainer, prompts, device
+        self.tokenizer, self.reward_tokenizer = tokenizer, reward_tokenizer
+        self.annotator = get_annotator(cfg.gold_annotator)
 
-    policy_rows = answers(policy)
-    if trainer.reference is not None:
-        sft_rows = answers(trainer.reference)
-    else:
-        with policy.disable_adapter():
-            sft_rows = answers(policy)
-    return {f"eval/{key}": value for key, value in compare(policy_rows, sft_rows).items()}
+    def answers(self, model) -> list[dict]:
+        import torch
+
+        training = model.training
+        with torch.random.fork_rng(devices=[]):  # the training run's random stream stays as it was
+            rows = sample_and_score(model.eval(), self.trainer.reference_logits, self.tokenizer,
+                                    self.trainer.reward_model, self.reward_tokenizer, self.prompts, self.trainer.cfg,
+                                    self.cfg.eval_batch_size, self.annotator, self.device)
+        model.train(training)
+        return rows
+
+    @staticmethod
+    def point(rows: list[dict]) -> dict[str, float]:
+        summary = summarize(rows)
+        return {f"heldout/{key}": summary[key] for key in ("rm_score", "gold_score", "kl") if key in summary}
+
+    def compare_with_sft(self, history: list[dict[str, float]]) -> dict[str, float]:
+        """`eval/…` metrics; the SFT model's answers become the curve's point at step 0 and the policy's its last."""
+        policy_rows = self.answers(self.trainer.policy)
+        if self.trainer.reference is not None:
+            sft_rows = self.answers(self.trainer.reference)
+        else:
+            with self.trainer.policy.disable_adapter():
+                sft_rows = self.answers(self.trainer.policy)
+        if history:
+            history.insert(0, {"step": 0, **self.point(sft_rows)})
+            history[-1] |= self.point(policy_rows)
+            for row in (history[0], history[-1]):
+                tracking.log_metrics({key: row[key] for key in row if key.startswith("heldout/")}, step=row["step"])
+        return {f"eval/{key}": value for key, value in compare(policy_rows, sft_rows).items()}

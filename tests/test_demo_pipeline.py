@@ -96,7 +96,7 @@ def test_the_main_job_prints_a_short_console_and_a_summary_to_act_on(clone: Clon
     assert summary["gate reward"] == "passed" and summary["gate evaluation"] == "passed"
     assert summary["champions"] == "models:/rlhf-sft@champion, models:/rlhf-reward@champion, models:/rlhf-policy@champion"
     report = clone.folder / summary["report"]
-    assert report.parent.parent == clone.folder / "reports" and report.read_text().count("data:image/png;base64,") == 2
+    assert report.parent.parent == clone.folder / "reports" and report.read_text().count("data:image/png;base64,") == 3
     assert summary["MLflow"] == f"sqlite:///{clone.folder / 'mlflow.db'}"
     assert re.search(r"^  \.venv/bin/mlflow ui --backend-store-uri sqlite:///mlflow\.db  # then open "
                      r"http://127\.0\.0\.1:5000/#/experiments/\d+/runs/\w+\?workflowType=machine_learning$", clone.console, re.MULTILINE)
@@ -262,7 +262,8 @@ def test_demo_pipeline_reproduces_with_dvc(demo_project: Path) -> None:
         assert verdict["passed"], verdict
         assert by_stage["evaluate" if gate == "evaluation" else "reward"].data.tags[f"rlhf.gate.{gate}"] == "passed"
     report = (demo_project / "reports/evaluation/report.html").read_text()
-    assert report.count("data:image/png;base64,") == 2
+    assert report.count("data:image/png;base64,") == 3  # score distributions, gold and proxy vs KL, PPO curves
+    assert "Gold and proxy against KL through PPO" in report
 
     registered = json.loads((demo_project / "registry/registered.json").read_text())
     assert registered["gates_passed"]

@@ -5,7 +5,7 @@ components (the demo rubric's genre, tone, invented aspects, …), which the eva
 uses to flag unfaithful answers.
 
 - `rubric`: the demo's gold, which measures a summary against the generated review's structure exactly
-  (`rlhf.data.demo.rubric`);
+  (`rlhf.data.demo_task.rubric`);
 - `vader`: VADER's compound sentiment of the response (a lexicon rated by people, shipped inside the `vadersentiment`
   package, so it works offline), for tasks where more positive is better;
 - `package.module:function`: a user's own, called as `function(prompts, responses)`, or `function(responses)` when it
@@ -41,7 +41,7 @@ def _load(name: str) -> Callable:
     if name == "vader":
         return vader
     if name == "rubric":
-        from rlhf.data.demo import rubric
+        from rlhf.data.demo_task import rubric
 
         return rubric
     module_name, sep, attribute = name.partition(":")

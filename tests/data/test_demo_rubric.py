@@ -1,4 +1,4 @@
-"""The demo's rubric gold annotator (`rlhf.data.demo.rubric`) and the annotator interface (`rlhf.annotators`).
+"""The demo's rubric gold annotator (`rlhf.data.demo_task.rubric`) and the annotator interface (`rlhf.annotators`).
 
 The rubric reads a generated review's structure back from its text, so it must recover exactly what the generator
 drew, for every review; a faithful summary scores 1 and each kind of unfaithfulness lowers its own component.
@@ -14,7 +14,8 @@ import pytest
 
 from rlhf.annotators import get_annotator
 from rlhf.config import ConfigError
-from rlhf.data.demo import _unique_reviews, parse_review, rubric, summarise
+from rlhf.data.demo import _unique_reviews, summarise
+from rlhf.data.demo_task import parse_review, rubric
 
 
 @pytest.fixture(scope="module")

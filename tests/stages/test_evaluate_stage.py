@@ -126,6 +126,8 @@ def test_same_model_ties_on_every_prompt(project: Project, same_policy: Any) -> 
                             "distinct_2")}
     expected |= {"win_rate/rm", "win_rate/gold", "rm_gain_in_sft_std", "gold_gain", "prompts", "rm_accuracy",
                  "rm_pairs"}
+    expected |= {f"{key}_ci_{end}" for key in ("win_rate/rm", "win_rate/gold", "rm_gain_in_sft_std", "gold_gain")
+                 for end in ("low", "high")}
     assert set(metrics) == expected
 
     output = project.root / "reports" / "same"

@@ -1,10 +1,11 @@
 """The evaluation report: Markdown (beside PNG plots) and one self-contained HTML page (plots inlined as data URIs).
 
 Written for the people who decide whether the policy ships, in the order they read it: the gates' verdicts with their
-thresholds, the champion the policy would replace side by side, the comparisons with SFT with their 95% intervals,
-the models' identities (versions, runs, commit, data), then plots (score distributions; gold and reward-model score
+thresholds and a note on the champion it would replace (when the caller passes them), the comparisons with SFT with
+their 95% intervals, then plots (score distributions; gold and reward-model score
 against KL through PPO, where over-optimisation shows; the training curves) and the answers, flagged ones first
-(tone flipped, genre changed, aspect invented, repetition, from the gold annotator's components).
+(tone flipped, genre changed, aspect invented, repetition, from the gold annotator's components), and the models'
+identities (runs, commit, data).
 """
 
 from __future__ import annotations
@@ -36,14 +37,11 @@ FLAGS = (("genre changed", lambda row: row["gold"].get("genre", 1.0) < 1.0),
 @dataclass
 class Decision:
     """What the report needs beyond the scores: the gates' verdicts (as `rlhf.gates` writes them), one row per model
-    of who it is, and the champion the policy would replace (`champion_rows` answered the same prompts)."""
+    of who it is, and what is known of the champion the policy would replace."""
 
     verdicts: list[dict[str, Any]] = field(default_factory=list)
     identities: list[dict[str, str]] = field(default_factory=list)
-    champion: str | None = None  # e.g. "rlhf-policy v3"; None: no champion yet
-    champion_note: str = ""  # why there is no side-by-side, when there is none
-    champion_rows: list[dict] = field(default_factory=list)
-    champion_metrics: dict[str, float] = field(default_factory=dict)  # compare(policy_rows, champion_rows)
+    champion_note: str = ""  # e.g. "no champion yet"; empty: no champion section
 
 
 def _figure(width: float = 9, height: float = 3.4):
@@ -120,7 +118,8 @@ def _interval(metrics: dict[str, float], key: str) -> str:
 
 
 def flags(row: dict) -> list[str]:
-    return [name for name, test in FLAGS if test({"gold": row.get("gold") or {}, **row})]
+    row = {**row, "gold": row.get("gold") or {}}
+    return [name for name, test in FLAGS if test(row)]
 
 
 def _verdict_rows(verdicts: Sequence[dict[str, Any]]) -> list[list[str]]:
@@ -136,33 +135,26 @@ def _verdict_rows(verdicts: Sequence[dict[str, Any]]) -> list[list[str]]:
 
 def _tables(metrics: dict[str, float], policy_rows: Sequence[dict], sft_rows: Sequence[dict], sample_rows: int,
             decision: Decision):
-    champion = decision.champion_metrics
-    models = ["SFT", "PPO"] + ([f"champion ({decision.champion})"] if champion else [])
     components = sorted(key.removeprefix("policy/") for key in metrics if key.startswith("policy/gold/"))
-    per_model = [[key, _number(metrics.get(f"sft/{key}")), _number(metrics.get(f"policy/{key}")),
-                  *([_number(champion.get(f"sft/{key}"))] if champion else [])]
+    per_model = [[key, _number(metrics.get(f"sft/{key}")), _number(metrics.get(f"policy/{key}"))]
                  for key in (*PER_MODEL, *components) if f"policy/{key}" in metrics]
     comparisons = [[key, _number(metrics[key]), _interval(metrics, key)] for key in COMPARISONS if key in metrics]
-    # The champion's table reads compare(policy, champion): its "sft/…" side is the champion.
-    against_champion = [[key, _number(champion[key]), _interval(champion, key)]
-                        for key in ("win_rate/gold", "gold_gain", "win_rate/rm") if key in champion]
-    paired = list(zip(sft_rows, policy_rows))
-    flagged = [(sft, policy) for sft, policy in paired if flags(policy)]
-    ordered = flagged + [(sft, policy) for sft, policy in paired if not flags(policy)]
+    paired = [(", ".join(flags(policy)), sft, policy) for sft, policy in zip(sft_rows, policy_rows)]
+    flagged = [row for row in paired if row[0]]
+    ordered = flagged + [row for row in paired if not row[0]]
+    # Every flagged answer up to three times `sample_rows`, and at least `sample_rows` rows.
     samples = [
-        [", ".join(flags(policy)) or "–", sft["prompt"], sft["response"], _number(sft["gold_score"]),
+        [flag or "–", sft["prompt"], sft["response"], _number(sft["gold_score"]),
          policy["response"], _number(policy["rm_score"]), _number(policy["gold_score"])]
-        for sft, policy in ordered[: max(sample_rows, min(len(flagged), 3 * sample_rows))]
+        for flag, sft, policy in ordered[: max(sample_rows, min(len(flagged), 3 * sample_rows))]
     ]
     identity_header = ["model", "MLflow run", "commit", "data (sha256)"]
     identities = [[row.get(key, "–") for key in ("model", "mlflow", "commit", "data")] for row in decision.identities]
-    champion_title = (f"Against the champion it would replace: {decision.champion}" if champion
-                      else f"Against the champion it would replace: {decision.champion_note or 'no champion yet'}")
     return {
         "verdicts": ("Gate verdicts", ["gate", "check", "metric", "value", "threshold", "verdict"],
                      _verdict_rows(decision.verdicts)),
-        "champion": (champion_title, ["metric (PPO vs champion)", "value", "95% interval"], against_champion),
-        "per_model": ("Per model (held-out prompts, same sampling seed)", ["metric", *models], per_model),
+        "champion": (f"Against the champion it would replace: {decision.champion_note}", [], []),
+        "per_model": ("Per model (held-out prompts, same sampling seed)", ["metric", "SFT", "PPO"], per_model),
         "comparisons": ("PPO against SFT", ["metric", "value", "95% interval"], comparisons),
         "identities": ("Identities", identity_header, identities),
         "samples": (f"Answers, flagged first ({len(flagged)} of {len(paired)} PPO answers flagged)",
@@ -186,7 +178,7 @@ def write_report(folder: Path, metrics: dict[str, float], policy_rows: Sequence[
     tables = _tables(metrics, policy_rows, sft_rows, sample_rows, decision)
     # The decision first (verdicts, champion), then the evidence: tables, plots, identities, answers.
     blocks = [tables["verdicts"]] if decision.verdicts else []
-    blocks += [tables["champion"]] if decision.champion or decision.champion_note else []
+    blocks += [tables["champion"]] if decision.champion_note else []
     blocks += [tables["per_model"], tables["comparisons"]]
     blocks += [(title, name, png) for name, (title, png) in plots.items()]
     blocks += [tables[name] for name in ("identities", "samples") if tables[name][2] or name == "samples"]

@@ -62,10 +62,10 @@ def _cmd_stage(args: argparse.Namespace) -> None:
     from rlhf.tracking import is_main_process, require_store
 
     stage = step(args.command)
-    params = getattr(_params(args, stage.section), stage.section)
+    loaded = _params(args, stage.section, *stage.also_reads)
     if is_main_process():
         require_store()  # a tracking store that cannot be used fails now: not after the models have loaded
-    result = stage.run(params)
+    result = stage.run(getattr(loaded, stage.section), **{name: getattr(loaded, name) for name in stage.also_reads})
     if not is_main_process():  # under `accelerate launch`, rank 0 writes the files DVC reads
         return
     metrics_file = args.metrics or f"metrics/{args.command}.json"

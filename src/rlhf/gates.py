@@ -79,18 +79,24 @@ def _check(cfg: GatesConfig, threshold_key: str, metric: str, direction: str, si
     return check | {"value": value, "status": "pass" if passed else "fail"}
 
 
+def judge(name: GateName, cfg: GatesConfig, metrics: dict[str, float]) -> dict[str, Any]:
+    """One gate's verdict on `metrics`: every check with its value and threshold (the evaluation report shows the
+    same verdicts before the gate steps run)."""
+    metrics_key = {"reward": "reward_metrics", "evaluation": "evaluation_metrics"}[name]
+    checks = [_check(cfg, *spec, metrics, metrics_key) for spec in _CHECKS[name]]
+    failed = [check["check"] for check in checks if check["status"] == "fail"]
+    return {"gate": name, "passed": not failed, "failed_checks": failed, "checks": checks}
+
+
 def evaluate_gate(name: GateName, cfg: GatesConfig) -> dict[str, Any]:
     """Checks one gate, writes `<output_dir>/<name>.json`, tags the judged MLflow run; returns the verdict."""
     metrics_key, run_folder = {"reward": ("reward_metrics", cfg.reward_model),
                                "evaluation": ("evaluation_metrics", cfg.evaluation_report)}[name]
     metrics = _read_metrics(getattr(cfg, metrics_key), metrics_key)
-    checks = [_check(cfg, *spec, metrics, metrics_key) for spec in _CHECKS[name]]
-    failed = [check for check in checks if check["status"] == "fail"]
     judged_run = tracking.read_provenance(run_folder).get("mlflow_run_id")
-    verdict = {"gate": name, "passed": not failed, "failed_checks": [check["check"] for check in failed],
-               "checks": checks, "judged_run": judged_run}
+    verdict = judge(name, cfg, metrics) | {"judged_run": judged_run}
     write_json(Path(cfg.output_dir) / f"{name}.json", verdict)
-    tracking.set_run_tags(judged_run, {f"rlhf.gate.{name}": "passed" if not failed else "failed",
+    tracking.set_run_tags(judged_run, {f"rlhf.gate.{name}": "passed" if verdict["passed"] else "failed",
                                        f"rlhf.gate.{name}.failed_checks": ",".join(verdict["failed_checks"])})
     return verdict
 

@@ -174,6 +174,26 @@ def _beats_champion(client, name: str, metric: str, score: float | None) -> tupl
     return False, champion, f"{metric} {score:.4g} does not beat champion v{champion.version}'s {float(their_score):.4g}"
 
 
+def champion_report(uri: str, metrics: dict[str, float]) -> dict[str, Any]:
+    """What the evaluation report shows of the version `uri` names (models:/NAME@champion): its version and tags, and
+    whether a policy with these evaluation `metrics` would replace it (as `register` judges, gates aside).
+    {"version": None, ...} when there is none yet."""
+    name, ref, is_alias = _parse_uri(uri)
+    metric, score = _score("policy", metrics)
+    client = tracking.client()
+    if is_alias and ref == CHAMPION:
+        replaces, champion, reason = _beats_champion(client, name, metric, score)
+    else:
+        champion = _alias_version(client, name, ref) if is_alias else _version(client, name, ref)
+        replaces, reason = False, f"compared with {uri}"
+    if champion is None:
+        return {"name": name, "version": None, "tags": {}, "replaces": replaces, "reason": reason, "metric": metric,
+                "score": score}
+    tags = {key.removeprefix(TAG): value for key, value in champion.tags.items() if key.startswith(TAG)}
+    return {"name": name, "version": champion.version, "tags": tags, "replaces": replaces, "reason": reason,
+            "metric": metric, "score": score}
+
+
 def _crown(client, name: str, version: str, champion) -> None:
     """`version` becomes champion; the champion it displaces becomes previous."""
     if champion is not None and champion.version != version:

@@ -1,7 +1,7 @@
 """The evaluation report: Markdown (beside PNG plots) and one self-contained HTML page (plots inlined as data URIs).
 
 Written for the people who decide whether the policy ships, in the order they read it: the gates' verdicts with their
-thresholds and a note on the champion it would replace (when the caller passes them), the comparisons with SFT with
+thresholds and the registered champion beside the policy (when the caller passes them), the comparisons with SFT with
 their 95% intervals, then plots (score distributions; gold and reward-model score
 against KL through PPO, where over-optimisation shows; the training curves) and the answers, flagged ones first
 (tone flipped, genre changed, aspect invented, repetition, from the gold annotator's components), and the models'
@@ -41,7 +41,8 @@ class Decision:
 
     verdicts: list[dict[str, Any]] = field(default_factory=list)
     identities: list[dict[str, str]] = field(default_factory=list)
-    champion_note: str = ""  # e.g. "no champion yet"; empty: no champion section
+    champion_note: str = ""  # e.g. "none yet"; empty: no champion section
+    champion_rows: list[list[str]] = field(default_factory=list)  # [what, champion, this policy]
 
 
 def _figure(width: float = 9, height: float = 3.4):
@@ -153,7 +154,8 @@ def _tables(metrics: dict[str, float], policy_rows: Sequence[dict], sft_rows: Se
     return {
         "verdicts": ("Gate verdicts", ["gate", "check", "metric", "value", "threshold", "verdict"],
                      _verdict_rows(decision.verdicts)),
-        "champion": (f"Against the champion it would replace: {decision.champion_note}", [], []),
+        "champion": (f"Against the champion: {decision.champion_note}", ["", "champion", "this PPO policy"],
+                     decision.champion_rows),
         "per_model": ("Per model (held-out prompts, same sampling seed)", ["metric", "SFT", "PPO"], per_model),
         "comparisons": ("PPO against SFT", ["metric", "value", "95% interval"], comparisons),
         "identities": ("Identities", identity_header, identities),

@@ -298,10 +298,13 @@ def test_verdicts_identities_and_intervals_are_in_the_report(tmp_path: Path) -> 
          "measured": 0.9, "status": "pass"}]}
     identity = {"model": "PPO policy: models/ppo", "mlflow": "0123abcd", "commit": "deadbeef0123", "data": "prompts 9f"}
     write_report(tmp_path, metrics, policy_rows, sft_rows, [], SAMPLE_ROWS,
-                 Decision(verdicts=[verdict], identities=[identity], champion_note="no champion yet"))
+                 Decision(verdicts=[verdict], identities=[identity], champion_note="rlhf-policy v3; it would stay",
+                          champion_rows=[["score (gold_score)", "0.81", "0.77"], ["gates", "passed", "failed"]]))
     markdown = (tmp_path / "report.md").read_text(encoding="utf-8")
     titles = re.findall(r"^## (.+)$", markdown, re.M)
-    assert titles[:2] == ["Gate verdicts", "Against the champion it would replace: no champion yet"]
+    assert titles[:2] == ["Gate verdicts", "Against the champion: rlhf-policy v3; it would stay"]
+    assert ("|  | champion | this PPO policy |\n|---|---|---|\n| score (gold_score) | 0.81 | 0.77 |\n"
+            "| gates | passed | failed |") in section(markdown, "Against the champion")
     verdicts = section(markdown, "Gate verdicts")
     assert "| evaluation | max_kl | policy/kl | 7.5 | &lt;= 6 | FAIL |" in verdicts  # escaped: shown as <=
     assert "| evaluation | min_win_rate_rm | win_rate/rm | 0.8 (measured 0.9) | &gt;= 0.6 | PASS |" in verdicts

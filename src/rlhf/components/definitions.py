@@ -58,12 +58,12 @@ def ppo(params: dict, learning_rate: float, kl_coef: float, total_episodes: int,
               learning_rate=learning_rate, kl_coef=kl_coef, total_episodes=total_episodes)
 
 
-def evaluate(params: dict, kfp_run_id: str, dataset: Input[Dataset], policy_model: Input[Model],
+def evaluate(params: dict, gates: dict, kfp_run_id: str, dataset: Input[Dataset], policy_model: Input[Model],
              sft_model: Input[Model], reward_model: Input[Model], report: Output[Artifact], metrics: Output[Metrics],
              report_markdown: Output[Markdown], report_html: Output[HTML]):
     from rlhf.components import steps
 
-    steps.evaluate(params, dataset.path, policy_model.path, sft_model.path, reward_model.path, report.path, metrics,
+    steps.evaluate(params, gates, dataset.path, policy_model.path, sft_model.path, reward_model.path, report.path, metrics,
                    report_markdown.path, report_html.path, kfp_run_id)
 
 

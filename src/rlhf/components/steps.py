@@ -92,10 +92,10 @@ def _summarise(params: dict[str, Any], metrics: dict[str, float]) -> None:
         print(f"warning: the pipeline's MLflow run did not take this step's summary: {str(exc).splitlines()[0]}")
 
 
-def _train(stage: str, cfg, metrics_artifact, kfp_run_id: str) -> None:
+def _train(stage: str, cfg, metrics_artifact, kfp_run_id: str, **sections) -> None:
     """Runs the stage, as the CLI does, and reports its metrics."""
     _join_pipeline_run(kfp_run_id)
-    result = step(stage).run(cfg)
+    result = step(stage).run(cfg, **sections)
     _report(result.metrics, metrics_artifact)
     _summarise(flatten(cfg, step(stage).section), {f"{stage}/{key}": value for key, value in result.metrics.items()})
 
@@ -139,12 +139,12 @@ def ppo(section, data_dir, sft_dir, reward_dir, model_dir, metrics_artifact, kfp
     _train("ppo", cfg, metrics_artifact, kfp_run_id)
 
 
-def evaluate(section, data_dir, policy_dir, sft_dir, reward_dir, report_dir, metrics_artifact, markdown_path,
-             html_path, kfp_run_id) -> None:
+def evaluate(section, gates_section, data_dir, policy_dir, sft_dir, reward_dir, report_dir, metrics_artifact,
+             markdown_path, html_path, kfp_run_id) -> None:
     cfg = _configure("evaluate", section, policy_model=policy_dir, sft_model=sft_dir, reward_model=reward_dir,
                      eval_prompts=_in(data_dir, section["eval_prompts"]),
                      preferences=_in(data_dir, section["preferences"]), output_dir=report_dir)
-    _train("evaluate", cfg, metrics_artifact, kfp_run_id)
+    _train("evaluate", cfg, metrics_artifact, kfp_run_id, gates=_configure("gate_evaluation", gates_section))
     shutil.copyfile(Path(report_dir) / "report.md", markdown_path)
     shutil.copyfile(Path(report_dir) / "report.html", html_path)
 

@@ -128,8 +128,9 @@ def build_pipeline(params: Params, local: bool = False) -> Callable:
                 policy = step("ppo", params=ppo, learning_rate=ppo_learning_rate, kl_coef=ppo_kl_coef,
                               total_episodes=ppo_total_episodes, dataset=dataset, sft_model=tuned.outputs["model"],
                               reward_model=scorer.outputs["model"])
-                evaluation = step("evaluate", params=evaluate, dataset=dataset, policy_model=policy.outputs["model"],
-                                  sft_model=tuned.outputs["model"], reward_model=scorer.outputs["model"])
+                evaluation = step("evaluate", params=evaluate, gates=gates, dataset=dataset,
+                                  policy_model=policy.outputs["model"], sft_model=tuned.outputs["model"],
+                                  reward_model=scorer.outputs["model"])
                 evaluation_gate = step("gate_evaluation", params=gates,
                                        evaluation_metrics=evaluation.outputs["metrics"],
                                        report=evaluation.outputs["report"])

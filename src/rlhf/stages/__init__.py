@@ -25,6 +25,8 @@ class Step:
     headline: tuple[str, ...] = ()
     # Keys of its section that people tune: typed run parameters of the Kubeflow pipeline, named NAME_KEY.
     knobs: tuple[str, ...] = ()
+    # Stages: other sections it reads (evaluate shows the gates' verdicts in its report), passed to `run` by name.
+    also_reads: tuple[str, ...] = ()
 
     @property
     def module(self) -> str:
@@ -32,11 +34,12 @@ class Step:
         return {"data": "rlhf.data.demo", "gate": "rlhf.gates", "register": "rlhf.registry"}.get(
             self.kind, f"rlhf.stages.{self.name}")
 
-    def run(self, config) -> Any:
-        """A stage's `rlhf.stages.<name>.run(config)`, config being its validated params section (with paths)."""
+    def run(self, config, **sections) -> Any:
+        """A stage's `rlhf.stages.<name>.run(config, **sections)`, config being its validated params section (with
+        paths) and `sections` those named in `also_reads`."""
         if self.kind != "stage":
             raise ValueError(f"{self.name} is a {self.kind} step, not a stage")
-        return importlib.import_module(self.module).run(config)
+        return importlib.import_module(self.module).run(config, **sections)
 
 
 STEPS = (
@@ -49,7 +52,7 @@ STEPS = (
     Step("ppo", "ppo", "stage", registers="policy", headline=("objective/scores", "objective/kl"),
          knobs=("learning_rate", "kl_coef", "total_episodes")),
     Step("evaluate", "evaluate", "stage", headline=("win_rate/rm", "win_rate/gold", "gold_gain", "policy/kl",
-                                                    "rm_accuracy")),
+                                                    "rm_accuracy"), also_reads=("gates",)),
     Step("gate_evaluation", "gates", "gate", gate="evaluation"),
     Step("register", "registry", "register"),
 )

@@ -14,10 +14,11 @@ from pathlib import Path
 
 from rlhf import tracking
 from rlhf.annotators import get_annotator
-from rlhf.config import ConfigError, EvaluateConfig, config_hash, flatten
+from rlhf.config import ConfigError, EvaluateConfig, GatesConfig, config_hash, flatten
 from rlhf.console import progress_as_lines
 from rlhf.data.formats import load_dataset, split
 from rlhf.evaluation import compare, overoptimisation, pairwise_accuracy, sample_and_score
+from rlhf.gates import judge
 from rlhf.modeling import (
     load_causal_lm,
     load_reward_model,
@@ -26,13 +27,15 @@ from rlhf.modeling import (
     require_reward_model,
     resolve,
 )
+from rlhf.registry import champion_report
 from rlhf.report import Decision, write_report
 from rlhf.stages.common import StageResult
 from rlhf.storage import atomic_dir, fetch, write_json
 from rlhf.tracking import HISTORY_FILE
 
 
-def run(cfg: EvaluateConfig) -> StageResult:
+def run(cfg: EvaluateConfig, gates: GatesConfig | None = None) -> StageResult:
+    """`gates`: the thresholds whose verdicts the report shows (the gate steps judge the same metrics the same way)."""
     eval_prompts, prompts_fingerprint = load_dataset(cfg.eval_prompts, "prompts")
     preferences, preferences_fingerprint = load_dataset(cfg.preferences, "preference")
     held_out_pairs = split(preferences, cfg.preferences_eval_fraction, cfg.preferences_seed, cfg.preferences)[1]
@@ -81,9 +84,12 @@ def run(cfg: EvaluateConfig) -> StageResult:
         metrics["rm_pairs"] = float(len(held_out_pairs))
         tracking.log_metrics(metrics)
         datasets = {"eval_prompts": prompts_fingerprint, "preferences": preferences_fingerprint}
+        verdicts = [] if gates is None else [
+            judge("reward", gates, {"eval_accuracy": metrics["rm_accuracy"], "eval_pairs": metrics["rm_pairs"]}),
+            judge("evaluation", gates, metrics)]
+        decision = Decision(verdicts, _identities(cfg, datasets), *_champion(cfg, metrics, verdicts))
         with atomic_dir(cfg.output_dir) as staging:
-            write_report(staging, metrics, policy_rows, sft_rows, history, cfg.sample_rows,
-                         Decision(identities=_identities(cfg, datasets)))
+            write_report(staging, metrics, policy_rows, sft_rows, history, cfg.sample_rows, decision)
             with open(staging / "answers.jsonl", "w", encoding="utf-8") as answers_file:
                 for model, rows in (("sft", sft_rows), ("policy", policy_rows)):
                     for row in rows:
@@ -99,6 +105,33 @@ def run(cfg: EvaluateConfig) -> StageResult:
     if not progress_as_lines():  # a local pipeline run names the report's copy under reports/ at its end
         print(f"evaluation report: {cfg.output_dir.rstrip('/')}/report.html")
     return StageResult(metrics, [], cfg.output_dir, curves=())
+
+
+def _champion(cfg: EvaluateConfig, metrics: dict[str, float], verdicts: list[dict]) -> tuple[str, list[list[str]]]:
+    """The registered champion beside this policy (version, score, gates, run, commit, data) and whether this policy
+    would replace it: the registry crowns a policy whose gates passed and whose score beats the champion's."""
+    if cfg.champion is None:
+        return "", []
+    seen = champion_report(cfg.champion, metrics)
+    gates_passed = all(verdict["passed"] for verdict in verdicts)
+    if seen["version"] is None:
+        return (f"none yet ({cfg.champion}); this policy becomes champion "
+                + ("if it is registered" if gates_passed else "once a policy passes the gates")), []
+    would = seen["replaces"] and gates_passed
+    note = (f"{seen['name']} v{seen['version']}; this policy would {'replace' if would else 'not replace'} it: "
+            + seen["reason"] + ("" if gates_passed or not verdicts else "; and its gates fail"))
+    tags, mine = seen["tags"], tracking.read_provenance(cfg.policy_model)
+    score = seen["score"]
+    rows = [
+        [f"score ({seen['metric']})", tags.get("score", "–"), "–" if score is None else f"{score:.4g}"],
+        ["gates", tags.get("gates", "–"), ("passed" if gates_passed else "failed") if verdicts else "–"],
+        ["trained in MLflow run", tags.get("training_run_id", "–"), mine.get("mlflow_run_id") or "–"],
+        ["commit", tags.get("git_commit", "–")[:12], (mine.get("git_commit") or "–")[:12]],
+        ["data (sha256)", ", ".join(f"{key.removeprefix('data.')} {value[:12]}" for key, value in sorted(tags.items())
+                                    if key.startswith("data.")) or "–",
+         ", ".join(f"{name} {fp[:12]}" for name, fp in sorted(mine.get("datasets", {}).items())) or "–"],
+    ]
+    return note, rows
 
 
 def _identities(cfg: EvaluateConfig, datasets: dict[str, str]) -> list[dict[str, str]]:

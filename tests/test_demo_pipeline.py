@@ -264,6 +264,8 @@ def test_demo_pipeline_reproduces_with_dvc(demo_project: Path) -> None:
     report = (demo_project / "reports/evaluation/report.html").read_text()
     assert report.count("data:image/png;base64,") == 3  # score distributions, gold and proxy vs KL, PPO curves
     assert "Gold and proxy against KL through PPO" in report
+    # The decision first: the gates' verdicts, then the champion the Kubeflow run registered, beside this policy.
+    assert report.index("<h2>Gate verdicts</h2>") < report.index("<h2>Against the champion: rlhf-policy v1; ")
 
     registered = json.loads((demo_project / "registry/registered.json").read_text())
     assert registered["gates_passed"]

@@ -94,6 +94,10 @@ class ArchitectureParams(Section):
     n_embd: int = Field(128, ge=8)
     n_positions: int = Field(256, ge=16)
     dropout: float = Field(0.0, ge=0, lt=1)
+    # Tied input and output embeddings (GPT-2's default) can collapse the tokens a corpus makes interchangeable: in
+    # a faithful-summary demo the aspect nouns reached cosine 0.95 and the model copied them at chance (0.08); untied,
+    # it copied 0.50-0.82 of them.
+    tie_word_embeddings: bool = True
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> "ArchitectureParams":

@@ -384,6 +384,7 @@ def build_causal_lm(tokenizer, arch: ArchitectureParams):
         resid_pdrop=arch.dropout,
         embd_pdrop=arch.dropout,
         attn_pdrop=arch.dropout,
+        tie_word_embeddings=arch.tie_word_embeddings,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

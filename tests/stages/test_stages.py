@@ -113,6 +113,22 @@ def test_continued_pretraining_from_base_model(workdir: Path, pretrained: Traine
     assert max(row["step"] for row in result.history) == 4
 
 
+def test_pretrain_with_untied_embeddings_trains_and_keeps_both_matrices(workdir: Path) -> None:
+    """`architecture.tie_word_embeddings: false`: the output projection is a matrix of its own, saved and loaded
+    apart from the input embeddings (tied, they are one tensor)."""
+    from transformers import AutoModelForCausalLM
+
+    from rlhf.stages import pretrain
+
+    cfg = load_params(overrides=["pretrain.architecture.tie_word_embeddings=false", "pretrain.max_steps=3",
+                                 "pretrain.output_dir=models/untied"]).pretrain
+    pretrain.run(cfg)
+    model = AutoModelForCausalLM.from_pretrained(str(workdir / "models" / "untied"))
+    assert model.config.tie_word_embeddings is False
+    embeddings, projection = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    assert embeddings.data_ptr() != projection.data_ptr() and not torch.equal(embeddings, projection)
+
+
 def test_pretrain_disabled_saves_base_unchanged(workdir: Path, pretrained: Trained) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

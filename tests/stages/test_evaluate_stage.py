@@ -168,7 +168,8 @@ def test_report_and_mlflow_run(project: Project, same_policy: Any) -> None:
     assert plots == {"evaluation/plots/score_distributions.png"}
 
     report = (output / "report.md").read_text()
-    assert "## Against the champion: none yet (models:/rlhf-policy@champion)" in report
+    assert ("## Against the champion: none yet (models:/rlhf-policy@champion): the first policy registered with its "
+            "gates passed becomes champion") in report
     assert "Gate verdicts" not in report  # evaluated without the gates section
 
 

@@ -115,8 +115,7 @@ def _champion(cfg: EvaluateConfig, metrics: dict[str, float], verdicts: list[dic
     seen = champion_report(cfg.champion, metrics)
     gates_passed = all(verdict["passed"] for verdict in verdicts)
     if seen["version"] is None:
-        return (f"none yet ({cfg.champion}); this policy becomes champion "
-                + ("if it is registered" if gates_passed else "once a policy passes the gates")), []
+        return f"none yet ({cfg.champion}): the first policy registered with its gates passed becomes champion", []
     would = seen["replaces"] and gates_passed
     note = (f"{seen['name']} v{seen['version']}; this policy would {'replace' if would else 'not replace'} it: "
             + seen["reason"] + ("" if gates_passed or not verdicts else "; and its gates fail"))

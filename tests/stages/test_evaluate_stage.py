@@ -203,7 +203,7 @@ def test_report_shows_the_gates_verdicts_and_the_champion_beside_the_policy(proj
             f"{result.metrics['policy/rm_score']:.4g} > champion v{champion.version}'s -1000; and its gates fail"
             in report)
     side_by_side = report.split("## Against the champion", 1)[1].split("##", 1)[0]
-    for row in (f"| score (rm_score) | -1000.0 | {result.metrics['policy/rm_score']:.4g} |",
+    for row in (f"| score (rm_score) | -1000 | {result.metrics['policy/rm_score']:.4g} |",
                 "| gates | passed | failed |", "| trained in MLflow run | run-of-the-champion |",
                 "| commit | 0123456789ab |", "| data (sha256) | eval_prompts ffffffffffff |"):
         assert row in side_by_side, row

@@ -120,9 +120,10 @@ def _champion(cfg: EvaluateConfig, metrics: dict[str, float], verdicts: list[dic
     note = (f"{seen['name']} v{seen['version']}; this policy would {'replace' if would else 'not replace'} it: "
             + seen["reason"] + ("" if gates_passed or not verdicts else "; and its gates fail"))
     tags, mine = seen["tags"], tracking.read_provenance(cfg.policy_model)
-    score = seen["score"]
+    theirs, score = tags.get("score"), seen["score"]
     rows = [
-        [f"score ({seen['metric']})", tags.get("score", "–"), "–" if score is None else f"{score:.4g}"],
+        [f"score ({seen['metric']})", "–" if theirs is None else f"{float(theirs):.4g}",
+         "–" if score is None else f"{score:.4g}"],
         ["gates", tags.get("gates", "–"), ("passed" if gates_passed else "failed") if verdicts else "–"],
         ["trained in MLflow run", tags.get("training_run_id", "–"), mine.get("mlflow_run_id") or "–"],
         ["commit", tags.get("git_commit", "–")[:12], (mine.get("git_commit") or "–")[:12]],

@@ -48,6 +48,12 @@ TINY_PARAMS = {
 }
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The full demo's file first: it is the longest (a fresh clone's install and main job, then `dvc repro`), and
+    `--dist loadfile` hands files out in this order, so started last it would finish last."""
+    items.sort(key=lambda item: item.path.name != "test_demo_pipeline.py")  # stable: the rest keep their order
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _one_torch_thread():
     """One torch thread per process, in this process and in the subprocesses tests start (a thread count the

@@ -57,3 +57,20 @@ def test_the_sampling_code_is_a_dep_of_ppo_and_evaluate_only() -> None:
     users = {name for name in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
              if "rlhf.sampling" in code_deps(name)}
     assert users == {"ppo", "evaluate"}
+
+
+def test_every_stage_depends_on_the_models_its_params_name() -> None:
+    """A model folder a stage's params section reads (reward.base_model: models/pretrained, ppo.reward_model, ...) is
+    a dep of the stage, so retraining that model reruns it. The gates section is shared by two steps: its paths are
+    checked by the gates' own stages."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    problems = []
+    for step in STEPS:
+        if step.name not in stages or step.section == "gates":
+            continue
+        read = {value for key, value in params[step.section].items()
+                if key != "output_dir" and isinstance(value, str) and value.startswith("models/")}
+        deps = {str(dep) for dep in stages[step.name].get("deps", [])}
+        problems += [f"{step.name}: {path} is not a dep" for path in sorted(read - deps)]
+    assert not problems, "\n".join(problems)

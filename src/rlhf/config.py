@@ -235,9 +235,6 @@ class EvaluateConfig(ModelLoading):
                                 "module:function")
     dtype: Dtype = Field("auto", description="weights' dtype on load: auto (as stored), bf16, fp16 or fp32")
     sample_rows: int = Field(12, ge=0, description="rows of the report's sample table")
-    champion: str | None = Field("models:/rlhf-policy@champion", pattern=r"^models:/[^/@]+(@[\w-]+|/\d+)$",
-                                 description="the registered policy the report sets beside this one (the one it "
-                                 "would replace); null: none")
 
 
 class GatesConfig(Section):

@@ -174,24 +174,25 @@ def _beats_champion(client, name: str, metric: str, score: float | None) -> tupl
     return False, champion, f"{metric} {score:.4g} does not beat champion v{champion.version}'s {float(their_score):.4g}"
 
 
-def champion_report(uri: str, metrics: dict[str, float]) -> dict[str, Any]:
-    """What the evaluation report shows of the version `uri` names (models:/NAME@champion): its version and tags, and
-    whether a policy with these evaluation `metrics` would replace it (as `register` judges, gates aside).
-    {"version": None, ...} when there is none yet."""
-    name, ref, is_alias = _parse_uri(uri)
+def champion_report(name: str, metrics: dict[str, float]) -> dict[str, Any]:
+    """What the evaluation report shows of registered model `name`'s champion: its version and tags (None and {} when
+    there is none yet), and whether a policy with these evaluation `metrics` would replace it (as `register` judges,
+    gates aside)."""
     metric, score = _score("policy", metrics)
-    client = tracking.client()
-    if is_alias and ref == CHAMPION:
-        replaces, champion, reason = _beats_champion(client, name, metric, score)
-    else:
-        champion = _alias_version(client, name, ref) if is_alias else _version(client, name, ref)
-        replaces, reason = False, f"compared with {uri}"
-    if champion is None:
-        return {"name": name, "version": None, "tags": {}, "replaces": replaces, "reason": reason, "metric": metric,
-                "score": score}
-    tags = {key.removeprefix(TAG): value for key, value in champion.tags.items() if key.startswith(TAG)}
-    return {"name": name, "version": champion.version, "tags": tags, "replaces": replaces, "reason": reason,
-            "metric": metric, "score": score}
+    replaces, champion, reason = _beats_champion(tracking.client(), name, metric, score)
+    tags = {} if champion is None else {key.removeprefix(TAG): value for key, value in champion.tags.items()
+                                        if key.startswith(TAG)}
+    return {"version": None if champion is None else champion.version, "tags": tags, "replaces": replaces,
+            "reason": reason, "metric": metric, "score": score}
+
+
+def _reward_started_from_sft(folders: dict[str, str]) -> bool:
+    """Whether the reward model was trained from this SFT model (the policy always is): its provenance names the run
+    of the model it started from. Folders saved before it did so are taken to have started from the SFT model."""
+    reward = tracking.read_provenance(folders["reward"])
+    return "base_run_id" not in reward or (
+        reward["base_run_id"] is not None
+        and reward["base_run_id"] == tracking.read_provenance(folders["sft"]).get("mlflow_run_id"))
 
 
 def _crown(client, name: str, version: str, champion) -> None:
@@ -320,11 +321,10 @@ def register(cfg: RegistryConfig) -> dict[str, Any]:
                 logged[role] = _log_model(role, names[role], folders[role], tags[role], cfg)
 
         versions = {role: existing[role].version for role in ROLES if existing[role] is not None}
+        upstream_roles = {"reward": ["sft"] if _reward_started_from_sft(folders) else [], "policy": ["sft", "reward"]}
         for role in ROLES:  # upstream first: the reward version names its SFT version, the policy both
             if role in logged:
-                # The reward model starts from the SFT model; the policy from SFT, trained against the reward model.
-                upstream = {f"{TAG}upstream.{up}": f"{names[up]}/{versions[up]}"
-                            for up in {"reward": ["sft"], "policy": ["sft", "reward"]}.get(role, [])}
+                upstream = {f"{TAG}upstream.{up}": f"{names[up]}/{versions[up]}" for up in upstream_roles.get(role, [])}
                 version = mlflow.register_model(logged[role].model_uri, names[role], tags=tags[role] | upstream).version
                 first = _find_version(client, names[role], hashes[role])
                 if first is not None and first.version != version:

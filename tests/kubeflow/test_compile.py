@@ -114,7 +114,7 @@ def test_every_step_sits_at_its_nesting_level(plain: Compiled) -> None:
     ("sft", "dataset", ("data", "dataset")),
     ("sft", "base_model", ("pretrain", "model")),
     ("reward", "dataset", ("data", "dataset")),
-    ("reward", "sft_model", ("sft", "model")),
+    ("reward", "base_model", ("sft", "model")),  # params.yaml's reward.base_model: models/sft
     ("gate-reward", "reward_metrics", ("reward", "metrics")),
     ("gate-reward", "reward_model", ("reward", "model")),
     ("ppo", "dataset", ("data", "dataset")),
@@ -195,7 +195,7 @@ MODEL, DATASET, METRICS, ARTIFACT = "system.Model", "system.Dataset", "system.Me
     ("data", {}, {"dataset": DATASET}),
     ("pretrain", {"dataset": DATASET}, {"model": MODEL, "metrics": METRICS}),
     ("sft", {"dataset": DATASET, "base_model": MODEL}, {"model": MODEL, "metrics": METRICS}),
-    ("reward", {"dataset": DATASET, "sft_model": MODEL}, {"model": MODEL, "metrics": METRICS}),
+    ("reward", {"dataset": DATASET, "base_model": MODEL}, {"model": MODEL, "metrics": METRICS}),
     ("gate-reward", {"reward_metrics": METRICS, "reward_model": MODEL}, {"verdict": ARTIFACT}),
     ("ppo", {"dataset": DATASET, "sft_model": MODEL, "reward_model": MODEL}, {"model": MODEL, "metrics": METRICS}),
     ("evaluate", {"dataset": DATASET, "policy_model": MODEL, "sft_model": MODEL, "reward_model": MODEL},
@@ -420,6 +420,20 @@ def test_shipped_params_request_no_gpu_while_the_image_is_the_cpu_build(tmp_path
 
 
 # --- validation ---------------------------------------------------------------------------------------------------
+
+
+def test_the_reward_model_starts_from_the_model_reward_base_model_names(tmp_path: Path, rlhf) -> None:
+    """reward.base_model: models/pretrained wires the pretrain step's model artifact into the reward step (on a
+    cluster it then trains beside SFT); a folder no step writes is a one-line error naming the key, and no file is
+    written."""
+    write_project(tmp_path)
+    compiled = _compile(tmp_path, "--set", "reward.base_model=models/pretrained")
+    assert compiled.source("reward", "base_model") == ("pretrain", "model")
+    result = rlhf("pipeline", "compile", "-o", "out.yaml", "--set", "reward.base_model=gpt2", cwd=tmp_path)
+    assert result.code == 2
+    assert len(result.err_lines) == 1 and result.err_lines[0].startswith("error: reward.base_model: ")
+    assert "models/pretrained or models/sft" in result.err and "'gpt2'" in result.err
+    assert not (tmp_path / "out.yaml").exists()
 
 
 @pytest.mark.parametrize(("kubeflow", "words"), [

@@ -323,6 +323,31 @@ def two_runs(project: Project, capsys) -> Project:
     return project
 
 
+def test_the_reward_version_names_the_sft_version_only_if_it_was_trained_from_it(project: Project, capsys) -> None:
+    """The demo trains its reward model from the pretrained model: its provenance names that run, so its version
+    has no SFT upstream (the policy's still names both). One trained from this SFT model names it."""
+    def started_from(run_id: str) -> None:
+        record = project.model_folder("reward") / "rlhf_run.json"
+        record.write_text(json.dumps(json.loads(record.read_text()) | {"base_run_id": run_id}))
+
+    def upstream(name: str, version: int) -> dict[str, str]:
+        return {k: v for k, v in rlhf_tags(versions(project.client(), name)[version]).items()
+                if k.startswith("rlhf.upstream.")}
+
+    project.pipeline_run(sft=1, reward=1, policy=1)
+    started_from("run-of-the-pretrained-model")
+    register(project, capsys)
+    assert upstream(REWARD, 1) == {}
+    assert upstream(POLICY, 1) == {"rlhf.upstream.sft": f"{SFT}/1", "rlhf.upstream.reward": f"{REWARD}/1"}
+    code, out, _ = rlhf(capsys, "lineage", f"models:/{REWARD}/1", "--json")
+    assert code == 0 and json.loads(out)["upstream"] == {}
+
+    project.pipeline_run(sft=1, reward=2, policy=2)
+    started_from(provenance("sft", 1)["mlflow_run_id"])
+    register(project, capsys)
+    assert upstream(REWARD, 2) == {"rlhf.upstream.sft": f"{SFT}/1"}
+
+
 def test_lineage_json_traces_the_champion_policy_to_its_reward_and_sft_versions(two_runs: Project, capsys) -> None:
     """`rlhf lineage --json`: policy v2 -> reward v2 -> sft v1, and policy v2 -> sft v1, each with the datasets,
     params hash and commit it was trained with."""

@@ -42,14 +42,14 @@ class Project:
                                                        f"evaluate.reward_model={self.reward}", *overrides])
 
     def evaluate(self, policy: Path, output: str, *overrides: str, gates: bool = False):
-        """Runs the stage inside the project (its working directory), tracking into the project's store; `gates`:
-        with the params' gates section, as the CLI runs it."""
+        """Runs the stage inside the project (its working directory), tracking into the project's store, with the
+        params' registry section (the champion's name); `gates`: with its gates section too, as the CLI runs it."""
         from rlhf.stages import evaluate
 
         with inside(self.root) as patch:
             patch.setenv("MLFLOW_TRACKING_URI", self.tracking_uri)
             params = self.params(f"evaluate.policy_model={policy}", f"evaluate.output_dir={output}", *overrides)
-            return evaluate.run(params.evaluate, params.gates if gates else None)
+            return evaluate.run(params.evaluate, params.gates if gates else None, params.registry)
 
     def client(self):
         from mlflow import MlflowClient
@@ -190,7 +190,7 @@ def test_report_shows_the_gates_verdicts_and_the_champion_beside_the_policy(proj
     client.set_registered_model_alias("judged-policy", "champion", champion.version)
     thresholds = ("gates.min_rm_accuracy=0.0", "gates.max_kl=1e-9")  # KL > 0 fails; every other check is off
     result = project.evaluate(perturbed_policy, "reports/decided", "evaluate.gold_annotator=none",
-                              "evaluate.champion=models:/judged-policy@champion", *thresholds, gates=True)
+                              "registry.policy_name=judged-policy", *thresholds, gates=True)
 
     gates = project.params(*thresholds).gates
     assert judge("evaluation", gates, result.metrics)["failed_checks"] == ["max_kl"]

@@ -18,6 +18,7 @@ import torch
 
 from rlhf.config import load_params
 from rlhf.s3 import StorageError
+from rlhf.tracking import read_provenance
 
 from stage_helpers import Trained, state_dict
 
@@ -323,6 +324,9 @@ def test_reward_model_updates_every_parameter(sft_trained: Trained, reward_train
     backbone = {name for name in initial if name.startswith("transformer.")}
     assert backbone and all(torch.equal(initial[name], sft_weights[name]) for name in backbone)
     assert set(initial) - backbone == {"score.weight"}
+    # Its provenance names the run of the model it started from (the registry's lineage follows it).
+    started_from = read_provenance(reward_trained.output)["base_run_id"]
+    assert started_from is not None and started_from == read_provenance(sft_trained.output)["mlflow_run_id"]
 
     changed, _ = changed_and_unchanged(initial, state_dict(reward_trained.output, "reward"))
     # As for SFT every parameter, the new score head included, must have moved, with one exception: the final layer

@@ -35,10 +35,10 @@ def sft(params: dict, learning_rate: float, epochs: float, kfp_run_id: str, data
 
 
 def reward(params: dict, learning_rate: float, epochs: float, kfp_run_id: str, dataset: Input[Dataset],
-           sft_model: Input[Model], model: Output[Model], metrics: Output[Metrics]):
+           base_model: Input[Model], model: Output[Model], metrics: Output[Metrics]):
     from rlhf.components import steps
 
-    steps.reward(params, dataset.path, sft_model.path, model.path, metrics, kfp_run_id, learning_rate=learning_rate,
+    steps.reward(params, dataset.path, base_model.path, model.path, metrics, kfp_run_id, learning_rate=learning_rate,
                  epochs=epochs)
 
 
@@ -58,13 +58,13 @@ def ppo(params: dict, learning_rate: float, kl_coef: float, total_episodes: int,
               learning_rate=learning_rate, kl_coef=kl_coef, total_episodes=total_episodes)
 
 
-def evaluate(params: dict, gates: dict, kfp_run_id: str, dataset: Input[Dataset], policy_model: Input[Model],
-             sft_model: Input[Model], reward_model: Input[Model], report: Output[Artifact], metrics: Output[Metrics],
-             report_markdown: Output[Markdown], report_html: Output[HTML]):
+def evaluate(params: dict, gates: dict, registry: dict, kfp_run_id: str, dataset: Input[Dataset],
+             policy_model: Input[Model], sft_model: Input[Model], reward_model: Input[Model], report: Output[Artifact],
+             metrics: Output[Metrics], report_markdown: Output[Markdown], report_html: Output[HTML]):
     from rlhf.components import steps
 
-    steps.evaluate(params, gates, dataset.path, policy_model.path, sft_model.path, reward_model.path, report.path, metrics,
-                   report_markdown.path, report_html.path, kfp_run_id)
+    steps.evaluate(params, gates, registry, dataset.path, policy_model.path, sft_model.path, reward_model.path,
+                   report.path, metrics, report_markdown.path, report_html.path, kfp_run_id)
 
 
 def gate_evaluation(params: dict, kfp_run_id: str, evaluation_metrics: Input[Metrics], report: Input[Artifact],

@@ -126,8 +126,8 @@ def sft(section, data_dir, base_dir, model_dir, metrics_artifact, kfp_run_id, **
     _train("sft", cfg, metrics_artifact, kfp_run_id)
 
 
-def reward(section, data_dir, sft_dir, model_dir, metrics_artifact, kfp_run_id, **knobs) -> None:
-    cfg = _configure("reward", section, base_model=sft_dir, dataset=_in(data_dir, section["dataset"]),
+def reward(section, data_dir, base_dir, model_dir, metrics_artifact, kfp_run_id, **knobs) -> None:
+    cfg = _configure("reward", section, base_model=base_dir, dataset=_in(data_dir, section["dataset"]),
                      output_dir=model_dir, **knobs)
     _train("reward", cfg, metrics_artifact, kfp_run_id)
 
@@ -139,12 +139,13 @@ def ppo(section, data_dir, sft_dir, reward_dir, model_dir, metrics_artifact, kfp
     _train("ppo", cfg, metrics_artifact, kfp_run_id)
 
 
-def evaluate(section, gates_section, data_dir, policy_dir, sft_dir, reward_dir, report_dir, metrics_artifact,
-             markdown_path, html_path, kfp_run_id) -> None:
+def evaluate(section, gates_section, registry_section, data_dir, policy_dir, sft_dir, reward_dir, report_dir,
+             metrics_artifact, markdown_path, html_path, kfp_run_id) -> None:
     cfg = _configure("evaluate", section, policy_model=policy_dir, sft_model=sft_dir, reward_model=reward_dir,
                      eval_prompts=_in(data_dir, section["eval_prompts"]),
                      preferences=_in(data_dir, section["preferences"]), output_dir=report_dir)
-    _train("evaluate", cfg, metrics_artifact, kfp_run_id, gates=_configure("gate_evaluation", gates_section))
+    _train("evaluate", cfg, metrics_artifact, kfp_run_id, gates=_configure("gate_evaluation", gates_section),
+           registry=_configure("register", registry_section))
     shutil.copyfile(Path(report_dir) / "report.md", markdown_path)
     shutil.copyfile(Path(report_dir) / "report.html", html_path)
 

@@ -1,4 +1,5 @@
-"""The Kubeflow DAG: data -> pretrain -> sft -> reward -> gate -> ppo -> evaluate -> gate -> register.
+"""The Kubeflow DAG: data -> pretrain -> sft and reward (from the model reward.base_model names) -> gate -> ppo ->
+evaluate -> gate -> register.
 
 Each gate returns "passed" or "failed"; `dsl.If` runs the rest only on "passed", so a failed gate skips everything
 downstream. The whole DAG sits in an exit handler that closes the pipeline's MLflow parent run (FINISHED or FAILED).
@@ -29,6 +30,17 @@ def pipeline_arguments(params: Params) -> dict[str, Any]:
     """The pipeline's run arguments: each params.yaml section as a dict, the data source and the typed knobs."""
     return {section: to_kfp(getattr(params, section).model_dump(mode="json")) for section in SECTIONS} | {
         "data_source": params.kubeflow.data_source} | knob_arguments(params)
+
+
+def reward_base_step(params: Params) -> str:
+    """The step whose model the reward model starts from. reward.base_model names a folder as the CLI and DVC see
+    it; in a pipeline the models are artifacts, so it must be pretrain's or sft's output_dir."""
+    bases = {Path(params.pretrain.output_dir): "pretrain", Path(params.sft.output_dir): "sft"}
+    if Path(params.reward.base_model) not in bases:
+        raise ConfigError(f"reward.base_model: a pipeline trains the reward model from the pretrain or the sft "
+                          f"step's model ({params.pretrain.output_dir} or {params.sft.output_dir}), not "
+                          f"{params.reward.base_model!r}; to start from a hub model, set pretrain.base_model")
+    return bases[Path(params.reward.base_model)]
 
 
 def _configure(task, step: str, settings: KubeflowConfig, cached: bool = True, local: bool = False):
@@ -70,6 +82,7 @@ def build_pipeline(params: Params, local: bool = False) -> Callable:
     # Steps that request an accelerator run the CUDA image; the rest the CPU one.
     ops = {image: build_components(image) for image in {settings.image, settings.cuda_image} if image}
     defaults = pipeline_arguments(params)
+    reward_base = reward_base_step(params)  # chosen when compiling: the DAG's edges are fixed then
 
     def step(name: str, cached: bool = True, **inputs):
         task = ops[settings.step_image(name)][name](kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, **inputs)
@@ -107,7 +120,8 @@ def build_pipeline(params: Params, local: bool = False) -> Callable:
             demo: params.yaml's demo section (the demo task's sizes and seed).
             pretrain: params.yaml's pretrain section (pretrain_base_model wins over its base_model).
             sft: params.yaml's sft section (the sft_* parameters win over its keys).
-            reward: params.yaml's reward section (the reward_* parameters win over its keys).
+            reward: params.yaml's reward section (the reward_* parameters win over its keys; its base_model, the
+                pretrain or sft step's model, is fixed when the pipeline is compiled).
             ppo: params.yaml's ppo section (the ppo_* parameters win over its keys).
             evaluate: params.yaml's evaluate section.
             gates: params.yaml's gates section: the thresholds the reward model and the policy must clear.
@@ -120,15 +134,16 @@ def build_pipeline(params: Params, local: bool = False) -> Callable:
             pretrained = step("pretrain", params=pretrain, base_model=pretrain_base_model, dataset=dataset)
             tuned = step("sft", params=sft, learning_rate=sft_learning_rate, epochs=sft_epochs, dataset=dataset,
                          base_model=pretrained.outputs["model"])
+            reward_base_model = {"pretrain": pretrained, "sft": tuned}[reward_base].outputs["model"]
             scorer = step("reward", params=reward, learning_rate=reward_learning_rate, epochs=reward_epochs,
-                          dataset=dataset, sft_model=tuned.outputs["model"])
+                          dataset=dataset, base_model=reward_base_model)
             reward_gate = step("gate_reward", params=gates, reward_metrics=scorer.outputs["metrics"],
                                reward_model=scorer.outputs["model"])
             with dsl.If(reward_gate.outputs["Output"] == "passed", name="reward-model-passed"):
                 policy = step("ppo", params=ppo, learning_rate=ppo_learning_rate, kl_coef=ppo_kl_coef,
                               total_episodes=ppo_total_episodes, dataset=dataset, sft_model=tuned.outputs["model"],
                               reward_model=scorer.outputs["model"])
-                evaluation = step("evaluate", params=evaluate, gates=gates, dataset=dataset,
+                evaluation = step("evaluate", params=evaluate, gates=gates, registry=registry, dataset=dataset,
                                   policy_model=policy.outputs["model"], sft_model=tuned.outputs["model"],
                                   reward_model=scorer.outputs["model"])
                 evaluation_gate = step("gate_evaluation", params=gates,

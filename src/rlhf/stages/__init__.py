@@ -25,7 +25,8 @@ class Step:
     headline: tuple[str, ...] = ()
     # Keys of its section that people tune: typed run parameters of the Kubeflow pipeline, named NAME_KEY.
     knobs: tuple[str, ...] = ()
-    # Stages: other sections it reads (evaluate shows the gates' verdicts in its report), passed to `run` by name.
+    # Stages: other sections it reads (evaluate's report shows the gates' verdicts and the registered champion),
+    # passed to `run` by name.
     also_reads: tuple[str, ...] = ()
 
     @property
@@ -52,7 +53,7 @@ STEPS = (
     Step("ppo", "ppo", "stage", registers="policy", headline=("objective/scores", "objective/kl"),
          knobs=("learning_rate", "kl_coef", "total_episodes")),
     Step("evaluate", "evaluate", "stage", headline=("win_rate/rm", "win_rate/gold", "gold_gain", "policy/kl",
-                                                    "rm_accuracy"), also_reads=("gates",)),
+                                                    "rm_accuracy"), also_reads=("gates", "registry")),
     Step("gate_evaluation", "gates", "gate", gate="evaluation"),
     Step("register", "registry", "register"),
 )

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from rlhf import tracking
 from rlhf.annotators import get_annotator
-from rlhf.config import ConfigError, EvaluateConfig, GatesConfig, config_hash, flatten
+from rlhf.config import ConfigError, EvaluateConfig, GatesConfig, RegistryConfig, config_hash, flatten
 from rlhf.console import progress_as_lines
 from rlhf.data.formats import load_dataset, split
 from rlhf.evaluation import compare, overoptimisation, pairwise_accuracy, sample_and_score
@@ -34,8 +34,10 @@ from rlhf.storage import atomic_dir, fetch, write_json
 from rlhf.tracking import HISTORY_FILE
 
 
-def run(cfg: EvaluateConfig, gates: GatesConfig | None = None) -> StageResult:
-    """`gates`: the thresholds whose verdicts the report shows (the gate steps judge the same metrics the same way)."""
+def run(cfg: EvaluateConfig, gates: GatesConfig | None = None,
+        registry: RegistryConfig | None = None) -> StageResult:
+    """`gates`: the thresholds whose verdicts the report shows (the gate steps judge the same metrics the same way);
+    `registry`: where the champion this policy would replace is registered (registry.policy_name)."""
     eval_prompts, prompts_fingerprint = load_dataset(cfg.eval_prompts, "prompts")
     preferences, preferences_fingerprint = load_dataset(cfg.preferences, "preference")
     held_out_pairs = split(preferences, cfg.preferences_eval_fraction, cfg.preferences_seed, cfg.preferences)[1]
@@ -87,7 +89,7 @@ def run(cfg: EvaluateConfig, gates: GatesConfig | None = None) -> StageResult:
         verdicts = [] if gates is None else [
             judge("reward", gates, {"eval_accuracy": metrics["rm_accuracy"], "eval_pairs": metrics["rm_pairs"]}),
             judge("evaluation", gates, metrics)]
-        decision = Decision(verdicts, _identities(cfg, datasets), *_champion(cfg, metrics, verdicts))
+        decision = Decision(verdicts, _identities(cfg, datasets), *_champion(cfg, registry, metrics, verdicts))
         with atomic_dir(cfg.output_dir) as staging:
             write_report(staging, metrics, policy_rows, sft_rows, history, cfg.sample_rows, decision)
             with open(staging / "answers.jsonl", "w", encoding="utf-8") as answers_file:
@@ -107,18 +109,20 @@ def run(cfg: EvaluateConfig, gates: GatesConfig | None = None) -> StageResult:
     return StageResult(metrics, [], cfg.output_dir, curves=())
 
 
-def _champion(cfg: EvaluateConfig, metrics: dict[str, float], verdicts: list[dict]) -> tuple[str, list[list[str]]]:
+def _champion(cfg: EvaluateConfig, registry: RegistryConfig | None, metrics: dict[str, float],
+              verdicts: list[dict]) -> tuple[str, list[list[str]]]:
     """The registered champion beside this policy (version, score, gates, run, commit, data) and whether this policy
     would replace it: the registry crowns a policy whose gates passed and whose score beats the champion's."""
-    if cfg.champion is None:
+    if registry is None:
         return "", []
-    seen = champion_report(cfg.champion, metrics)
+    seen = champion_report(registry.policy_name, metrics)
     gates_passed = all(verdict["passed"] for verdict in verdicts)
     if seen["version"] is None:
-        return f"none yet ({cfg.champion}): the first policy registered with its gates passed becomes champion", []
+        return (f"none yet (models:/{registry.policy_name}@champion): the first policy registered with its gates "
+                "passed becomes champion"), []
     would = seen["replaces"] and gates_passed
-    note = (f"{seen['name']} v{seen['version']}; this policy would {'replace' if would else 'not replace'} it: "
-            + seen["reason"] + ("" if gates_passed or not verdicts else "; and its gates fail"))
+    note = (f"{registry.policy_name} v{seen['version']}; this policy would "
+            f"{'replace' if would else 'not replace'} it: " + seen["reason"] + ("" if gates_passed or not verdicts else "; and its gates fail"))
     tags, mine = seen["tags"], tracking.read_provenance(cfg.policy_model)
     theirs, score = tags.get("score"), seen["score"]
     rows = [

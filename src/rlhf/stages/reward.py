@@ -72,7 +72,10 @@ def run(cfg: RewardConfig) -> StageResult:
         metrics |= report_dropped_examples(trainer, len(train))
         tracking.log_metrics(metrics)
         model = trainer.model.merge_and_unload() if cfg.lora.enabled else trainer.model
-        save_model(model, tokenizer, cfg.output_dir,
-                   tracking.provenance("reward", config_hash(cfg), {"preferences": fingerprint}))
+        provenance = tracking.provenance("reward", config_hash(cfg), {"preferences": fingerprint})
+        # The run whose model it started from (none for a model from elsewhere): the registry names the SFT version
+        # as its upstream only if it started from that one (the demo's starts from the pretrained model).
+        provenance["base_run_id"] = tracking.read_provenance(cfg.base_model).get("mlflow_run_id")
+        save_model(model, tokenizer, cfg.output_dir, provenance)
     finish(checkpoints)
     return StageResult(metrics, loss_history(trainer), cfg.output_dir)

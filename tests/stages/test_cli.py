@@ -290,10 +290,11 @@ def sft_run_statuses(project: Path) -> dict[str, list[str | None]]:
 def test_ctrl_c_ends_a_stage_with_one_line_and_a_failed_run(workdir: Path, pretrained: Trained) -> None:
     """Issue 15, finding 7: Ctrl-C printed a KeyboardInterrupt traceback."""
     shutil.copytree(pretrained.output, workdir / "models" / "pretrained")
-    # Enough epochs that the run cannot end between its first checkpoint and the signal, however loaded the machine
-    # (3 epochs, about 2 s, once ended first under a full suite); interrupted, it costs nothing.
-    process = subprocess.Popen([*RLHF, "sft", "--set", "sft.save_steps=2", "--set", "sft.epochs=40"], cwd=workdir,
-                               env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C as a terminal delivers it: a suite started in the background (`pytest &`) inherits SIGINT ignored, and
+    # Python leaves an ignored SIGINT ignored, so the stage would never see it.
+    process = subprocess.Popen([*RLHF, "sft", "--set", "sft.save_steps=2", "--set", "sft.epochs=3"], cwd=workdir,
+                               env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 240
     while not list(workdir.glob("checkpoints/sft-*/checkpoint-*")):  # well into training
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-3000:]

@@ -36,11 +36,12 @@ def reward_base_step(params: Params) -> str:
     """The step whose model the reward model starts from. reward.base_model names a folder as the CLI and DVC see
     it; in a pipeline the models are artifacts, so it must be pretrain's or sft's output_dir."""
     bases = {Path(params.pretrain.output_dir): "pretrain", Path(params.sft.output_dir): "sft"}
-    if Path(params.reward.base_model) not in bases:
+    base = bases.get(Path(params.reward.base_model))
+    if base is None:
         raise ConfigError(f"reward.base_model: a pipeline trains the reward model from the pretrain or the sft "
                           f"step's model ({params.pretrain.output_dir} or {params.sft.output_dir}), not "
                           f"{params.reward.base_model!r}; to start from a hub model, set pretrain.base_model")
-    return bases[Path(params.reward.base_model)]
+    return base
 
 
 def _configure(task, step: str, settings: KubeflowConfig, cached: bool = True, local: bool = False):

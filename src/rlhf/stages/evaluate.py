@@ -121,8 +121,8 @@ def _champion(cfg: EvaluateConfig, registry: RegistryConfig | None, metrics: dic
         return (f"none yet (models:/{registry.policy_name}@champion): the first policy registered with its gates "
                 "passed becomes champion"), []
     would = seen["replaces"] and gates_passed
-    note = (f"{registry.policy_name} v{seen['version']}; this policy would "
-            f"{'replace' if would else 'not replace'} it: " + seen["reason"] + ("" if gates_passed or not verdicts else "; and its gates fail"))
+    note = (f"{registry.policy_name} v{seen['version']}; this policy would {'replace' if would else 'not replace'} "
+            f"it: {seen['reason']}" + ("" if gates_passed or not verdicts else "; and its gates fail"))
     tags, mine = seen["tags"], tracking.read_provenance(cfg.policy_model)
     theirs, score = tags.get("score"), seen["score"]
     rows = [

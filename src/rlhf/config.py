@@ -70,15 +70,24 @@ class TrainingParams(ModelLoading):
 
 
 class DemoConfig(Section):
-    """The demo task: generated movie reviews, summaries and VADER-labelled preference pairs."""
+    """The demo task: generated movie reviews, their summaries and simulated preference pairs (`rlhf.data.demo`)."""
 
+    task: Literal["sentiment", "faithful"] = Field("sentiment", description="sentiment: VADER prefers the more "
+                                                   "positive summary; faithful: the rubric prefers the faithful one")
     seed: int = 1234
     corpus_size: int = Field(6000, ge=10)
     sft_size: int = Field(3000, ge=10)
     preference_size: int = Field(3000, ge=10)
     rl_prompts: int = Field(512, ge=1)
     eval_prompts: int = Field(128, ge=1)
-    preference_margin: float = Field(0.2, ge=0, le=2, description="min VADER gap for a pair to be kept")
+    preference_margin: float = Field(0.2, ge=0, le=2, description="sentiment task: min VADER gap for a pair to "
+                                     "be kept")
+    corpus_defect_share: float = Field(0.0, ge=0, le=1, description="faithful task: share of the corpus's summaries "
+                                       "with one defect")
+    sft_defect_share: float = Field(0.5, ge=0, le=1, description="faithful task: share of the SFT summaries with "
+                                    "one defect")
+    label_noise: float = Field(0.01, ge=0, lt=0.5, description="faithful task: share of preference labels flipped "
+                               "(annotators who disagree with the rubric)")
 
 
 class TokenizerParams(Section):
@@ -111,6 +120,8 @@ class PretrainConfig(TrainingParams):
     base_model: str | None = Field(None, description="hub id or path; none trains a tokenizer and model from scratch")
     corpus: str = "data/corpus.jsonl"
     output_dir: str = "models/pretrained"
+    packing: bool = Field(True, description="true: the corpus is concatenated and cut into max_length blocks "
+                          "(TRL's wrapped packing, no padding); false: one document per sequence, whole")
     tokenizer: TokenizerParams = TokenizerParams()
     architecture: ArchitectureParams = ArchitectureParams()
 
@@ -235,6 +246,14 @@ class EvaluateConfig(ModelLoading):
                                 "module:function")
     dtype: Dtype = Field("auto", description="weights' dtype on load: auto (as stored), bf16, fp16 or fp32")
     sample_rows: int = Field(12, ge=0, description="rows of the report's sample table")
+    best_of_n: int = Field(0, ge=0, description="n >= 2: also answer with the best of n SFT samples by the reward "
+                           "model, the baseline PPO should beat for its KL (Gao et al. 2022); 0: off")
+
+    @model_validator(mode="after")
+    def _best_of_n_takes_two(self) -> "EvaluateConfig":
+        if self.best_of_n == 1:
+            raise ValueError("best_of_n: 1 is the SFT model itself; use 0 (off) or n >= 2")
+        return self
 
 
 class GatesConfig(Section):

@@ -7,6 +7,7 @@ Summaries and the policy-vs-SFT comparison (gains, win rates) are computed from 
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Sequence
 from typing import Any
@@ -78,6 +79,24 @@ def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
         components = set.intersection(*(set(row.get("gold") or ()) for row in rows))
         summary |= {f"gold/{key}": statistics.fmean(row["gold"][key] for row in rows) for key in sorted(components)}
     return summary
+
+
+def best_of_n(samples: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per prompt, the answer the reward model scores highest among n samples: `samples` holds one list of
+    `sample_and_score` rows per sampling seed, in the same prompt order."""
+    return [max(answers, key=lambda row: row["rm_score"]) for answers in zip(*samples, strict=True)]
+
+
+def best_of_n_metrics(best_rows: Sequence[dict[str, Any]], sft_rows: Sequence[dict[str, Any]], n: int,
+                      confidence: float = 0.95) -> dict[str, float]:
+    """`best_of_n/…`: the best-of-n answers' summary and gains over SFT's own sample, as `compare` gives PPO's. Its
+    `kl` is best-of-n sampling's KL to the SFT model, log n - (n - 1)/n nats (Stiennon et al. 2020): each answer is
+    an SFT sample, so its own log-ratio is 0."""
+    stats = compare(best_rows, sft_rows, confidence)
+    kept = {key.removeprefix("policy/"): value for key, value in stats.items()
+            if not key.startswith("sft/") and key != "prompts"}
+    return {f"best_of_n/{key}": value for key, value in kept.items()} | {
+        "best_of_n/n": float(n), "best_of_n/kl": math.log(n) - (n - 1) / n}
 
 
 def win_rate(challenger: Sequence[float], baseline: Sequence[float]) -> float:

@@ -26,7 +26,8 @@ CURVES = (("objective/scores", "reward-model score"), ("objective/kl", "KL to re
           ("objective/rlhf_reward", "score − KL penalty"), ("objective/entropy", "entropy"))
 PER_MODEL = ("rm_score", "gold_score", "kl", "eos_rate", "length", "repetition", "distinct_2")
 COMPARISONS = ("win_rate/rm", "win_rate/gold", "rm_gain_in_sft_std", "gold_gain", "gold_drop_while_rm_rose",
-               "rm_accuracy", "rm_pairs", "prompts")
+               "best_of_n/gold_gain", "best_of_n/win_rate/gold", "rm_accuracy", "rm_pairs",
+               "prompts")
 # What makes an answer unfaithful, from the gold annotator's components (the demo rubric's), and the repetition.
 FLAGS = (("genre changed", lambda row: row["gold"].get("genre", 1.0) < 1.0),
          ("tone flipped", lambda row: row["gold"].get("tone", 1.0) < 1.0),
@@ -137,7 +138,10 @@ def _verdict_rows(verdicts: Sequence[dict[str, Any]]) -> list[list[str]]:
 def _tables(metrics: dict[str, float], policy_rows: Sequence[dict], sft_rows: Sequence[dict], sample_rows: int,
             decision: Decision):
     components = sorted(key.removeprefix("policy/") for key in metrics if key.startswith("policy/gold/"))
-    per_model = [[key, _number(metrics.get(f"sft/{key}")), _number(metrics.get(f"policy/{key}"))]
+    # Best-of-n by the reward model, where evaluated: what PPO should beat for its KL.
+    best = [f"SFT best of {metrics['best_of_n/n']:.0f} by RM"] if "best_of_n/n" in metrics else []
+    per_model = [[key, _number(metrics.get(f"sft/{key}")), _number(metrics.get(f"policy/{key}")),
+                  *([_number(metrics.get(f"best_of_n/{key}"))] if best else [])]
                  for key in (*PER_MODEL, *components) if f"policy/{key}" in metrics]
     comparisons = [[key, _number(metrics[key]), _interval(metrics, key)] for key in COMPARISONS if key in metrics]
     paired = [(", ".join(flags(policy)), sft, policy) for sft, policy in zip(sft_rows, policy_rows)]
@@ -156,7 +160,8 @@ def _tables(metrics: dict[str, float], policy_rows: Sequence[dict], sft_rows: Se
                      _verdict_rows(decision.verdicts)),
         "champion": (f"Against the champion: {decision.champion_note}", ["", "champion", "this PPO policy"],
                      decision.champion_rows),
-        "per_model": ("Per model (held-out prompts, same sampling seed)", ["metric", "SFT", "PPO"], per_model),
+        "per_model": ("Per model (held-out prompts, same sampling seed)", ["metric", "SFT", "PPO", *best],
+                      per_model),
         "comparisons": ("PPO against SFT", ["metric", "value", "95% interval"], comparisons),
         "identities": ("Identities", identity_header, identities),
         "samples": (f"Answers, flagged first ({len(flagged)} of {len(paired)} PPO answers flagged)",

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from rlhf.evaluation import compare, overoptimisation, summarize, win_rate
+from rlhf.evaluation import best_of_n, best_of_n_metrics, compare, overoptimisation, summarize, win_rate
 from rlhf.measures import distinct_2, repetition
 from rlhf.gates import wilson_lower_bound
 
@@ -120,3 +120,17 @@ def test_overoptimisation_is_gold_falling_from_its_peak_while_the_proxy_rises() 
     assert overoptimisation(_curve((0.0, 0.3), (2.0, 0.7), (1.0, 0.5)))["gold_drop_while_rm_rose"] == 0.0
     # No curve (an older policy, or no gold annotator): nothing to judge.
     assert overoptimisation([{"step": 1, "objective/scores": 1.0}]) == {}
+
+
+def test_best_of_n_picks_per_prompt_the_answer_the_reward_model_scores_highest() -> None:
+    first = [_row("a", 0.0, 0.9), _row("b", 2.0, 0.1), _row("c", 1.0, 0.5)]
+    second = [_row("d", 1.0, 0.2), _row("e", 1.0, 0.3), _row("f", 1.0, 0.7)]
+    best = best_of_n([first, second])
+    assert [row["response"] for row in best] == ["d", "b", "c"]  # a tie keeps the first sample's answer
+    stats = best_of_n_metrics(best, first, 2)
+    assert stats["best_of_n/gold_gain"] == pytest.approx((0.2 - 0.9) / 3)  # the proxy's pick can lose gold
+    assert stats["best_of_n/win_rate/rm"] == pytest.approx((1 + 0.5 + 0.5) / 3)
+    assert stats["best_of_n/kl"] == pytest.approx(math.log(2) - 0.5)
+    assert not [key for key in stats if key.startswith("best_of_n/sft/") or not key.startswith("best_of_n/")]
+    with pytest.raises(ValueError):
+        best_of_n([first, second[:2]])

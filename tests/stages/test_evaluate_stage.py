@@ -8,6 +8,7 @@ MLflow store in their own tmp project, so the runs they leave can be inspected.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -291,6 +292,27 @@ def test_without_gold_annotator_there_are_no_gold_metrics(project: Project, diff
     answers = read_jsonl(project.root / "reports" / "different" / "answers.jsonl")
     assert all(row["gold_score"] is None for row in answers)
     assert "gold_score" not in (project.root / "reports" / "different" / "report.md").read_text(encoding="utf-8")
+
+
+@slow
+def test_best_of_n_keeps_the_sft_sample_the_reward_model_prefers(project: Project, same_policy: Any) -> None:
+    """Best of 3 SFT samples by the reward model: SFT's own sample is one of the three, so per prompt the best scores
+    at least as high by the reward model; the report shows it beside PPO, and its KL is the analytic bound."""
+    best = project.evaluate(project.sft, "reports/best", "evaluate.best_of_n=3").metrics
+    assert best["best_of_n/n"] == 3 and best["best_of_n/kl"] == pytest.approx(math.log(3) - 2 / 3)
+    assert best["best_of_n/rm_score"] >= best["sft/rm_score"] + 1e-6  # three tiny-model samples never all tie
+    assert best["best_of_n/win_rate/rm"] > 0.5 and best["best_of_n/win_rate/rm_ci_low"] <= best["best_of_n/win_rate/rm"]
+    assert {"best_of_n/gold_score", "best_of_n/gold_gain", "best_of_n/gold_gain_ci_low"} <= set(best)
+    # The PPO side and the SFT side are untouched by the extra samples.
+    assert {key: value for key, value in best.items() if not key.startswith("best_of_n/")} == pytest.approx(
+        {key: value for key, value in same_policy.metrics.items()})
+    report = (project.root / "reports" / "best" / "report.md").read_text(encoding="utf-8")
+    assert "SFT best of 3 by RM" in report and "best_of_n/gold_gain" in report
+
+
+def test_best_of_one_is_a_config_error(workdir: Path) -> None:
+    with pytest.raises(ConfigError, match="best_of_n: .*1 is the SFT model itself"):
+        load_params("params.yaml", ["evaluate.best_of_n=1"])
 
 
 # ---------------------------------------------------------------------------------------------- config errors

@@ -130,6 +130,21 @@ def test_pretrain_with_untied_embeddings_trains_and_keeps_both_matrices(workdir:
     assert embeddings.data_ptr() != projection.data_ptr() and not torch.equal(embeddings, projection)
 
 
+def test_pretrain_without_packing_trains_on_whole_documents(workdir: Path, pretrained: Trained) -> None:
+    """`packing: false`: one document per sequence, so an epoch takes a step per batch of documents; packed, the
+    corpus is cut into fewer max_length blocks that split documents."""
+    from rlhf.data.formats import load_dataset, split
+    from rlhf.stages import pretrain
+
+    cfg = load_params(overrides=["pretrain.packing=false", "pretrain.output_dir=models/unpacked"]).pretrain
+    result = pretrain.run(cfg)
+    documents = len(split(load_dataset(cfg.corpus, "text")[0], cfg.eval_fraction, cfg.seed, cfg.corpus)[0])
+    steps = max(row["step"] for row in result.history)
+    assert steps == math.ceil(documents / cfg.batch_size)
+    assert steps > max(row["step"] for row in pretrained.result.history)  # packed: fewer, longer rows
+    assert math.isfinite(result.metrics["eval_loss"])
+
+
 def test_pretrain_disabled_saves_base_unchanged(workdir: Path, pretrained: Trained) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

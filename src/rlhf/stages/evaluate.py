@@ -17,7 +17,14 @@ from rlhf.annotators import get_annotator
 from rlhf.config import ConfigError, EvaluateConfig, GatesConfig, RegistryConfig, config_hash, flatten
 from rlhf.console import progress_as_lines
 from rlhf.data.formats import load_dataset, split
-from rlhf.evaluation import compare, overoptimisation, pairwise_accuracy, sample_and_score
+from rlhf.evaluation import (
+    best_of_n,
+    best_of_n_metrics,
+    compare,
+    overoptimisation,
+    pairwise_accuracy,
+    sample_and_score,
+)
 from rlhf.gates import judge
 from rlhf.modeling import (
     load_causal_lm,
@@ -72,15 +79,18 @@ def run(cfg: EvaluateConfig, gates: GatesConfig | None = None,
 
     prompts = eval_prompts["prompt"]
 
-    def answers(model) -> list[dict]:
-        return sample_and_score(model, sft_logits, tokenizer, reward_model, reward_tokenizer, prompts, cfg,
-                                cfg.batch_size, annotator, device)
+    def answers(model, seed: int = cfg.seed) -> list[dict]:
+        return sample_and_score(model, sft_logits, tokenizer, reward_model, reward_tokenizer, prompts,
+                                cfg.model_copy(update={"seed": seed}), cfg.batch_size, annotator, device)
 
     with tracking.stage_run("evaluate", flatten(cfg, "evaluate")):
         tracking.log_dataset(eval_prompts, "eval_prompts", cfg.eval_prompts, prompts_fingerprint, "evaluation")
         tracking.log_dataset(held_out_pairs, "preferences", cfg.preferences, preferences_fingerprint, "evaluation")
         policy_rows, sft_rows = answers(policy), answers(sft)
         metrics = compare(policy_rows, sft_rows) | overoptimisation(history)
+        if cfg.best_of_n:  # SFT's own sample is one of the n
+            samples = [sft_rows, *(answers(sft, cfg.seed + k) for k in range(1, cfg.best_of_n))]
+            metrics |= best_of_n_metrics(best_of_n(samples), sft_rows, cfg.best_of_n)
         metrics["rm_accuracy"] = pairwise_accuracy(reward_model, reward_tokenizer, held_out_pairs, cfg.batch_size,
                                                    device)
         metrics["rm_pairs"] = float(len(held_out_pairs))

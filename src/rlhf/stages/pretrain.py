@@ -3,7 +3,8 @@
 With no `base_model`, trains a byte-level BPE tokenizer on the corpus and a small GPT-2-style model from scratch;
 with `base_model`, continues pretraining it; with `enabled: false`, saves the base model unchanged as the output, so
 the later stages always read one folder. The corpus is packed into `max_length` blocks (TRL's "wrapped" packing,
-as in classic causal-LM pretraining).
+as in classic causal-LM pretraining), or with `packing: false` kept one document per sequence: blocks cut a
+short document from its own beginning, so a model cannot learn to copy from it what the cut removed.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def run(cfg: PretrainConfig) -> StageResult:
         args = TRLSFTConfig(
             **training_arguments(cfg, checkpoints, "pretrain"),
             dataset_text_field="text",
-            packing=True,
+            packing=cfg.packing,
             packing_strategy="wrapped",
         )
         trainer = SFTTrainer(

@@ -11,7 +11,7 @@ review's sentiment. Two tasks share the reviews (`demo.task`):
   near-minimal: a faithful summary and the same summary, drawn with the same random choices, with one defect. The
   rubric (`rlhf.data.demo_task.rubric`) labels them, and a share `demo.label_noise` of labels is flipped, as
   annotators disagree. Pairs of two arbitrary summaries differ in many ways at once and taught a reward model little
-  (held-out accuracy 0.55 against 0.81 for near-minimal pairs, ../shared/DESIGN.md).
+  (held-out accuracy 0.55 against 0.81 for near-minimal pairs, when the task was designed).
 
 Everything is drawn from one seeded `random.Random`, so the files are byte-identical on every run, and no review is
 shared between the splits. The vocabulary and `Review` live in `rlhf.data.demo_task`, with the rubric.
@@ -20,6 +20,7 @@ shared between the splits. The vocabulary and `Review` live in `rlhf.data.demo_t
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from pathlib import Path
 
 from rlhf.annotators import vader
@@ -84,7 +85,7 @@ def summarise(review: Review, rng: random.Random, tone: str | None = None) -> st
     return _render(overall, review.genre, phrases)
 
 
-def _other(rng: random.Random, choices, *excluded: str) -> str:
+def _other(rng: random.Random, choices: Sequence[str], *excluded: str) -> str:
     return rng.choice([choice for choice in choices if choice not in excluded])
 
 

@@ -301,7 +301,7 @@ def test_best_of_n_keeps_the_sft_sample_the_reward_model_prefers(project: Projec
     best = project.evaluate(project.sft, "reports/best", "evaluate.best_of_n=3").metrics
     assert best["best_of_n/n"] == 3 and best["best_of_n/kl"] == pytest.approx(math.log(3) - 2 / 3)
     assert best["best_of_n/rm_score"] >= best["sft/rm_score"] + 1e-6  # three tiny-model samples never all tie
-    assert best["best_of_n/win_rate/rm"] > 0.5 and best["best_of_n/win_rate/rm_ci_low"] <= best["best_of_n/win_rate/rm"]
+    assert best["best_of_n/win_rate/rm"] > 0.5
     assert {"best_of_n/gold_score", "best_of_n/gold_gain", "best_of_n/gold_gain_ci_low"} <= set(best)
     # The PPO side and the SFT side are untouched by the extra samples.
     assert {key: value for key, value in best.items() if not key.startswith("best_of_n/")} == pytest.approx(

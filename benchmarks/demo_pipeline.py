@@ -43,8 +43,20 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGES = tuple(step.name for step in STEPS if step.kind != "data")  # dvc.yaml's stages, in order
 METRICS = ("pretrain", "sft", "reward", "ppo", "evaluate")
 # The faithful task's rows: what the rubric measures, and the sampling measures beside it.
-COMPONENTS = ("gold_score", "gold/genre", "gold/tone", "gold/aspect_recall", "gold/invented", "gold/no_invention",
-              "gold/repetition", "rm_score", "kl", "eos_rate", "length", "distinct_2")
+COMPONENTS = (
+    "gold_score",
+    "gold/genre",
+    "gold/tone",
+    "gold/aspect_recall",
+    "gold/invented",
+    "gold/no_invention",
+    "gold/repetition",
+    "rm_score",
+    "kl",
+    "eos_rate",
+    "length",
+    "distinct_2",
+)
 SENTIMENT_ROWS = ("rm_score", "rm_score_std", "gold_score", "kl", "eos_rate", "length")
 
 
@@ -79,13 +91,38 @@ def _read(project: Path, path: str) -> dict:
 def _clean_sft(project: Path) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
     """The recipe's SFT on faithful summaries only, from the same pretrained model, scored by `rlhf evaluate` as its
     policy (the recipe's own SFT model stays the baseline): can the demo model do the task at all?"""
-    costs = {"sft (faithful data)": _run(
-        ["rlhf", "sft", "--set", "sft.dataset=data-faithful/sft.jsonl", "--set", "sft.output_dir=models/sft-faithful",
-         "--metrics", "metrics/sft-faithful.json", "--plots", "plots/sft-faithful"], project)}
+    costs = {
+        "sft (faithful data)": _run(
+            [
+                "rlhf",
+                "sft",
+                "--set",
+                "sft.dataset=data-faithful/sft.jsonl",
+                "--set",
+                "sft.output_dir=models/sft-faithful",
+                "--metrics",
+                "metrics/sft-faithful.json",
+                "--plots",
+                "plots/sft-faithful",
+            ],
+            project,
+        )
+    }
     costs["evaluate (faithful SFT)"] = _run(
-        ["rlhf", "evaluate", "--set", "evaluate.policy_model=models/sft-faithful", "--set", "evaluate.best_of_n=0",
-         "--set", "evaluate.output_dir=reports/sft-faithful", "--metrics", "metrics/evaluate-sft-faithful.json"],
-        project)
+        [
+            "rlhf",
+            "evaluate",
+            "--set",
+            "evaluate.policy_model=models/sft-faithful",
+            "--set",
+            "evaluate.best_of_n=0",
+            "--set",
+            "evaluate.output_dir=reports/sft-faithful",
+            "--metrics",
+            "metrics/evaluate-sft-faithful.json",
+        ],
+        project,
+    )
     return _read(project, "metrics/evaluate-sft-faithful.json"), costs
 
 
@@ -95,15 +132,17 @@ def _sentiment_checks(costs: dict[str, dict[str, float]], metrics: dict[str, dic
     ppo, policy = metrics["ppo"], metrics["registry"].get("versions", {}).get("policy", {})
     return {
         f"pretrain+sft+reward {supervised:.0f} s <= 360 s": supervised <= 360,
-        f"reward held-out accuracy {metrics['reward']['eval_accuracy']:.3f} >= 0.85":
-            metrics["reward"]["eval_accuracy"] >= 0.85,
+        f"reward held-out accuracy {metrics['reward']['eval_accuracy']:.3f} >= 0.85": metrics["reward"]["eval_accuracy"]
+        >= 0.85,
         f"ppo {seconds['ppo']:.0f} s <= 300 s": seconds["ppo"] <= 300,
         f"RM score gain {ppo['eval/rm_gain_in_sft_std']:.2f} SFT std >= 1": ppo["eval/rm_gain_in_sft_std"] >= 1,
         f"gold score gain {ppo['eval/gold_gain']:+.3f} >= 0.3": ppo["eval/gold_gain"] >= 0.3,
         f"final objective/kl {ppo['objective/kl']:.2f} <= budget {kl_budget}": ppo["objective/kl"] <= kl_budget,
         f"held-out EOS rate {ppo['eval/policy/eos_rate']:.3f} >= 0.9": ppo["eval/policy/eos_rate"] >= 0.9,
-        f"both gates passed, champion rlhf-policy v{policy.get('version')} registered":
-            metrics["registry"]["gates_passed"] and "champion" in policy.get("outcome", ""),
+        f"both gates passed, champion rlhf-policy v{policy.get('version')} registered": metrics["registry"][
+            "gates_passed"
+        ]
+        and "champion" in policy.get("outcome", ""),
     }
 
 
@@ -116,14 +155,16 @@ def _faithful_checks(metrics: dict[str, dict], clean: dict[str, float]) -> tuple
     }
     e = metrics["evaluate"]
     aims = {
-        f"PPO rubric gain {e['gold_gain']:+.3f}, 95% interval low {e['gold_gain_ci_low']:+.3f} > 0":
-            e["gold_gain_ci_low"] > 0,
-        f"genre {e['policy/gold/genre']:.3f} >= SFT {e['sft/gold/genre']:.3f}":
-            e["policy/gold/genre"] >= e["sft/gold/genre"],
-        f"tone {e['policy/gold/tone']:.3f} >= SFT {e['sft/gold/tone']:.3f}":
-            e["policy/gold/tone"] >= e["sft/gold/tone"],
-        f"invented {e['policy/gold/invented']:.3f} <= SFT {e['sft/gold/invented']:.3f}":
-            e["policy/gold/invented"] <= e["sft/gold/invented"],
+        f"PPO rubric gain {e['gold_gain']:+.3f}, 95% interval low {e['gold_gain_ci_low']:+.3f} > 0": e[
+            "gold_gain_ci_low"
+        ]
+        > 0,
+        f"genre {e['policy/gold/genre']:.3f} >= SFT {e['sft/gold/genre']:.3f}": e["policy/gold/genre"]
+        >= e["sft/gold/genre"],
+        f"tone {e['policy/gold/tone']:.3f} >= SFT {e['sft/gold/tone']:.3f}": e["policy/gold/tone"]
+        >= e["sft/gold/tone"],
+        f"invented {e['policy/gold/invented']:.3f} <= SFT {e['sft/gold/invented']:.3f}": e["policy/gold/invented"]
+        <= e["sft/gold/invented"],
         f"EOS rate {e['policy/eos_rate']:.3f} >= 0.95": e["policy/eos_rate"] >= 0.95,
         f"rubric gain {e['gold_gain']:+.3f} >= +0.05 (the aim)": e["gold_gain"] >= 0.05,
     }
@@ -136,21 +177,28 @@ def _print_faithful(metrics: dict[str, dict], clean: dict[str, float]) -> None:
     columns = ["SFT", "PPO"] + ([f"best-of-{e['best_of_n/n']:.0f}"] if best else []) + ["SFT faithful data"]
     print(f"\nheld-out prompts ({e['prompts']:.0f}), rubric as gold" + "".join(f"{c:>19}" for c in columns))
     for name in COMPONENTS:
-        values = [e.get(f"sft/{name}"), e.get(f"policy/{name}")] + (
-            [e.get(f"best_of_n/{name}")] if best else []) + [clean.get(f"policy/{name}")]
+        values = (
+            [e.get(f"sft/{name}"), e.get(f"policy/{name}")]
+            + ([e.get(f"best_of_n/{name}")] if best else [])
+            + [clean.get(f"policy/{name}")]
+        )
         print(f"{name:<40}" + "".join("" if v is None else f"{v:>19.3f}" for v in values))
     for label, prefix in (("PPO", ""), (f"best-of-{e.get('best_of_n/n', 0):.0f}", "best_of_n/")):
         if f"{prefix}gold_gain" not in e:
             continue
-        print(f"{label} over SFT: rubric gain {e[f'{prefix}gold_gain']:+.3f} "
-              f"[{e[f'{prefix}gold_gain_ci_low']:+.3f}, {e[f'{prefix}gold_gain_ci_high']:+.3f}], "
-              f"win rate (rubric) {e[f'{prefix}win_rate/gold']:.3f} "
-              f"[{e[f'{prefix}win_rate/gold_ci_low']:.3f}, {e[f'{prefix}win_rate/gold_ci_high']:.3f}], "
-              f"win rate (RM) {e[f'{prefix}win_rate/rm']:.3f}")
+        print(
+            f"{label} over SFT: rubric gain {e[f'{prefix}gold_gain']:+.3f} "
+            f"[{e[f'{prefix}gold_gain_ci_low']:+.3f}, {e[f'{prefix}gold_gain_ci_high']:+.3f}], "
+            f"win rate (rubric) {e[f'{prefix}win_rate/gold']:.3f} "
+            f"[{e[f'{prefix}win_rate/gold_ci_low']:.3f}, {e[f'{prefix}win_rate/gold_ci_high']:.3f}], "
+            f"win rate (RM) {e[f'{prefix}win_rate/rm']:.3f}"
+        )
     if best:
         print(f"best-of-n's KL to SFT (analytic): {e['best_of_n/kl']:.2f}; PPO's: {e['policy/kl']:.2f}")
-    print(f"reward model: held-out accuracy {metrics['reward']['eval_accuracy']:.3f} "
-          f"({metrics['reward'].get('eval_pairs', e['rm_pairs']):.0f} pairs)")
+    print(
+        f"reward model: held-out accuracy {metrics['reward']['eval_accuracy']:.3f} "
+        f"({metrics['reward'].get('eval_pairs', e['rm_pairs']):.0f} pairs)"
+    )
 
 
 def main() -> int:
@@ -209,8 +257,10 @@ def main() -> int:
         for name in SENTIMENT_ROWS:
             print(f"{name:<20}{ppo[f'eval/sft/{name}']:>8.3f} {ppo[f'eval/policy/{name}']:>8.3f}")
         evaluation = metrics["evaluate"]
-        print(f"win rate of PPO over SFT: {evaluation['win_rate/rm']:.3f} (reward model), "
-              f"{evaluation['win_rate/gold']:.3f} (gold); RM pairwise accuracy {evaluation['rm_accuracy']:.3f}")
+        print(
+            f"win rate of PPO over SFT: {evaluation['win_rate/rm']:.3f} (reward model), "
+            f"{evaluation['win_rate/gold']:.3f} (gold); RM pairwise accuracy {evaluation['rm_accuracy']:.3f}"
+        )
     print(f"gates: {'passed' if metrics['registry']['gates_passed'] else 'failed'}\n")
     for check, passed in targets.items():
         print(f"{'PASS' if passed else 'FAIL'}  {check}")

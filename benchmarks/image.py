@@ -51,13 +51,25 @@ def main() -> None:
             subprocess.run([tool, "rmi", "--force", image.default_tag(ROOT, variant)], capture_output=True)
             subprocess.run([tool, "image", "prune", "--force"], capture_output=True)
         built = image.build(ROOT, variant, tool=tool, use_host_pip=args.host_pip, debian=args.debian_base)
-        results.append({"variant": variant, "image": built.image, "size_gb": round(built.size_bytes / 1e9, 2),
-                        "build_seconds": round(built.seconds)})
+        results.append(
+            {
+                "variant": variant,
+                "image": built.image,
+                "size_gb": round(built.size_bytes / 1e9, 2),
+                "build_seconds": round(built.seconds),
+            }
+        )
         print(f"{variant}: {built.size_bytes / 1e9:.2f} GB, built in {built.seconds:.0f} s ({built.image})")
 
-    record = {"machine": f"{_cpu_model()}, {os.cpu_count()} cores", "engine_version": _version(tool),
-              "engine": tool, "base": image.DEBIAN_BASE if args.debian_base else "python:3.11-slim",
-              "host_pip": args.host_pip, "cold_cache": not args.keep_cache, "variants": results}
+    record = {
+        "machine": f"{_cpu_model()}, {os.cpu_count()} cores",
+        "engine_version": _version(tool),
+        "engine": tool,
+        "base": image.DEBIAN_BASE if args.debian_base else "python:3.11-slim",
+        "host_pip": args.host_pip,
+        "cold_cache": not args.keep_cache,
+        "variants": results,
+    }
     Path(args.output).write_text(json.dumps(record, indent=2) + "\n")
 
 

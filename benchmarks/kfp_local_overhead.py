@@ -5,9 +5,10 @@ Two clean copies of the project's tracked files. In the first, the nine steps ru
 timed as a whole process: that is the stages' own compute time, start-up and teardown included, as any runner pays
 it. In the second, `rlhf pipeline run --local` runs the same DAG with kfp's local runner. Then the commands run once
 more in a third copy, and each stage's time is the mean of its two runs: a shared machine's speed drifts by tens of
-percent over minutes, and timing the commands on both sides of the local run cancels most of that drift. Overhead
-= the local run's wall time minus the sum of the stages' times (kfp's executor bootstrap, artifact bookkeeping, building the pipeline,
-the exit handler closing the MLflow run). Target: <= 10% of the run. The held-out metrics of the two must agree.
+percent over minutes, and timing the commands on both sides of the local run cancels most of that drift. Overhead =
+the local run's wall time minus the sum of the stages' times (kfp's executor bootstrap, artifact bookkeeping,
+building the pipeline, the exit handler closing the MLflow run). Target: <= 10% of the run. The held-out metrics of
+the two must agree.
 
     python benchmarks/kfp_local_overhead.py [--output FILE]
 """
@@ -25,12 +26,18 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from demo_pipeline import ROOT, _copy_project  # noqa: E402 - the same clean copy as the DVC benchmark
+from demo_pipeline import ROOT, _copy_project
 
 STEPS = {
-    "data": ["data", "demo", "-o", "data"], "pretrain": ["pretrain"], "sft": ["sft"], "reward": ["reward"],
-    "gate_reward": ["gate", "reward"], "ppo": ["ppo"], "evaluate": ["evaluate"],
-    "gate_evaluation": ["gate", "evaluation"], "register": ["register"],
+    "data": ["data", "demo", "-o", "data"],
+    "pretrain": ["pretrain"],
+    "sft": ["sft"],
+    "reward": ["reward"],
+    "gate_reward": ["gate", "reward"],
+    "ppo": ["ppo"],
+    "evaluate": ["evaluate"],
+    "gate_evaluation": ["gate", "evaluation"],
+    "register": ["register"],
 }
 COMPARED = ("pretrain", "sft", "reward", "ppo", "evaluate")
 
@@ -71,16 +78,18 @@ def main() -> int:
     overhead = wall - compute
     worst = max(differences.values())
     checks = {
-        f"orchestration overhead {overhead:.1f} s = {overhead / wall:.1%} of {wall:.0f} s <= 10%":
-            overhead <= 0.10 * wall,
+        f"orchestration overhead {overhead:.1f} s = {overhead / wall:.1%} of {wall:.0f} s <= 10%": overhead
+        <= 0.10 * wall,
         f"same metrics as the stages run by the CLI (largest relative difference {worst:.1e} <= 1e-4)": worst <= 1e-4,
         "champion policy registered": "champion" in registered["versions"]["policy"]["outcome"],
     }
     print(f"{'step (as an rlhf command)':<26}{'before':>8}{'after':>8}{'mean':>8}")
     for step, seconds in stage_seconds.items():
         print(f"{step:<26}{before[step]:>8.1f}{after[step]:>8.1f}{seconds:>8.1f}")
-    print(f"{'sum':<26}{sum(before.values()):>8.1f}{sum(after.values()):>8.1f}{compute:>8.1f}\n"
-          f"{'rlhf pipeline run --local':<42}{wall:>8.1f}\n{'overhead':<42}{overhead:>8.1f}\n")
+    print(
+        f"{'sum':<26}{sum(before.values()):>8.1f}{sum(after.values()):>8.1f}{compute:>8.1f}\n"
+        f"{'rlhf pipeline run --local':<42}{wall:>8.1f}\n{'overhead':<42}{overhead:>8.1f}\n"
+    )
     for check, passed in checks.items():
         print(f"{'PASS' if passed else 'FAIL'}  {check}")
     output = {
@@ -89,8 +98,10 @@ def main() -> int:
         "stage_seconds": {step: round(seconds, 1) for step, seconds in stage_seconds.items()},
         "stage_seconds_before": {step: round(seconds, 1) for step, seconds in before.items()},
         "stage_seconds_after": {step: round(seconds, 1) for step, seconds in after.items()},
-        "local_run_seconds": round(wall, 1), "overhead_seconds": round(overhead, 1),
-        "overhead_fraction": round(overhead / wall, 4), "largest_relative_metric_difference": worst,
+        "local_run_seconds": round(wall, 1),
+        "overhead_seconds": round(overhead, 1),
+        "overhead_fraction": round(overhead / wall, 4),
+        "largest_relative_metric_difference": worst,
         "checks": checks,
     }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)

@@ -30,7 +30,6 @@ import threading
 import time
 from pathlib import Path
 
-
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "smollm2-hh.yaml"
 RLHF = [sys.executable, "-m", "rlhf.cli"]
@@ -42,13 +41,21 @@ PROFILES = {
     "cpu": {
         "data": {"sft_rows": 64, "rl_prompts": 32, "eval_prompts": 16},
         "set": {
-            "sft.batch_size": 8, "sft.max_length": 256,
+            "sft.batch_size": 8,
+            "sft.max_length": 256,
             # Every training pair, LoRA + bf16 autocast to fit the hour; longer pairs than max_length are dropped.
-            "reward.batch_size": 8, "reward.max_length": 384, "reward.lora.enabled": True,
-            "reward.learning_rate": 0.0002, "reward.save_steps": 10000,
-            "ppo.total_episodes": 16, "ppo.rollout_batch_size": 8, "ppo.mini_batch_size": 8,
-            "ppo.max_new_tokens": 32, "ppo.eval_batch_size": 16,
-            "evaluate.max_new_tokens": 32, "evaluate.batch_size": 16,
+            "reward.batch_size": 8,
+            "reward.max_length": 384,
+            "reward.lora.enabled": True,
+            "reward.learning_rate": 0.0002,
+            "reward.save_steps": 10000,
+            "ppo.total_episodes": 16,
+            "ppo.rollout_batch_size": 8,
+            "ppo.mini_batch_size": 8,
+            "ppo.max_new_tokens": 32,
+            "ppo.eval_batch_size": 16,
+            "evaluate.max_new_tokens": 32,
+            "evaluate.batch_size": 16,
         },
     },
 }
@@ -75,8 +82,12 @@ class PeakMemory:
             except psutil.Error:
                 pass
             if self.gpu:
-                used = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                                      capture_output=True, text=True, check=False).stdout.split()
+                used = subprocess.run(
+                    ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                    capture_output=True,
+                    text=True,
+                    check=False,
+                ).stdout.split()
                 if used:
                     self.gpu_mb = max(self.gpu_mb, float(used[0]))
             time.sleep(0.5)
@@ -88,13 +99,17 @@ class PeakMemory:
 
 def run_stage(stage: str, overrides: list[str], workdir: Path, env: dict[str, str], gpu: bool) -> dict[str, float]:
     started = time.perf_counter()
-    log = open(workdir / f"{stage}.log", "w")
-    process = subprocess.Popen([*RLHF, stage, "--params", "params.yaml", *overrides], cwd=workdir, env=env,
-                               stdout=log, stderr=subprocess.STDOUT)
-    memory = PeakMemory(process.pid, gpu)
-    code = process.wait()
-    memory.stop()
-    log.close()
+    with open(workdir / f"{stage}.log", "w") as log:
+        process = subprocess.Popen(
+            [*RLHF, stage, "--params", "params.yaml", *overrides],
+            cwd=workdir,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        memory = PeakMemory(process.pid, gpu)
+        code = process.wait()
+        memory.stop()
     if code != 0:
         tail = (workdir / f"{stage}.log").read_text()[-3000:]
         raise SystemExit(f"{stage} failed (exit {code}):\n{tail}")
@@ -107,10 +122,14 @@ def run_stage(stage: str, overrides: list[str], workdir: Path, env: dict[str, st
 def mlflow_metric(workdir: Path, stage: str, key: str) -> list[float]:
     """Every value of one metric of the stage's newest MLflow run (read straight from the sqlite store)."""
     with sqlite3.connect(workdir / "mlflow.db") as db:
-        run = db.execute("select r.run_uuid from runs r join tags t on t.run_uuid = r.run_uuid where t.key = "
-                         "'rlhf.stage' and t.value = ? order by r.start_time desc limit 1", (stage,)).fetchone()
-        rows = db.execute("select value from metrics where run_uuid = ? and key = ? order by step, timestamp",
-                          (run[0], key)).fetchall()
+        run = db.execute(
+            "select r.run_uuid from runs r join tags t on t.run_uuid = r.run_uuid where t.key = "
+            "'rlhf.stage' and t.value = ? order by r.start_time desc limit 1",
+            (stage,),
+        ).fetchone()
+        rows = db.execute(
+            "select value from metrics where run_uuid = ? and key = ? order by step, timestamp", (run[0], key)
+        ).fetchall()
     return [value for (value,) in rows]
 
 
@@ -132,8 +151,11 @@ def training_tokens(params, stage: str, workdir: Path) -> int:
     train = split(dataset, cfg.eval_fraction, cfg.seed)[0]
     if stage == "sft":
         rows = sft_rows(train, tokenizer)[0]
-        texts = ([row["prompt"] + row["completion"] for row in rows] if "prompt" in rows.column_names
-                 else list(rows["messages"]))
+        texts = (
+            [row["prompt"] + row["completion"] for row in rows]
+            if "prompt" in rows.column_names
+            else list(rows["messages"])
+        )
         return sum(min(length(text), cfg.max_length) for text in texts)
     total = 0
     for row in preference_rows(train, tokenizer):
@@ -162,8 +184,14 @@ def generation_speed(workdir: Path, params, device: str) -> float:
     generate(model, tokenizer, queries[:2], sampling, device)  # warm-up
     started, tokens = time.perf_counter(), 0
     for start in range(0, len(queries), cfg.batch_size):
-        samples = generate(model, tokenizer, queries[start:start + cfg.batch_size], sampling, device,
-                           stop_token_ids(model, tokenizer))
+        samples = generate(
+            model,
+            tokenizer,
+            queries[start : start + cfg.batch_size],
+            sampling,
+            device,
+            stop_token_ids(model, tokenizer),
+        )
         tokens += int(samples.mask.sum())
     if device == "cuda":
         torch.cuda.synchronize()
@@ -179,8 +207,14 @@ def wilson(proportion: float, n: float, z: float = 1.96) -> list[float]:
 def machine(device: str) -> str:
     import torch
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
     text = f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, torch {torch.__version__}"
     if device == "cuda":
         text += f", {torch.cuda.get_device_name(0)}"
@@ -190,25 +224,45 @@ def machine(device: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "datasets",
-                        help="folder holding hh-rlhf-harmless/ and alpaca/ (default ../shared/datasets)")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=ROOT.parent / "shared" / "datasets",
+        help="folder holding hh-rlhf-harmless/ and alpaca/ (default ../shared/datasets)",
+    )
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "real_model.json")
     parser.add_argument("--workdir", type=Path, help="keep the run here (default: a temporary folder)")
     args = parser.parse_args()
     profile = PROFILES[args.device]
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="rlhf-real-model-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}", "HF_HUB_OFFLINE": "1",
-           "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
     if args.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
 
     (workdir / "params.yaml").write_text(RECIPE.read_text())
     sizes = profile["data"]
-    subprocess.run([*RLHF, "data", "hh-chat", str(args.data / "hh-rlhf-harmless" / "sample.jsonl.gz"), "--alpaca",
-                    str(args.data / "alpaca" / "sample.json"), "-o", "data/hh-chat",
-                    *[f"--{key.replace('_', '-')}={value}" for key, value in sizes.items()]],
-                   cwd=workdir, env=env, check=True)
+    subprocess.run(
+        [
+            *RLHF,
+            "data",
+            "hh-chat",
+            str(args.data / "hh-rlhf-harmless" / "sample.jsonl.gz"),
+            "--alpaca",
+            str(args.data / "alpaca" / "sample.json"),
+            "-o",
+            "data/hh-chat",
+            *[f"--{key.replace('_', '-')}={value}" for key, value in sizes.items()],
+        ],
+        cwd=workdir,
+        env=env,
+        check=True,
+    )
     overrides = [f"--set={key}={value}" for key, value in profile["set"].items()]
     from rlhf.config import load_params
 
@@ -264,12 +318,18 @@ def main() -> None:
         gpu = f" {row['peak_gpu_mb']} |" if args.device == "cuda" else ""
         print(f"| {stage} | {row['wall_s']} | {row['peak_rss_mb']} |{gpu}")
     reward = result["reward_model"]
-    print(f"training tokens/s: SFT {throughput['sft']}, reward {throughput['reward']}; PPO {result['ppo_tokens_per_s']};"
-          f" generation {result['generation_tokens_per_s']}")
-    print(f"reward model held-out accuracy {reward['held_out_accuracy']:.3f} on {reward['held_out_pairs']} pairs, "
-          f"95% CI {reward['ci95']}")
-    print(f"policy win rate over SFT (RM) {result['policy']['win_rate_rm_over_sft']:.3f} on "
-          f"{result['policy']['prompts']} prompts, 95% CI {result['policy']['ci95']}")
+    print(
+        f"training tokens/s: SFT {throughput['sft']}, reward {throughput['reward']}; PPO {result['ppo_tokens_per_s']};"
+        f" generation {result['generation_tokens_per_s']}"
+    )
+    print(
+        f"reward model held-out accuracy {reward['held_out_accuracy']:.3f} on {reward['held_out_pairs']} pairs, "
+        f"95% CI {reward['ci95']}"
+    )
+    print(
+        f"policy win rate over SFT (RM) {result['policy']['win_rate_rm_over_sft']:.3f} on "
+        f"{result['policy']['prompts']} prompts, 95% CI {result['policy']['ci95']}"
+    )
     print(f"wrote {args.output}")
 
 

@@ -49,8 +49,9 @@ def import_graph() -> dict[str, set[str]]:
     modules = module_files()
     graph: dict[str, set[str]] = {}
     for name, path in modules.items():
-        targets = {imported for imported in _imported_names(ast.parse(path.read_text(), str(path)))
-                   if imported in modules}
+        targets = {
+            imported for imported in _imported_names(ast.parse(path.read_text(), str(path))) if imported in modules
+        }
         parents = {name.rsplit(".", depth)[0] for depth in range(1, name.count(".") + 1)}
         graph[name] = (targets | parents) & modules.keys() - {name}
     return graph

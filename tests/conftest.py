@@ -24,26 +24,66 @@ def shared_datasets() -> Path:
 
 # A configuration small enough that every stage trains in seconds on one CPU core. Tests write it as params.yaml.
 TINY_PARAMS = {
-    "demo": {"seed": 7, "corpus_size": 300, "sft_size": 120, "preference_size": 120, "rl_prompts": 16,
-             "eval_prompts": 16},
+    "demo": {
+        "seed": 7,
+        "corpus_size": 300,
+        "sft_size": 120,
+        "preference_size": 120,
+        "rl_prompts": 16,
+        "eval_prompts": 16,
+    },
     "pretrain": {
         "tokenizer": {"vocab_size": 1024},
         "architecture": {"n_layer": 1, "n_head": 2, "n_embd": 32, "n_positions": 128},
-        "epochs": 1, "batch_size": 8, "max_length": 64, "learning_rate": 0.003, "logging_steps": 2,
+        "epochs": 1,
+        "batch_size": 8,
+        "max_length": 64,
+        "learning_rate": 0.003,
+        "logging_steps": 2,
         "save_steps": 1000,
     },
-    "sft": {"epochs": 1, "batch_size": 8, "max_length": 64, "learning_rate": 0.003, "logging_steps": 2,
-            "save_steps": 1000, "eval_fraction": 0.1},
-    "reward": {"epochs": 1, "batch_size": 8, "max_length": 64, "learning_rate": 0.003, "logging_steps": 2,
-               "save_steps": 1000, "eval_fraction": 0.2},
-    "ppo": {"total_episodes": 48, "rollout_batch_size": 8, "mini_batch_size": 4, "ppo_epochs": 1,
-            "max_new_tokens": 8, "eval_batch_size": 16, "save_steps": 2, "sample_steps": 2},
+    "sft": {
+        "epochs": 1,
+        "batch_size": 8,
+        "max_length": 64,
+        "learning_rate": 0.003,
+        "logging_steps": 2,
+        "save_steps": 1000,
+        "eval_fraction": 0.1,
+    },
+    "reward": {
+        "epochs": 1,
+        "batch_size": 8,
+        "max_length": 64,
+        "learning_rate": 0.003,
+        "logging_steps": 2,
+        "save_steps": 1000,
+        "eval_fraction": 0.2,
+    },
+    "ppo": {
+        "total_episodes": 48,
+        "rollout_batch_size": 8,
+        "mini_batch_size": 4,
+        "ppo_epochs": 1,
+        "max_new_tokens": 8,
+        "eval_batch_size": 16,
+        "save_steps": 2,
+        "sample_steps": 2,
+    },
     "evaluate": {"preferences_eval_fraction": 0.2, "max_new_tokens": 8, "batch_size": 16, "sample_rows": 4},
     # Tiny models clear no real bar: the pipeline tests run every gate with its checks off (null); the gate tests
     # set thresholds themselves.
-    "gates": {"min_rm_accuracy": None, "min_win_rate_rm": None, "min_win_rate_gold": None, "min_rm_gain": None,
-              "min_gold_gain": None, "max_kl": None, "min_eos_rate": None, "max_repetition": None,
-              "max_gold_drop": None},
+    "gates": {
+        "min_rm_accuracy": None,
+        "min_win_rate_rm": None,
+        "min_win_rate_gold": None,
+        "min_rm_gain": None,
+        "min_gold_gain": None,
+        "max_kl": None,
+        "min_eos_rate": None,
+        "max_repetition": None,
+        "max_gold_drop": None,
+    },
     "registry": {"max_new_tokens": 8, "prompt_template": "Review: {prompt}\nSummary:"},
 }
 
@@ -80,9 +120,14 @@ def _isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pyt
     monkeypatch.setenv("RLHF_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "rlhf-cache"))
     # Subprocesses find this environment's `rlhf`, `dvc` and `mlflow` even when the venv is not activated.
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    for key, value in {"MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-                       "DVC_NO_ANALYTICS": "1", "TOKENIZERS_PARALLELISM": "false",
-                       "HF_HUB_DISABLE_TELEMETRY": "1"}.items():
+    for key, value in {
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "DVC_NO_ANALYTICS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+    }.items():
         monkeypatch.setenv(key, value)
 
 
@@ -124,8 +169,22 @@ def launch_two() -> tuple[str, ...]:
     its process group, so launches in parallel test workers do not meet on accelerate's default port."""
     from servers import free_port
 
-    return ("accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-            "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no", "-m")
+    return (
+        "accelerate",
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--main_process_port",
+        str(free_port()),
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+    )
 
 
 @pytest.fixture(scope="session")

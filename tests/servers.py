@@ -49,14 +49,24 @@ class S3Endpoint:
     @property
     def env(self) -> dict[str, str]:
         """What a client of this endpoint needs: the endpoint (for boto3, MLflow and us) and credentials."""
-        return {"AWS_ENDPOINT_URL": self.url, "MLFLOW_S3_ENDPOINT_URL": self.url, "AWS_ACCESS_KEY_ID": ACCESS_KEY,
-                "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "AWS_DEFAULT_REGION": REGION}
+        return {
+            "AWS_ENDPOINT_URL": self.url,
+            "MLFLOW_S3_ENDPOINT_URL": self.url,
+            "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+            "AWS_DEFAULT_REGION": REGION,
+        }
 
     def client(self):
         import boto3
 
-        return boto3.client("s3", endpoint_url=self.url, aws_access_key_id=ACCESS_KEY,
-                            aws_secret_access_key=SECRET_KEY, region_name=REGION)
+        return boto3.client(
+            "s3",
+            endpoint_url=self.url,
+            aws_access_key_id=ACCESS_KEY,
+            aws_secret_access_key=SECRET_KEY,
+            region_name=REGION,
+        )
 
     def start(self) -> None:
         import logging
@@ -183,10 +193,18 @@ class PostgresServer:
 
     def start(self) -> None:
         data = self.root / "data"
-        self._run(str(self.bin / "initdb"), "-D", str(data), "-U", "mlflow", "--auth=trust", "-E", "UTF8",
-                  "--no-sync")
-        self._run(str(self.bin / "pg_ctl"), "-D", str(data), "-l", str(self.root / "server.log"), "-w", "-o",
-                  f"-h 127.0.0.1 -p {self.port} -k {self.root} -c fsync=off", "start")
+        self._run(str(self.bin / "initdb"), "-D", str(data), "-U", "mlflow", "--auth=trust", "-E", "UTF8", "--no-sync")
+        self._run(
+            str(self.bin / "pg_ctl"),
+            "-D",
+            str(data),
+            "-l",
+            str(self.root / "server.log"),
+            "-w",
+            "-o",
+            f"-h 127.0.0.1 -p {self.port} -k {self.root} -c fsync=off",
+            "start",
+        )
         self._run(str(self.bin / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "mlflow", "mlflow")
 
     def stop(self) -> None:
@@ -209,11 +227,24 @@ class MlflowServer:
         self.process: subprocess.Popen | None = None
 
     def start(self, mlflow: Path, timeout: float = 180) -> None:
-        command = [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-                   "--backend-store-uri", self.backend, "--artifacts-destination", self.artifacts]
+        command = [
+            str(mlflow),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            self.backend,
+            "--artifacts-destination",
+            self.artifacts,
+        ]
         with open(self.log, "wb") as log:
-            self.process = subprocess.Popen(command, cwd=self.root, env=self.env, stdout=log,
-                                            stderr=subprocess.STDOUT, start_new_session=True)
+            self.process = subprocess.Popen(
+                command, cwd=self.root, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         deadline = time.monotonic() + timeout
         while True:
             if self.process.poll() is not None:
@@ -225,8 +256,9 @@ class MlflowServer:
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow server did not answer /health within {timeout:.0f} s:\n"
-                                   f"{self.log.read_text()[-6000:]}")
+                raise RuntimeError(
+                    f"mlflow server did not answer /health within {timeout:.0f} s:\n{self.log.read_text()[-6000:]}"
+                )
             time.sleep(0.5)
 
     def stop(self) -> None:

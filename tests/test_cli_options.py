@@ -1,4 +1,4 @@
-"""The `rlhf` command's surface (issue 14, finding 8): --version, help text on every option, and `pipeline run`
+"""The `rlhf` command's surface: --version, help text on every option, and `pipeline run`
 without flags."""
 
 from __future__ import annotations
@@ -34,8 +34,9 @@ def test_every_option_and_argument_has_help_text() -> None:
     assert options_without_help(cli.build_parser()) == []
 
 
-def test_pipeline_run_needs_no_local_flag(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_pipeline_run_needs_no_local_flag(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from rlhf.pipelines import run
 
     calls = []

@@ -29,13 +29,17 @@ def test_project_params_file_is_valid() -> None:
     assert isinstance(load_params(path), Params)
 
 
-def test_missing_params_file_is_an_error_unless_defaults_are_asked_for(tmp_path: Path,
-                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    """Issue 14, finding 5: run from a folder without params.yaml, a stage used built-in defaults that differ from
-    the shipped file (kl_coef 0.05 against 0.1) without a word."""
+def test_missing_params_file_is_an_error_unless_defaults_are_asked_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Run from a folder without params.yaml, a stage refuses to start rather than use built-in defaults that differ
+    from the shipped file (kl_coef 0.05 against 0.1) without a word."""
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ConfigError, match=rf"^params\.yaml: params file not found in {tmp_path}; pass --params FILE, "
-                                          r"or --defaults for the built-in defaults$"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"^params\.yaml: params file not found in {tmp_path}; pass --params FILE, "
+        r"or --defaults for the built-in defaults$",
+    ):
         load_params()
     assert load_params(defaults=True) == Params()
     assert load_params(None) == Params()
@@ -151,14 +155,23 @@ def test_flatten_and_hash() -> None:
     assert config_hash(changed.sft) != config_hash(params.sft)
 
 
-@pytest.mark.parametrize("override", ["gates.output_dir=s3://bucket/gates", "registry.output=s3://bucket/r.json",
-                                      "gates.reward_metrics=s3://bucket/metrics/reward.json"])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "gates.output_dir=s3://bucket/gates",
+        "registry.output=s3://bucket/r.json",
+        "gates.reward_metrics=s3://bucket/metrics/reward.json",
+    ],
+)
 def test_metrics_and_verdict_files_must_be_local(override: str, tmp_path: Path) -> None:
     """Models and datasets may live on s3://; the small files DVC and the gates read may not, and the error says
     which key and why."""
     section, _, rest = override.partition(".")
     key = rest.split("=")[0]
-    with pytest.raises(ConfigError, match=rf"^defaults with --set overrides: {section}: .*{key}: metrics, verdicts "
-                                          r"and registry records are local files"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"^defaults with --set overrides: {section}: .*{key}: metrics, verdicts "
+        r"and registry records are local files",
+    ):
         load_params(None, [override])
     assert load_params(None, ["sft.output_dir=s3://bucket/models/sft"]).sft.output_dir == "s3://bucket/models/sft"

@@ -1,4 +1,4 @@
-"""The local pipeline run's console (issue 14, finding 3): kfp's local runner re-prints every line a step writes,
+"""The local pipeline run's console: kfp's local runner re-prints every line a step writes,
 with its orchestration log around it; `PipelineConsole` keeps a line per step, the progress of the long loops,
 warnings and errors."""
 
@@ -73,21 +73,33 @@ def test_on_a_terminal_progress_is_redrawn_in_place() -> None:
 
 def test_warnings_errors_and_tracebacks_still_show() -> None:
     warning = "/venv/lib/python3.11/site-packages/lib/x.py:10: UserWarning: something of theirs"
-    traceback = ["Traceback (most recent call last):", '  File "/x/stage.py", line 3, in run',
-                 "rlhf.data.io.DataError: data/sft.jsonl:7: not valid JSON"]
+    traceback = [
+        "Traceback (most recent call last):",
+        '  File "/x/stage.py", line 3, in run',
+        "rlhf.data.io.DataError: data/sft.jsonl:7: not valid JSON",
+    ]
     lines = step_output("sft", warning, "  warnings.warn(", *traceback, status="FAILURE")
     lines.insert(-1, "15:42:20.000 - ERROR - Pipeline 'rlhf-pipeline' finished with status FAILURE")
     assert shown(lines, tty=False).splitlines() == [
-        warning, "  warnings.warn(", *traceback, "sft: FAILURE (0 s)",
+        warning,
+        "  warnings.warn(",
+        *traceback,
+        "sft: FAILURE (0 s)",
         "Pipeline 'rlhf-pipeline' finished with status FAILURE",
     ]
 
 
 def test_mlflows_registry_notes_give_way_to_the_register_steps_own_line() -> None:
-    lines = step_output("register", "Successfully registered model 'rlhf-sft'.", "Created version '1' of model "
-                        "'rlhf-sft'.", "rlhf-sft v1: new version; champion (no champion yet)")
-    assert shown(lines, tty=False).splitlines() == ["rlhf-sft v1: new version; champion (no champion yet)",
-                                                     "register: done (0 s)"]
+    lines = step_output(
+        "register",
+        "Successfully registered model 'rlhf-sft'.",
+        "Created version '1' of model 'rlhf-sft'.",
+        "rlhf-sft v1: new version; champion (no champion yet)",
+    )
+    assert shown(lines, tty=False).splitlines() == [
+        "rlhf-sft v1: new version; champion (no champion yet)",
+        "register: done (0 s)",
+    ]
 
 
 def test_a_warning_of_the_step_logged_through_kfps_executor_shows_without_its_prefix() -> None:

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("pretrain", "sft", "reward", "ppo")
 # Screenshots of MLflow's pages, for people to look at (RLHF_TEST_OUTPUT, default test-output/ in the checkout).
 OUTPUT = Path(os.environ.get("RLHF_TEST_OUTPUT", ROOT / "test-output"))
-CONSOLE_LINES = 150  # the most the main job may print at default verbosity (issue 14)
+CONSOLE_LINES = 150  # the most the main job may print at default verbosity
 
 
 def _run(command: list[str], cwd: Path) -> str:
@@ -48,16 +48,28 @@ def fresh_shell() -> dict[str, str]:
     """A new login shell's environment: no venv on PATH, none of this process's MLflow or project settings; what
     pip and git need to reach the package index (HOME for pip's cache and config, proxies) is kept, and the
     suite's one thread per process (conftest)."""
-    kept = {key: value for key, value in os.environ.items()
-            if key in ("HOME", "USER", "LANG", "TERM", "TMPDIR", "OMP_NUM_THREADS") or key.lower().endswith("_proxy")
-            or key.startswith("PIP_INDEX") or key == "PIP_EXTRA_INDEX_URL"}
+    kept = {
+        key: value
+        for key, value in os.environ.items()
+        if key in ("HOME", "USER", "LANG", "TERM", "TMPDIR", "OMP_NUM_THREADS")
+        or key.lower().endswith("_proxy")
+        or key.startswith("PIP_INDEX")
+        or key == "PIP_EXTRA_INDEX_URL"
+    }
     return kept | {"PATH": "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin"}
 
 
 def bash(script: str, cwd: Path, timeout: float) -> subprocess.CompletedProcess[str]:
     """`script` as pasted into a fresh bash; stdout and stderr together, as a terminal shows them."""
-    return subprocess.run(["bash", "-c", script], cwd=cwd, env=fresh_shell(), stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    return subprocess.run(
+        ["bash", "-c", script],
+        cwd=cwd,
+        env=fresh_shell(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @dataclass
@@ -86,32 +98,45 @@ def _summary(console: str) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_the_main_job_prints_a_short_console_and_a_summary_to_act_on(clone: Clone) -> None:
-    """Issue 14, finding 3: 2,946 lines of progress redraws, executor JSON and warnings; no report, MLflow URI or
-    model URI at the end."""
+    """The console is a line per step and the progress of long loops (once 2,946 lines of redraws, executor JSON and
+    warnings), and it ends with the report, the MLflow URI and the model URI."""
     lines = clone.console.splitlines()
     print(f"the main job printed {len(lines)} lines:\n{clone.console}")
     assert len(lines) <= CONSOLE_LINES, clone.console
     assert "executor_input" not in clone.console and "Warning" not in clone.console, clone.console
     summary = _summary(clone.console)
     assert summary["gate reward"] == "passed" and summary["gate evaluation"] == "passed"
-    assert summary["champions"] == "models:/rlhf-sft@champion, models:/rlhf-reward@champion, models:/rlhf-policy@champion"
+    assert (
+        summary["champions"] == "models:/rlhf-sft@champion, models:/rlhf-reward@champion, models:/rlhf-policy@champion"
+    )
     report = clone.folder / summary["report"]
     assert report.parent.parent == clone.folder / "reports" and report.read_text().count("data:image/png;base64,") == 3
     assert summary["MLflow"] == f"sqlite:///{clone.folder / 'mlflow.db'}"
-    assert re.search(r"^  \.venv/bin/mlflow ui --backend-store-uri sqlite:///mlflow\.db  # then open "
-                     r"http://127\.0\.0\.1:5000/#/experiments/\d+/runs/\w+\?workflowType=machine_learning$", clone.console, re.MULTILINE)
+    assert re.search(
+        r"^  \.venv/bin/mlflow ui --backend-store-uri sqlite:///mlflow\.db  # then open "
+        r"http://127\.0\.0\.1:5000/#/experiments/\d+/runs/\w+\?workflowType=machine_learning$",
+        clone.console,
+        re.MULTILINE,
+    )
 
 
 @pytest.mark.slow
 def test_the_serve_example_answers_in_a_fresh_shell(clone: Clone) -> None:
-    """Issue 14, finding 1: `.venv/bin/mlflow models serve` exited 1 (`uvicorn: not found`) outside the venv."""
+    """The README's `.venv/bin/mlflow models serve` serves the champion from a shell outside the venv (it once
+    exited 1: `uvicorn: not found`)."""
     serve = readme_blocks()[1]
     log = clone.folder.parent / "serve.log"
     # The server runs in the background (`&`) and keeps the output open: bash's exit says the example is done, then
     # the whole session (the server) is stopped.
     with open(log, "w") as output:
-        process = subprocess.Popen(["bash", "-c", serve], cwd=clone.folder, env=fresh_shell(), stdout=output,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            ["bash", "-c", serve],
+            cwd=clone.folder,
+            env=fresh_shell(),
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             process.wait(timeout=600)
         finally:
@@ -131,8 +156,9 @@ def _get(url: str, path: str, **query: str) -> dict:
 
 
 def _post(url: str, path: str, body: dict) -> dict:
-    request = urllib.request.Request(f"{url}{path}", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"{url}{path}", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(request, timeout=30) as response:
         return json.loads(response.read())
 
@@ -142,9 +168,14 @@ def mlflow_ui(clone: Clone):
     """The `mlflow ui` command the summary printed, on a free port."""
     command = re.search(r"^  (\S+ ui --backend-store-uri \S+)", clone.console, re.MULTILINE).group(1)
     port = free_port()
-    process = subprocess.Popen(["bash", "-c", f"{command} --host 127.0.0.1 --port {port}"], cwd=clone.folder,
-                               env=fresh_shell(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
+    process = subprocess.Popen(
+        ["bash", "-c", f"{command} --host 127.0.0.1 --port {port}"],
+        cwd=clone.folder,
+        env=fresh_shell(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while True:
@@ -161,15 +192,18 @@ def mlflow_ui(clone: Clone):
 
 @pytest.mark.slow
 def test_mlflow_pages_tell_what_the_pipeline_did(clone: Clone, mlflow_ui: str) -> None:
-    """Issue 14, finding 4, through MLflow's REST API: the experiment is a training one, the pipeline's run has params
+    """Through MLflow's REST API: the experiment is a training one, the pipeline's run has params
     and metrics, each version comes from the run that trained it and has a description; then screenshots of the
     experiment's and a version's page."""
     experiment = _get(mlflow_ui, "/api/2.0/mlflow/experiments/get-by-name", experiment_name="rlhf")["experiment"]
     tags = {tag["key"]: tag["value"] for tag in experiment.get("tags", [])}
     assert tags["mlflow.experimentKind"] == "custom_model_development"
 
-    parents = _post(mlflow_ui, "/api/2.0/mlflow/runs/search", {"experiment_ids": [experiment["experiment_id"]],
-                                                                "filter": "tags.`rlhf.stage` = 'pipeline'"})["runs"]
+    parents = _post(
+        mlflow_ui,
+        "/api/2.0/mlflow/runs/search",
+        {"experiment_ids": [experiment["experiment_id"]], "filter": "tags.`rlhf.stage` = 'pipeline'"},
+    )["runs"]
     assert len(parents) == 1
     assert len(parents[0]["data"]["params"]) > 50 and len(parents[0]["data"]["metrics"]) > 10
 
@@ -184,15 +218,31 @@ def test_mlflow_pages_tell_what_the_pipeline_did(clone: Clone, mlflow_ui: str) -
 
     OUTPUT.mkdir(parents=True, exist_ok=True)
     # MLflow 3.17's UI opens in its GenAI view unless the page asks for the model-training one.
-    pages = {"mlflow-experiment": f"#/experiments/{experiment['experiment_id']}/runs?workflowType=machine_learning",
-             "mlflow-policy-version": "#/models/rlhf-policy/versions/1"}
+    pages = {
+        "mlflow-experiment": f"#/experiments/{experiment['experiment_id']}/runs?workflowType=machine_learning",
+        "mlflow-policy-version": "#/models/rlhf-policy/versions/1",
+    }
     for name, page in pages.items():
         png = OUTPUT / f"{name}.png"
         png.unlink(missing_ok=True)
-        subprocess.run([chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                        "--disable-dev-shm-usage", f"--user-data-dir={clone.folder.parent / ('chromium-' + name)}",
-                        "--window-size=1600,1200", "--virtual-time-budget=20000", f"--screenshot={png}",
-                        f"{mlflow_ui}/{page}"], capture_output=True, timeout=180, check=False)
+        subprocess.run(
+            [
+                chromium(),
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--disable-dev-shm-usage",
+                f"--user-data-dir={clone.folder.parent / ('chromium-' + name)}",
+                "--window-size=1600,1200",
+                "--virtual-time-budget=20000",
+                f"--screenshot={png}",
+                f"{mlflow_ui}/{page}",
+            ],
+            capture_output=True,
+            timeout=180,
+            check=False,
+        )
         assert png.is_file() and png.stat().st_size > 20_000, f"no screenshot of {page}"
         print(f"screenshot: {png}")
 
@@ -211,14 +261,18 @@ def demo_project(clone: Clone) -> Path:
 
 @pytest.mark.slow
 def test_demo_pipeline_reproduces_with_dvc(demo_project: Path) -> None:
-    """Issue 14, finding 2: the README's DVC path on a fresh clone, as written (a fresh clone has no data/ to pull)."""
+    """The README's DVC path works on a fresh clone, as written (a fresh clone has no data/ to pull)."""
     recorded = (demo_project / "data.dvc").read_text()
     dvc_path = readme_blocks()[2]
     result = bash(dvc_path, demo_project, timeout=2400)
     assert result.returncode == 0, result.stdout[-5000:]
     env = dict(fresh_shell(), PATH=f"{demo_project / '.venv/bin'}:{fresh_shell()['PATH']}")
-    assert "up to date" in subprocess.run(["dvc", "status", "data.dvc"], cwd=demo_project, env=env,
-                                          capture_output=True, text=True).stdout  # data/ is what data.dvc records
+    assert (
+        "up to date"
+        in subprocess.run(
+            ["dvc", "status", "data.dvc"], cwd=demo_project, env=env, capture_output=True, text=True
+        ).stdout
+    )  # data/ is what data.dvc records
     assert (demo_project / "data.dvc").read_text() == recorded
 
     metrics = {stage: json.loads((demo_project / "metrics" / f"{stage}.json").read_text()) for stage in STAGES}
@@ -231,16 +285,21 @@ def test_demo_pipeline_reproduces_with_dvc(demo_project: Path) -> None:
     assert ppo["eval/gold_gain"] >= 0.3
     assert ppo["objective/kl"] <= 6.0
     assert ppo["eval/policy/eos_rate"] >= 0.9
-    assert "up to date" in subprocess.run(["dvc", "status"], cwd=demo_project, env=env, capture_output=True,
-                                          text=True).stdout
+    assert (
+        "up to date"
+        in subprocess.run(["dvc", "status"], cwd=demo_project, env=env, capture_output=True, text=True).stdout
+    )
 
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{demo_project / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("rlhf")
     # DVC's runs: the Kubeflow run's stage runs are children of its pipeline run.
-    runs = [run for run in client.search_runs([experiment.experiment_id])
-            if "mlflow.parentRunId" not in run.data.tags and run.data.tags["rlhf.stage"] != "pipeline"]
+    runs = [
+        run
+        for run in client.search_runs([experiment.experiment_id])
+        if "mlflow.parentRunId" not in run.data.tags and run.data.tags["rlhf.stage"] != "pipeline"
+    ]
     by_stage = {run.data.tags["rlhf.stage"]: run for run in runs}
     assert set(by_stage) == {*STAGES, "evaluate", "register"}
     for stage in STAGES:
@@ -276,9 +335,11 @@ def test_demo_pipeline_reproduces_with_dvc(demo_project: Path) -> None:
         assert champion == (str(entry["version"]) if crowned else "1"), entry
 
     # A fresh Python process loads the champion policy from the registry and summarises a new review.
-    code = ("import mlflow; model = mlflow.pyfunc.load_model('models:/rlhf-policy@champion'); "
-            "print(model.predict(['I watched The Quiet Harbour, a drama. The acting is superb and the ending is "
-            "moving.'])[0])")
+    code = (
+        "import mlflow; model = mlflow.pyfunc.load_model('models:/rlhf-policy@champion'); "
+        "print(model.predict(['I watched The Quiet Harbour, a drama. The acting is superb and the ending is "
+        "moving.'])[0])"
+    )
     env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{demo_project / 'mlflow.db'}")
     summary = subprocess.run([sys.executable, "-c", code], cwd=demo_project, env=env, capture_output=True, text=True)
     assert summary.returncode == 0, summary.stderr[-3000:]
@@ -286,8 +347,10 @@ def test_demo_pipeline_reproduces_with_dvc(demo_project: Path) -> None:
 
 
 def _registry_state(client, names) -> dict:
-    return {name: sorted((v.version, tuple(sorted(v.aliases))) for v in client.search_model_versions(f"name = '{name}'"))
-            for name in names}
+    return {
+        name: sorted((v.version, tuple(sorted(v.aliases))) for v in client.search_model_versions(f"name = '{name}'"))
+        for name in names
+    }
 
 
 @pytest.mark.slow
@@ -304,8 +367,12 @@ def test_registering_again_changes_nothing_and_an_unreachable_gate_names_its_che
 
     # The issue's example of a gate set out of reach: the demo's reward model is right on all 300 held-out pairs,
     # but at 95% confidence that only shows an accuracy above 0.987.
-    gated = subprocess.run(["rlhf", "gate", "reward", "--set", "gates.min_rm_accuracy=0.99"], cwd=demo_project,
-                           capture_output=True, text=True)
+    gated = subprocess.run(
+        ["rlhf", "gate", "reward", "--set", "gates.min_rm_accuracy=0.99"],
+        cwd=demo_project,
+        capture_output=True,
+        text=True,
+    )
     assert gated.returncode == 1
     assert "gate 'reward' failed: min_rm_accuracy" in gated.stderr
     _run(["rlhf", "gate", "reward"], demo_project)  # the real threshold again, for anything that runs after

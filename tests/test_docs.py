@@ -24,7 +24,10 @@ def test_every_docs_page_is_linked_from_the_readme_and_every_relative_link_resol
     readme = (REPO / "README.md").read_text()
     pages = sorted((REPO / "docs").glob("*.md"))
     assert pages and all(f"](docs/{page.name}" in readme for page in pages)
-    broken = [f"{page.relative_to(REPO)}: {target}" for page in [REPO / "README.md", *pages]
-              for target in LINK.findall(page.read_text())
-              if "://" not in target and not (page.parent / target).exists()]
+    broken = [
+        f"{page.relative_to(REPO)}: {target}"
+        for page in [REPO / "README.md", *pages]
+        for target in LINK.findall(page.read_text())
+        if "://" not in target and not (page.parent / target).exists()
+    ]
     assert not broken, "broken links: " + ", ".join(broken)

@@ -15,12 +15,18 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Modules that decide where files go and what is logged, not what a stage computes; following them would make every
 # stage rerun after any change to logging or storage. The package markers and the list of steps hold no stage code.
-NOT_STAGE_CODE = frozenset({
-    "rlhf", "rlhf.data", "rlhf.ppo", "rlhf.stages",  # package markers; rlhf.stages lists the steps by name
-    "rlhf.tracking",  # MLflow runs, lineage tags
-    "rlhf.console",  # what the console shows of progress
-    "rlhf.storage", "rlhf.s3",  # atomic writes, caches, S3 transfers
-})
+NOT_STAGE_CODE = frozenset(
+    {
+        "rlhf",
+        "rlhf.data",
+        "rlhf.ppo",
+        "rlhf.stages",  # package markers; rlhf.stages lists the steps by name
+        "rlhf.tracking",  # MLflow runs, lineage tags
+        "rlhf.console",  # what the console shows of progress
+        "rlhf.storage",
+        "rlhf.s3",  # atomic writes, caches, S3 transfers
+    }
+)
 
 
 def code_deps(stage: str) -> dict[str, Path]:
@@ -46,16 +52,23 @@ def test_every_stage_depends_on_the_code_it_imports_and_on_nothing_else() -> Non
     for name, stage in stages.items():
         needed = code_deps(name)
         deps = src_deps(stage)
-        problems += [f"{name}: missing dep {path.relative_to(REPO)} ({module})"
-                     for module, path in sorted(needed.items()) if not covered(path, deps)]
-        problems += [f"{name}: dep {dep} holds no code the stage imports" for dep in deps
-                     if not any(covered(path, [dep]) for path in needed.values())]
+        problems += [
+            f"{name}: missing dep {path.relative_to(REPO)} ({module})"
+            for module, path in sorted(needed.items())
+            if not covered(path, deps)
+        ]
+        problems += [
+            f"{name}: dep {dep} holds no code the stage imports"
+            for dep in deps
+            if not any(covered(path, [dep]) for path in needed.values())
+        ]
     assert not problems, "dvc.yaml deps:\n" + "\n".join(problems)
 
 
 def test_the_sampling_code_is_a_dep_of_ppo_and_evaluate_only() -> None:
-    users = {name for name in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-             if "rlhf.sampling" in code_deps(name)}
+    users = {
+        name for name in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"] if "rlhf.sampling" in code_deps(name)
+    }
     assert users == {"ppo", "evaluate"}
 
 
@@ -69,8 +82,11 @@ def test_every_stage_depends_on_the_models_its_params_name() -> None:
     for step in STEPS:
         if step.name not in stages or step.section == "gates":
             continue
-        read = {value for key, value in params[step.section].items()
-                if key != "output_dir" and isinstance(value, str) and value.startswith("models/")}
+        read = {
+            value
+            for key, value in params[step.section].items()
+            if key != "output_dir" and isinstance(value, str) and value.startswith("models/")
+        }
         deps = {str(dep) for dep in stages[step.name].get("deps", [])}
         problems += [f"{step.name}: {path} is not a dep" for path in sorted(read - deps)]
     assert not problems, "\n".join(problems)

@@ -23,8 +23,10 @@ def test_every_step_reads_a_params_section_and_has_a_module() -> None:
 def test_every_step_is_a_kubeflow_component_of_the_same_name() -> None:
     from rlhf.components.definitions import build_components
 
-    assert list(build_components("rlhf-pipeline:test")) == [*(candidate.name for candidate in STEPS),
-                                                            "close_pipeline_run"]
+    assert list(build_components("rlhf-pipeline:test")) == [
+        *(candidate.name for candidate in STEPS),
+        "close_pipeline_run",
+    ]
 
 
 def test_the_cli_has_a_command_per_stage_and_gate() -> None:

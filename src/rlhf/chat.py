@@ -55,11 +55,19 @@ def display(prompt: Prompt) -> str:
 def preference_rows(dataset, tokenizer):
     """Preference pairs as the reward model's tokenizer expects them: plain pairs become conversations for a chat
     model (prompt as a user turn, answers as assistant turns)."""
-    if "prompt" not in dataset.column_names or not isinstance(dataset[0]["prompt"], str) \
-            or not uses_chat_template(tokenizer):
+    if (
+        "prompt" not in dataset.column_names
+        or not isinstance(dataset[0]["prompt"], str)
+        or not uses_chat_template(tokenizer)
+    ):
         return dataset
-    return dataset.map(lambda row: {"prompt": as_messages(row["prompt"]), "chosen": _assistant(row["chosen"]),
-                                    "rejected": _assistant(row["rejected"])})
+    return dataset.map(
+        lambda row: {
+            "prompt": as_messages(row["prompt"]),
+            "chosen": _assistant(row["chosen"]),
+            "rejected": _assistant(row["rejected"]),
+        }
+    )
 
 
 def has_assistant_masks(tokenizer) -> bool:
@@ -75,8 +83,11 @@ def has_assistant_masks(tokenizer) -> bool:
 
 
 def _per_assistant_turn(messages: list[dict[str, str]]) -> list[dict[str, Any]]:
-    return [{"prompt": messages[:index], "completion": [message]}
-            for index, message in enumerate(messages) if message["role"] == "assistant" and index > 0]
+    return [
+        {"prompt": messages[:index], "completion": [message]}
+        for index, message in enumerate(messages)
+        if message["role"] == "assistant" and index > 0
+    ]
 
 
 def sft_rows(dataset, tokenizer):
@@ -95,6 +106,7 @@ def sft_rows(dataset, tokenizer):
         rows = [row for messages in dataset["messages"] for row in _per_assistant_turn(messages)]
         return datasets.Dataset.from_list(rows), False
     if isinstance(dataset[0]["prompt"], str) and uses_chat_template(tokenizer):
-        dataset = dataset.map(lambda row: {"prompt": as_messages(row["prompt"]),
-                                           "completion": _assistant(row["completion"])})
+        dataset = dataset.map(
+            lambda row: {"prompt": as_messages(row["prompt"]), "completion": _assistant(row["completion"])}
+        )
     return dataset, False

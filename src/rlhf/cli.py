@@ -19,7 +19,6 @@ from rlhf.config import ConfigError, load_params
 from rlhf.data.io import DataError
 from rlhf.stages import GATES, ROLES, STAGES, STEPS, step
 
-
 # The params sections a pipeline run reads (the data step's `demo` only for the demo data, which has its own).
 PIPELINE_SECTIONS = tuple(dict.fromkeys(step.section for step in STEPS if step.kind != "data"))
 
@@ -47,9 +46,12 @@ def _add_params_options(parser: argparse.ArgumentParser) -> None:
         metavar="SECTION.KEY=VALUE",
         help="override one param; repeatable (e.g. --set sft.learning_rate=1e-4)",
     )
-    parser.add_argument("--defaults", action="store_true",
-                        help="let the built-in defaults stand in for a missing or empty params file or a missing "
-                             "section (without it, those are errors)")
+    parser.add_argument(
+        "--defaults",
+        action="store_true",
+        help="let the built-in defaults stand in for a missing or empty params file or a missing "
+        "section (without it, those are errors)",
+    )
 
 
 def _params(args: argparse.Namespace, *sections: str):
@@ -135,8 +137,9 @@ def _cmd_pipeline(args: argparse.Namespace) -> None:
         return
     params = _params(args, *PIPELINE_SECTIONS)
     if getattr(args, "allow_local_tracking", False):
-        params = params.model_copy(update={"kubeflow": params.kubeflow.model_copy(
-            update={"allow_local_tracking": True})})
+        params = params.model_copy(
+            update={"kubeflow": params.kubeflow.model_copy(update={"allow_local_tracking": True})}
+        )
     if args.pipeline_command == "compile":
         for warning in rlhf_pipeline.compile_pipeline(params, args.output):
             print(f"warning: {warning}", file=sys.stderr)
@@ -167,14 +170,20 @@ def _run_summary(result: dict) -> list[str]:
     from rlhf.tracking import tracking_uri
 
     lines = ["", f"pipeline run: {result['run_folder']}"]
-    lines += [f"gate {gate}: {'passed' if verdict['passed'] else 'FAILED'}"
-              for gate, verdict in result["verdicts"].items() if verdict is not None]
+    lines += [
+        f"gate {gate}: {'passed' if verdict['passed'] else 'FAILED'}"
+        for gate, verdict in result["verdicts"].items()
+        if verdict is not None
+    ]
     versions = (result["registered"] or {}).get("versions", {})
     for role in (role for role in ROLES if role in versions):  # upstream first
         version = versions[role]
         lines.append(f"{version['model']} v{version['version']}: {version['outcome']}")
-    champions = [f"models:/{versions[role]['model']}@champion" for role in ROLES
-                 if role in versions and "champion" in versions[role]["outcome"].split(";")[-1]]
+    champions = [
+        f"models:/{versions[role]['model']}@champion"
+        for role in ROLES
+        if role in versions and "champion" in versions[role]["outcome"].split(";")[-1]
+    ]
     if champions:
         lines.append("champions: " + ", ".join(champions))
     if result.get("report"):
@@ -183,12 +192,17 @@ def _run_summary(result: dict) -> list[str]:
     lines.append(f"MLflow: {uri}")
     mlflow_run = result.get("mlflow_run")
     # The run's page, in MLflow 3's model-training view (its UI opens in the GenAI view by default).
-    page = (f"/#/experiments/{mlflow_run['experiment_id']}/runs/{mlflow_run['run_id']}?workflowType=machine_learning"
-            if mlflow_run else "")
+    page = (
+        f"/#/experiments/{mlflow_run['experiment_id']}/runs/{mlflow_run['run_id']}?workflowType=machine_learning"
+        if mlflow_run
+        else ""
+    )
     if uri.startswith("sqlite:"):
         mlflow_command = _relative(str(Path(sys.executable).parent / "mlflow"))
-        lines.append(f"  {mlflow_command} ui --backend-store-uri {_sqlite_uri_here(uri)}  # then open "
-                     f"http://127.0.0.1:5000{page}")
+        lines.append(
+            f"  {mlflow_command} ui --backend-store-uri {_sqlite_uri_here(uri)}  # then open "
+            f"http://127.0.0.1:5000{page}"
+        )
     elif uri.startswith("http") and page:
         lines.append(f"  {uri.rstrip('/')}{page}")
     return lines
@@ -211,10 +225,13 @@ def _cmd_image(args: argparse.Namespace) -> None:
 
     root = image.checkout()
     if root is None:
-        raise image.ImageError("rlhf image build needs the project's checkout (its Dockerfile and src/); rlhf runs "
-                               "from an installed package here")
-    built = image.build(root, args.variant, args.base, args.tag, args.engine, args.torch_index_url,
-                        args.host_pip, args.debian_base)
+        raise image.ImageError(
+            "rlhf image build needs the project's checkout (its Dockerfile and src/); rlhf runs "
+            "from an installed package here"
+        )
+    built = image.build(
+        root, args.variant, args.base, args.tag, args.engine, args.torch_index_url, args.host_pip, args.debian_base
+    )
     print(f"built {built.image}: {built.size_bytes / 1e9:.2f} GB, in {built.seconds:.0f} s")
     if args.push:
         image.push(built.image, args.engine)
@@ -252,9 +269,17 @@ def _cmd_import(args: argparse.Namespace) -> None:
 def _cmd_hh_chat(args: argparse.Namespace) -> None:
     from rlhf.data.importers import build_hh_chat
 
-    report = build_hh_chat(args.source, args.output, alpaca=args.alpaca, sft_rows=args.sft_rows,
-                           hh_sft_prompts=args.hh_sft_prompts, rl_prompts=args.rl_prompts,
-                           eval_prompts=args.eval_prompts, pairs=args.pairs, seed=args.seed)
+    report = build_hh_chat(
+        args.source,
+        args.output,
+        alpaca=args.alpaca,
+        sft_rows=args.sft_rows,
+        hh_sft_prompts=args.hh_sft_prompts,
+        rl_prompts=args.rl_prompts,
+        eval_prompts=args.eval_prompts,
+        pairs=args.pairs,
+        seed=args.seed,
+    )
     print(report.summary())
 
 
@@ -277,15 +302,20 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rlhf", description="RLHF pipeline: pretrain, SFT, reward model, PPO, evaluation, registry.")
+    parser = argparse.ArgumentParser(
+        prog="rlhf", description="RLHF pipeline: pretrain, SFT, reward model, PPO, evaluation, registry."
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     for stage in STAGES:
         stage_parser = commands.add_parser(stage, help=f"run the {stage} stage")
         _add_params_options(stage_parser)
-        stage_parser.add_argument("--metrics", help=f"metrics JSON to write (default: metrics/{stage}.json); "
-                                                          "the headline ones also go to headline/ beside it")
+        stage_parser.add_argument(
+            "--metrics",
+            help=f"metrics JSON to write (default: metrics/{stage}.json); "
+            "the headline ones also go to headline/ beside it",
+        )
         stage_parser.add_argument("--plots", help=f"folder for loss-curve JSON (default: plots/{stage})")
         stage_parser.set_defaults(handler=_cmd_stage)
 
@@ -317,37 +347,59 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline = commands.add_parser("pipeline", help="the Kubeflow pipeline: compile, run locally, submit")
     pipeline_commands = pipeline.add_subparsers(dest="pipeline_command", required=True)
     compile_parser = pipeline_commands.add_parser("compile", help="write the pipeline's IR YAML")
-    compile_parser.add_argument("-o", "--output", default="rlhf_pipeline.yaml",
-                                help="the IR YAML to write (default: rlhf_pipeline.yaml)")
+    compile_parser.add_argument(
+        "-o", "--output", default="rlhf_pipeline.yaml", help="the IR YAML to write (default: rlhf_pipeline.yaml)"
+    )
     export_parser = pipeline_commands.add_parser(
-        "export", help="compile the committed YAMLs: components/<step>.yaml, pipelines/rlhf_pipeline.yaml (params.yaml) "
-                       "and pipelines/<recipe>.yaml (recipes/)")
+        "export",
+        help="compile the committed YAMLs: components/<step>.yaml, pipelines/rlhf_pipeline.yaml (params.yaml) "
+        "and pipelines/<recipe>.yaml (recipes/)",
+    )
     export_parser.add_argument("--output-dir", help="where components/ and pipelines/ go (default: the checkout)")
-    run_parser = pipeline_commands.add_parser("run", help="run the whole DAG here with kfp's local runner (a cluster: "
-                                                          "`rlhf pipeline submit`)")
-    run_parser.add_argument("--local", action="store_true", help="on this machine: what `run` always does (accepted "
-                                                                 "for clarity)")
+    run_parser = pipeline_commands.add_parser(
+        "run", help="run the whole DAG here with kfp's local runner (a cluster: `rlhf pipeline submit`)"
+    )
+    run_parser.add_argument(
+        "--local", action="store_true", help="on this machine: what `run` always does (accepted for clarity)"
+    )
     run_parser.add_argument("--root", default="kfp-local", help="where task outputs go (default: kfp-local)")
-    run_parser.add_argument("-v", "--verbose", action="store_true",
-                            help="print everything kfp's local runner prints: executor inputs, every log line, "
-                                 "progress bars (default: one line per step and the progress of long loops)")
-    run_parser.add_argument("--runner", choices=("subprocess", "docker"), default="subprocess",
-                            help="subprocess: each step in this Python (default); docker: each step in the project's "
-                                 "image, through kfp's DockerRunner (podman or docker)")
-    run_parser.add_argument("--image", help="with --runner docker: the image (default: the one `rlhf image build` "
-                                            "made from this source)")
-    run_parser.add_argument("--engine", choices=("podman", "docker"), help="with --runner docker (default: podman "
-                                                                           "if installed, else docker)")
+    run_parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="print everything kfp's local runner prints: executor inputs, every log line, "
+        "progress bars (default: one line per step and the progress of long loops)",
+    )
+    run_parser.add_argument(
+        "--runner",
+        choices=("subprocess", "docker"),
+        default="subprocess",
+        help="subprocess: each step in this Python (default); docker: each step in the project's "
+        "image, through kfp's DockerRunner (podman or docker)",
+    )
+    run_parser.add_argument(
+        "--image", help="with --runner docker: the image (default: the one `rlhf image build` made from this source)"
+    )
+    run_parser.add_argument(
+        "--engine",
+        choices=("podman", "docker"),
+        help="with --runner docker (default: podman if installed, else docker)",
+    )
     submit_parser = pipeline_commands.add_parser("submit", help="submit a run to a Kubeflow Pipelines cluster")
-    submit_parser.add_argument("--host", required=True, help="the KFP API endpoint, e.g. https://kubeflow.example/pipeline")
+    submit_parser.add_argument(
+        "--host", required=True, help="the KFP API endpoint, e.g. https://kubeflow.example/pipeline"
+    )
     submit_parser.add_argument("--experiment", help="experiment name (default: kubeflow.experiment)")
     submit_parser.add_argument("--namespace", help="Kubeflow profile namespace (multi-user clusters)")
     submit_parser.add_argument("--run-name", help="run name (default: the pipeline's name and a timestamp)")
     for sub in (compile_parser, run_parser, submit_parser):
         _add_params_options(sub)
     for sub in (compile_parser, submit_parser):
-        sub.add_argument("--allow-local-tracking", action="store_true",
-                         help="accept that the steps track to a SQLite file inside each pod (no tracking server)")
+        sub.add_argument(
+            "--allow-local-tracking",
+            action="store_true",
+            help="accept that the steps track to a SQLite file inside each pod (no tracking server)",
+        )
     pipeline.set_defaults(handler=_cmd_pipeline)
 
     image_parser = commands.add_parser("image", help="the project's container image")
@@ -355,14 +407,24 @@ def build_parser() -> argparse.ArgumentParser:
     build = image_commands.add_parser("build", help="build the image with podman or docker, tagged by its source")
     build.add_argument("--variant", choices=("cpu", "cuda"), default="cpu", help="PyTorch build (default: cpu)")
     build.add_argument("--base", help="base image (default: python:3.11-slim); any Debian with python3-venv")
-    build.add_argument("--debian-base", action="store_true",
-                       help="make a Debian bookworm base with debootstrap (no registry needed) and build on it")
-    build.add_argument("--tag", help="also tag it so, e.g. REGISTRY/rlhf-pipeline:1.0 (default: "
-                                     "localhost/rlhf-pipeline:VARIANT-SOURCEHASH)")
-    build.add_argument("--torch-index-url", help="where torch comes from (default: PyTorch's index for the variant; "
-                                                 "empty: pip's own configuration)")
-    build.add_argument("--host-pip", action="store_true", help="podman: pip in the build uses this machine's pip "
-                                                               "configuration (mirrors, wheel folders, CA bundle)")
+    build.add_argument(
+        "--debian-base",
+        action="store_true",
+        help="make a Debian bookworm base with debootstrap (no registry needed) and build on it",
+    )
+    build.add_argument(
+        "--tag",
+        help="also tag it so, e.g. REGISTRY/rlhf-pipeline:1.0 (default: localhost/rlhf-pipeline:VARIANT-SOURCEHASH)",
+    )
+    build.add_argument(
+        "--torch-index-url",
+        help="where torch comes from (default: PyTorch's index for the variant; empty: pip's own configuration)",
+    )
+    build.add_argument(
+        "--host-pip",
+        action="store_true",
+        help="podman: pip in the build uses this machine's pip configuration (mirrors, wheel folders, CA bundle)",
+    )
     build.add_argument("--engine", choices=("podman", "docker"), help="default: podman if installed, else docker")
     build.add_argument("--push", action="store_true", help="push the image after building it")
     image_parser.set_defaults(handler=_cmd_image)
@@ -383,14 +445,17 @@ def build_parser() -> argparse.ArgumentParser:
     importer.set_defaults(handler=_cmd_import)
 
     chat = data_commands.add_parser(
-        "hh-chat", help="a chat model's datasets from raw HH-RLHF (+ Alpaca for SFT): preferences, SFT, RL and "
-        "evaluation prompts, in one folder")
+        "hh-chat",
+        help="a chat model's datasets from raw HH-RLHF (+ Alpaca for SFT): preferences, SFT, RL and "
+        "evaluation prompts, in one folder",
+    )
     chat.add_argument("source", help="raw HH-RLHF file or folder ({chosen, rejected} transcripts)")
     chat.add_argument("-o", "--output", required=True, help="output folder (kubeflow.data_source of a recipe)")
     chat.add_argument("--alpaca", help="raw Alpaca file: its rows become SFT conversations")
     chat.add_argument("--sft-rows", type=int, default=512, help="Alpaca rows to keep (default 512)")
-    chat.add_argument("--hh-sft-prompts", type=int, default=0,
-                      help="HH prompts whose chosen dialogue becomes an SFT row (default 0)")
+    chat.add_argument(
+        "--hh-sft-prompts", type=int, default=0, help="HH prompts whose chosen dialogue becomes an SFT row (default 0)"
+    )
     chat.add_argument("--rl-prompts", type=int, default=256, help="PPO prompts (default 256)")
     chat.add_argument("--eval-prompts", type=int, default=128, help="held-out evaluation prompts (default 128)")
     chat.add_argument("--pairs", type=int, help="keep the pairs of this many prompts (default: every other prompt)")
@@ -399,8 +464,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     validate = data_commands.add_parser("validate", help="check a dataset file against a format")
     validate.add_argument("file", help="the dataset: a file, a folder of files, an s3:// location or a Hub dataset id")
-    validate.add_argument("--kind", required=True, choices=["text", "sft", "preference", "prompts"],
-                          help="the format to check it against")
+    validate.add_argument(
+        "--kind", required=True, choices=["text", "sft", "preference", "prompts"], help="the format to check it against"
+    )
     validate.set_defaults(handler=_cmd_validate)
     return parser
 
@@ -440,8 +506,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.handler(args)
     except GateFailed as exc:
         return fail(str(exc), 1)
-    except (ConfigError, DataError, RegistryError, PipelineError, StorageError, ImageError,
-            TrackingUnavailable) as exc:
+    except (ConfigError, DataError, RegistryError, PipelineError, StorageError, ImageError, TrackingUnavailable) as exc:
         return fail(str(exc))
     except KeyboardInterrupt:
         # Outputs are written aside and renamed on success, so an interrupted command leaves none half-written;

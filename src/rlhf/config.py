@@ -31,8 +31,10 @@ def _require_local(section: Section, *keys: str) -> None:
     """Metrics and verdict files are small local files that DVC and the gates read; s3:// is for data and models."""
     for key in keys:
         if str(getattr(section, key)).startswith("s3://"):
-            raise ValueError(f"{key}: metrics, verdicts and registry records are local files (DVC reads them); "
-                             "s3:// is for datasets, models and reports")
+            raise ValueError(
+                f"{key}: metrics, verdicts and registry records are local files (DVC reads them); "
+                "s3:// is for datasets, models and reports"
+            )
 
 
 Dtype = Literal["auto", "bf16", "fp16", "fp32"]
@@ -41,10 +43,14 @@ Dtype = Literal["auto", "bf16", "fp16", "fp32"]
 class ModelLoading(Section):
     """How a stage loads the models it is given (TRL's ModelConfig keys)."""
 
-    dtype: Dtype = Field("fp32", description="weights' dtype on load: fp32 (train with `bf16: true` for mixed "
-                         "precision), bf16, fp16, or auto (as stored)")
-    trust_remote_code: bool = Field(False, description="run model code shipped with a Hub model (only for sources "
-                                    "you trust)")
+    dtype: Dtype = Field(
+        "fp32",
+        description="weights' dtype on load: fp32 (train with `bf16: true` for mixed "
+        "precision), bf16, fp16, or auto (as stored)",
+    )
+    trust_remote_code: bool = Field(
+        False, description="run model code shipped with a Hub model (only for sources you trust)"
+    )
 
 
 class TrainingParams(ModelLoading):
@@ -72,22 +78,29 @@ class TrainingParams(ModelLoading):
 class DemoConfig(Section):
     """The demo task: generated movie reviews, their summaries and simulated preference pairs (`rlhf.data.demo`)."""
 
-    task: Literal["sentiment", "faithful"] = Field("sentiment", description="sentiment: VADER prefers the more "
-                                                   "positive summary; faithful: the rubric prefers the faithful one")
+    task: Literal["sentiment", "faithful"] = Field(
+        "sentiment",
+        description="sentiment: VADER prefers the more positive summary; faithful: the rubric prefers the faithful one",
+    )
     seed: int = 1234
     corpus_size: int = Field(6000, ge=10)
     sft_size: int = Field(3000, ge=10)
     preference_size: int = Field(3000, ge=10)
     rl_prompts: int = Field(512, ge=1)
     eval_prompts: int = Field(128, ge=1)
-    preference_margin: float = Field(0.2, ge=0, le=2, description="sentiment task: min VADER gap for a pair to "
-                                     "be kept")
-    corpus_defect_share: float = Field(0.0, ge=0, le=1, description="faithful task: share of the corpus's summaries "
-                                       "with one defect")
-    sft_defect_share: float = Field(0.5, ge=0, le=1, description="faithful task: share of the SFT summaries with "
-                                    "one defect")
-    label_noise: float = Field(0.01, ge=0, lt=0.5, description="faithful task: share of preference labels flipped "
-                               "(annotators who disagree with the rubric)")
+    preference_margin: float = Field(0.2, ge=0, le=2, description="sentiment task: min VADER gap for a pair to be kept")
+    corpus_defect_share: float = Field(
+        0.0, ge=0, le=1, description="faithful task: share of the corpus's summaries with one defect"
+    )
+    sft_defect_share: float = Field(
+        0.5, ge=0, le=1, description="faithful task: share of the SFT summaries with one defect"
+    )
+    label_noise: float = Field(
+        0.01,
+        ge=0,
+        lt=0.5,
+        description="faithful task: share of preference labels flipped (annotators who disagree with the rubric)",
+    )
 
 
 class TokenizerParams(Section):
@@ -109,7 +122,7 @@ class ArchitectureParams(Section):
     tie_word_embeddings: bool = True
 
     @model_validator(mode="after")
-    def _heads_divide_width(self) -> "ArchitectureParams":
+    def _heads_divide_width(self) -> ArchitectureParams:
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         return self
@@ -120,19 +133,23 @@ class PretrainConfig(TrainingParams):
     base_model: str | None = Field(None, description="hub id or path; none trains a tokenizer and model from scratch")
     corpus: str = "data/corpus.jsonl"
     output_dir: str = "models/pretrained"
-    packing: bool = Field(True, description="true: the corpus is concatenated and cut into max_length blocks "
-                          "(TRL's wrapped packing, no padding); false: one document per sequence, whole")
+    packing: bool = Field(
+        True,
+        description="true: the corpus is concatenated and cut into max_length blocks "
+        "(TRL's wrapped packing, no padding); false: one document per sequence, whole",
+    )
     tokenizer: TokenizerParams = TokenizerParams()
     architecture: ArchitectureParams = ArchitectureParams()
 
     @model_validator(mode="after")
-    def _skip_needs_base(self) -> "PretrainConfig":
+    def _skip_needs_base(self) -> PretrainConfig:
         if not self.enabled and not self.base_model:
             raise ValueError("enabled=false needs base_model: there is nothing to skip to")
         if not self.base_model and self.max_length > self.architecture.n_positions:
             # A model built here has no position beyond n_positions (a base model's window is checked on loading).
-            raise ValueError(f"max_length ({self.max_length}) exceeds architecture.n_positions "
-                             f"({self.architecture.n_positions})")
+            raise ValueError(
+                f"max_length ({self.max_length}) exceeds architecture.n_positions ({self.architecture.n_positions})"
+            )
         return self
 
 
@@ -156,8 +173,10 @@ class RewardConfig(TrainingParams):
     dataset: str = "data/preferences.jsonl"
     output_dir: str = "models/reward"
     center_rewards_coefficient: float | None = Field(None, ge=0)
-    lora: LoraParams = Field(LoraParams(), description="adapters on the backbone (the scoring head trains in full), "
-                             "merged into the saved model")
+    lora: LoraParams = Field(
+        LoraParams(),
+        description="adapters on the backbone (the scoring head trains in full), merged into the saved model",
+    )
 
 
 class PPOConfig(ModelLoading):
@@ -188,7 +207,9 @@ class PPOConfig(ModelLoading):
     temperature: float | None = Field(None, gt=0)
     top_k: int | None = Field(None, ge=0, description="0: off")
     top_p: float | None = Field(None, gt=0, le=1)
-    missing_eos_penalty: float | None = Field(1.0, ge=0, description="subtracted from the score of a response without EOS")
+    missing_eos_penalty: float | None = Field(
+        1.0, ge=0, description="subtracted from the score of a response without EOS"
+    )
     # Objective
     kl_estimator: Literal["k1", "k3"] = "k1"
     kl_coef: float = Field(0.05, ge=0)
@@ -207,14 +228,15 @@ class PPOConfig(ModelLoading):
     save_steps: int = Field(10, ge=1)
     eval_steps: int = Field(8, ge=1, description="answer the held-out prompts every N steps (RM and gold vs KL)")
     eval_batch_size: int = Field(64, ge=1)
-    gold_annotator: str = Field("vader", description="held-out gold scorer: vader, rubric (the demo's summary "
-                                "rubric), none or module:function")
+    gold_annotator: str = Field(
+        "vader", description="held-out gold scorer: vader, rubric (the demo's summary rubric), none or module:function"
+    )
     lora: LoraParams = LoraParams()
     bf16: bool = False
     gradient_checkpointing: bool = False
 
     @model_validator(mode="after")
-    def _batches_divide(self) -> "PPOConfig":
+    def _batches_divide(self) -> PPOConfig:
         if self.rollout_batch_size % self.mini_batch_size:
             raise ValueError(f"rollout_batch_size ({self.rollout_batch_size}) must be a multiple of mini_batch_size")
         if self.mini_batch_size % self.gradient_accumulation_steps:
@@ -242,15 +264,20 @@ class EvaluateConfig(ModelLoading):
     top_k: int | None = Field(None, ge=0)
     top_p: float | None = Field(None, gt=0, le=1)
     batch_size: int = Field(64, ge=1)
-    gold_annotator: str = Field("vader", description="vader, rubric (the demo's summary rubric), none or "
-                                "module:function")
+    gold_annotator: str = Field(
+        "vader", description="vader, rubric (the demo's summary rubric), none or module:function"
+    )
     dtype: Dtype = Field("auto", description="weights' dtype on load: auto (as stored), bf16, fp16 or fp32")
     sample_rows: int = Field(12, ge=0, description="rows of the report's sample table")
-    best_of_n: int = Field(0, ge=0, description="n >= 2: also answer with the best of n SFT samples by the reward "
-                           "model, the baseline PPO should beat for its KL (Gao et al. 2022); 0: off")
+    best_of_n: int = Field(
+        0,
+        ge=0,
+        description="n >= 2: also answer with the best of n SFT samples by the reward "
+        "model, the baseline PPO should beat for its KL (Gao et al. 2022); 0: off",
+    )
 
     @model_validator(mode="after")
-    def _best_of_n_takes_two(self) -> "EvaluateConfig":
+    def _best_of_n_takes_two(self) -> EvaluateConfig:
         if self.best_of_n == 1:
             raise ValueError("best_of_n: 1 is the SFT model itself; use 0 (off) or n >= 2")
         return self
@@ -273,8 +300,11 @@ class GatesConfig(Section):
     min_eos_rate: float | None = Field(0.9, ge=0, le=1)
     max_repetition: float | None = Field(0.2, ge=0, le=1, description="mean share of repeated bigrams per response")
     max_gold_drop: float | None = Field(
-        0.05, ge=0, description="over-optimisation: how far PPO's held-out gold may fall from its peak while the "
-        "reward model's score rises")
+        0.05,
+        ge=0,
+        description="over-optimisation: how far PPO's held-out gold may fall from its peak while the "
+        "reward model's score rises",
+    )
     reward_metrics: str = "metrics/reward.json"
     reward_model: str = Field("models/reward", description="its rlhf_run.json names the MLflow run to tag")
     evaluation_metrics: str = "metrics/evaluate.json"
@@ -282,7 +312,7 @@ class GatesConfig(Section):
     output_dir: str = Field("gates", description="one verdict JSON per gate")
 
     @model_validator(mode="after")
-    def _local_files(self) -> "GatesConfig":
+    def _local_files(self) -> GatesConfig:
         _require_local(self, "reward_metrics", "evaluation_metrics", "output_dir")
         return self
 
@@ -303,11 +333,14 @@ class RegistryConfig(Section):
     max_new_tokens: int = Field(24, ge=1)
     do_sample: bool = Field(False, description="served generation: greedy by default, so answers are repeatable")
     trust_remote_code: bool = False
-    register_experiments: bool = Field(False, description="register under `dvc exp run` too (by default an "
-                                       "experiment registers nothing: each would add versions)")
+    register_experiments: bool = Field(
+        False,
+        description="register under `dvc exp run` too (by default an "
+        "experiment registers nothing: each would add versions)",
+    )
 
     @model_validator(mode="after")
-    def _template_has_slot(self) -> "RegistryConfig":
+    def _template_has_slot(self) -> RegistryConfig:
         if self.prompt_template is not None and "{prompt}" not in self.prompt_template:
             raise ValueError("prompt_template must contain '{prompt}'")
         _require_local(self, "evaluation_metrics", "gates_dir", "output")
@@ -323,7 +356,7 @@ class ResourceParams(Section):
     accelerator_count: int = Field(0, ge=0)
 
     @model_validator(mode="after")
-    def _count_needs_type(self) -> "ResourceParams":
+    def _count_needs_type(self) -> ResourceParams:
         if self.accelerator_count and not self.accelerator_type:
             raise ValueError("accelerator_count needs accelerator_type (e.g. nvidia.com/gpu)")
         return self
@@ -336,44 +369,69 @@ class KubeflowConfig(Section):
     """How the pipeline runs on Kubeflow: image, resources per step, retries, caching, Kubernetes settings."""
 
     pipeline_name: str = "rlhf-pipeline"
-    image: str = Field(UNPUBLISHED_IMAGE, description="the project's image (CPU variant), REGISTRY/NAME:TAG, for "
-                       "every step without an accelerator")
-    cuda_image: str | None = Field(None, description="the CUDA variant, for steps whose resources request an "
-                                   "accelerator (required by them)")
-    mlflow_integration: bool = Field(False, description="the cluster's Kubeflow MLflow integration injects "
-                                     "MLFLOW_RUN_ID, MLFLOW_TRACKING_URI and MLFLOW_EXPERIMENT_ID into every task")
-    allow_local_tracking: bool = Field(False, description="compile or submit although tracking would go to a SQLite "
-                                       "file inside each pod (lost with it)")
+    image: str = Field(
+        UNPUBLISHED_IMAGE,
+        description="the project's image (CPU variant), REGISTRY/NAME:TAG, for every step without an accelerator",
+    )
+    cuda_image: str | None = Field(
+        None, description="the CUDA variant, for steps whose resources request an accelerator (required by them)"
+    )
+    mlflow_integration: bool = Field(
+        False,
+        description="the cluster's Kubeflow MLflow integration injects "
+        "MLFLOW_RUN_ID, MLFLOW_TRACKING_URI and MLFLOW_EXPERIMENT_ID into every task",
+    )
+    allow_local_tracking: bool = Field(
+        False,
+        description="compile or submit although tracking would go to a SQLite file inside each pod (lost with it)",
+    )
     data_source: str = Field("demo", description="demo: generate the demo data; else a folder of dataset files")
     experiment: str = Field("rlhf", description="Kubeflow experiment that `rlhf pipeline submit` files runs under")
     retries: int = Field(2, ge=0, description="retries of a failed step (transient failures: preemption, network)")
     caching: bool = True
     secret: str | None = Field(None, description="a Kubernetes secret exposed to every step as environment variables")
     secret_env: list[str] = Field(
-        default_factory=lambda: ["MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
-                                 "MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                                 "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "HF_TOKEN"],
-        description="keys of the secret, each set as the environment variable of the same name (missing keys: unset)")
-    env: dict[str, str] = Field(default_factory=dict, description="plain environment variables of every step, e.g. "
-                                "RLHF_CHECKPOINT_DIR: s3://bucket/checkpoints (non-secret settings)")
-    pipeline_root: str | None = Field(None, description="where the cluster keeps the steps' artifacts, e.g. "
-                                      "s3://bucket/pipeline-root (default: the cluster's own)")
+        default_factory=lambda: [
+            "MLFLOW_TRACKING_URI",
+            "MLFLOW_TRACKING_USERNAME",
+            "MLFLOW_TRACKING_PASSWORD",
+            "MLFLOW_S3_ENDPOINT_URL",
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_ENDPOINT_URL",
+            "AWS_DEFAULT_REGION",
+            "HF_TOKEN",
+        ],
+        description="keys of the secret, each set as the environment variable of the same name (missing keys: unset)",
+    )
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description="plain environment variables of every step, e.g. "
+        "RLHF_CHECKPOINT_DIR: s3://bucket/checkpoints (non-secret settings)",
+    )
+    pipeline_root: str | None = Field(
+        None,
+        description="where the cluster keeps the steps' artifacts, e.g. "
+        "s3://bucket/pipeline-root (default: the cluster's own)",
+    )
     model_cache_pvc: str | None = Field(None, description="a PVC mounted as the Hugging Face cache (HF_HOME)")
     model_cache_path: str = "/home/rlhf/.cache/huggingface"
     node_selector: dict[str, str] = Field(default_factory=dict)
     resources: dict[str, ResourceParams] = Field(default_factory=dict, description="per step, or 'default'")
 
     @model_validator(mode="after")
-    def _known_steps(self) -> "KubeflowConfig":
+    def _known_steps(self) -> KubeflowConfig:
         unknown = set(self.resources) - {*STEP_NAMES, "default"}
         if unknown:
             raise ValueError(f"resources: unknown step(s) {sorted(unknown)}; steps are {', '.join(STEP_NAMES)}")
         gpu_steps = [step for step in self.resources if self.resources[step].accelerator_type]
         if gpu_steps and not self.cuda_image:
-            raise ValueError(f"resources.{gpu_steps[0]} requests {self.resources[gpu_steps[0]].accelerator_type} but "
-                             "cuda_image is not set: the default image is the CPU build; build the CUDA variant "
-                             "(rlhf image build --variant cuda --tag REGISTRY/rlhf-pipeline:TAG-cuda --push) and "
-                             "set kubeflow.cuda_image")
+            raise ValueError(
+                f"resources.{gpu_steps[0]} requests {self.resources[gpu_steps[0]].accelerator_type} but "
+                "cuda_image is not set: the default image is the CPU build; build the CUDA variant "
+                "(rlhf image build --variant cuda --tag REGISTRY/rlhf-pipeline:TAG-cuda --push) and "
+                "set kubeflow.cuda_image"
+            )
         return self
 
     def step_image(self, step: str) -> str:
@@ -408,13 +466,17 @@ class Params(Section):
     kubeflow: KubeflowConfig = KubeflowConfig()
 
     @model_validator(mode="after")
-    def _evaluation_pairs_are_held_out(self) -> "Params":
+    def _evaluation_pairs_are_held_out(self) -> Params:
         same_split = (self.evaluate.preferences_eval_fraction, self.evaluate.preferences_seed) == (
-            self.reward.eval_fraction, self.reward.seed)
+            self.reward.eval_fraction,
+            self.reward.seed,
+        )
         same_file = Path(self.evaluate.preferences).resolve() == Path(self.reward.dataset).resolve()
         if same_file and not same_split:
-            raise ValueError("evaluate.preferences_eval_fraction and preferences_seed must equal reward.eval_fraction "
-                             "and reward.seed, or the accuracy would count pairs the reward model trained on")
+            raise ValueError(
+                "evaluate.preferences_eval_fraction and preferences_seed must equal reward.eval_fraction "
+                "and reward.seed, or the accuracy would count pairs the reward model trained on"
+            )
         return self
 
 
@@ -452,8 +514,13 @@ def _describe(error: ValidationError, source: str) -> str:
 DEFAULTS_HINT = "pass --params FILE, or --defaults for the built-in defaults"
 
 
-def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | tuple[str, ...] = (), *,
-                sections: tuple[str, ...] = (), defaults: bool = False) -> Params:
+def load_params(
+    path: str | Path | None = "params.yaml",
+    overrides: list[str] | tuple[str, ...] = (),
+    *,
+    sections: tuple[str, ...] = (),
+    defaults: bool = False,
+) -> Params:
     """Reads a params file, applies overrides and validates everything.
 
     A missing or empty file, or one without a section named in `sections` (what the command reads), is an error:
@@ -468,8 +535,9 @@ def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | 
             # utf-8-sig: a byte-order mark (Windows editors write one) is read past, not taken for content.
             loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8-sig"))
         except UnicodeDecodeError as exc:
-            raise ConfigError(f"{path}: not a UTF-8 text file (byte 0x{exc.object[exc.start]:02x} at offset "
-                              f"{exc.start})") from None
+            raise ConfigError(
+                f"{path}: not a UTF-8 text file (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})"
+            ) from None
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f":{mark.line + 1}" if mark else ""
@@ -481,8 +549,10 @@ def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | 
         raw = {key: {} if value is None else value for key, value in copy.deepcopy(loaded or {}).items()}
         missing = [section for section in sections if section not in raw]
         if missing and not defaults:
-            raise ConfigError(f"{path}: no {', '.join(missing)} section{'s' if len(missing) > 1 else ''}; "
-                              f"add {'them' if len(missing) > 1 else 'it'}, or pass --defaults for the built-in ones")
+            raise ConfigError(
+                f"{path}: no {', '.join(missing)} section{'s' if len(missing) > 1 else ''}; "
+                f"add {'them' if len(missing) > 1 else 'it'}, or pass --defaults for the built-in ones"
+            )
     elif path is not None and not defaults:
         where = "" if Path(path).is_absolute() else f" in {Path.cwd()}"
         raise ConfigError(f"{path}: params file not found{where}; {DEFAULTS_HINT}")

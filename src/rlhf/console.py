@@ -52,8 +52,12 @@ def quiet_progress_bars() -> None:
 
 def report_progress(loop: str, step: int, total: int, **values: float) -> None:
     """One progress record of a long loop (training steps, PPO steps), for the pipeline console to render."""
-    record = {"loop": loop, "step": step, "total": total,
-              "values": {key: float(value) for key, value in values.items()}}
+    record = {
+        "loop": loop,
+        "step": step,
+        "total": total,
+        "values": {key: float(value) for key, value in values.items()},
+    }
     print(PROGRESS_MARK + json.dumps(record), flush=True)
 
 
@@ -64,8 +68,11 @@ def trainer_progress(loop: str):
     class ProgressRecords(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
             if state.is_world_process_zero:
-                shown = {key: value for key, value in (logs or {}).items()
-                         if key in ("loss", "eval_loss", "eval_accuracy") and isinstance(value, (int, float))}
+                shown = {
+                    key: value
+                    for key, value in (logs or {}).items()
+                    if key in ("loss", "eval_loss", "eval_accuracy") and isinstance(value, (int, float))
+                }
                 report_progress(loop, state.global_step, state.max_steps, **shown)
 
     return ProgressRecords()
@@ -139,7 +146,7 @@ class PipelineConsole(io.TextIOBase):
                 self._print(executor_log.group(2))
             return
         if text.startswith(PROGRESS_MARK):
-            self._progress(json.loads(text[len(PROGRESS_MARK):]))
+            self._progress(json.loads(text[len(PROGRESS_MARK) :]))
             return
         if not text.strip() or set(text.strip()) == {"-"} or _LIBRARY_INFO.match(text) or _REGISTRY_NOTE.match(text):
             return

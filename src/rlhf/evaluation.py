@@ -21,8 +21,18 @@ from rlhf.sampling import ReferenceLogits, rollout, score, with_model_sampling
 
 
 @torch.no_grad()
-def sample_and_score(policy, reference_logits: ReferenceLogits, tokenizer, reward_model, reward_tokenizer,
-                     prompts: Sequence[Prompt], sampling, batch_size: int, annotator, device) -> list[dict[str, Any]]:
+def sample_and_score(
+    policy,
+    reference_logits: ReferenceLogits,
+    tokenizer,
+    reward_model,
+    reward_tokenizer,
+    prompts: Sequence[Prompt],
+    sampling,
+    batch_size: int,
+    annotator,
+    device,
+) -> list[dict[str, Any]]:
     """One sampled answer per prompt (seeded by `sampling.seed`), scored; one row per prompt.
 
     Prompts are as in the data (text or messages). `sampling` carries seed, max_new_tokens, temperature, top_k and
@@ -39,26 +49,38 @@ def sample_and_score(policy, reference_logits: ReferenceLogits, tokenizer, rewar
     torch.manual_seed(sampling.seed)
     for start in range(0, len(prompts), batch_size):
         batch = list(prompts[start : start + batch_size])
-        answers = rollout(policy, forward, reference_logits, tokenizer,
-                          [format_prompt(prompt, tokenizer) for prompt in batch], batch, reward_model,
-                          reward_tokenizer, sampling, device, stop_ids)
+        answers = rollout(
+            policy,
+            forward,
+            reference_logits,
+            tokenizer,
+            [format_prompt(prompt, tokenizer) for prompt in batch],
+            batch,
+            reward_model,
+            reward_tokenizer,
+            sampling,
+            device,
+            stop_ids,
+        )
         samples = answers.samples
         kls = (answers.logprobs - answers.ref_logprobs).sum(1).tolist()
         rm_scores = answers.scores.tolist()
         shown = [display(prompt) for prompt in batch]
         gold = annotator(shown, samples.texts) if annotator else [{}] * len(batch)
         for i, prompt in enumerate(shown):
-            rows.append({
-                "prompt": prompt,
-                "response": samples.texts[i],
-                "rm_score": rm_scores[i],
-                "gold_score": gold[i].get("score"),
-                "gold": {key: value for key, value in gold[i].items() if key != "score"},
-                "kl": kls[i],
-                "eos": bool(samples.ends_with_eos[i]),
-                "length": int(samples.mask[i].sum()),
-                "repetition": repetition(samples.texts[i]),
-            })
+            rows.append(
+                {
+                    "prompt": prompt,
+                    "response": samples.texts[i],
+                    "rm_score": rm_scores[i],
+                    "gold_score": gold[i].get("score"),
+                    "gold": {key: value for key, value in gold[i].items() if key != "score"},
+                    "kl": kls[i],
+                    "eos": bool(samples.ends_with_eos[i]),
+                    "length": int(samples.mask[i].sum()),
+                    "repetition": repetition(samples.texts[i]),
+                }
+            )
     return rows
 
 
@@ -87,16 +109,22 @@ def best_of_n(samples: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str, Any
     return [max(answers, key=lambda row: row["rm_score"]) for answers in zip(*samples, strict=True)]
 
 
-def best_of_n_metrics(best_rows: Sequence[dict[str, Any]], sft_rows: Sequence[dict[str, Any]], n: int,
-                      confidence: float = 0.95) -> dict[str, float]:
+def best_of_n_metrics(
+    best_rows: Sequence[dict[str, Any]], sft_rows: Sequence[dict[str, Any]], n: int, confidence: float = 0.95
+) -> dict[str, float]:
     """`best_of_n/…`: the best-of-n answers' summary and gains over SFT's own sample, as `compare` gives PPO's. Its
     `kl` is best-of-n sampling's KL to the SFT model, log n - (n - 1)/n nats (Stiennon et al. 2020): each answer is
     an SFT sample, so its own log-ratio is 0."""
     stats = compare(best_rows, sft_rows, confidence)
-    kept = {key.removeprefix("policy/"): value for key, value in stats.items()
-            if not key.startswith("sft/") and key != "prompts"}
+    kept = {
+        key.removeprefix("policy/"): value
+        for key, value in stats.items()
+        if not key.startswith("sft/") and key != "prompts"
+    }
     return {f"best_of_n/{key}": value for key, value in kept.items()} | {
-        "best_of_n/n": float(n), "best_of_n/kl": math.log(n) - (n - 1) / n}
+        "best_of_n/n": float(n),
+        "best_of_n/kl": math.log(n) - (n - 1) / n,
+    }
 
 
 def win_rate(challenger: Sequence[float], baseline: Sequence[float]) -> float:
@@ -105,8 +133,9 @@ def win_rate(challenger: Sequence[float], baseline: Sequence[float]) -> float:
     return wins / len(baseline)
 
 
-def compare(policy_rows: Sequence[dict[str, Any]], sft_rows: Sequence[dict[str, Any]],
-            confidence: float = 0.95) -> dict[str, float]:
+def compare(
+    policy_rows: Sequence[dict[str, Any]], sft_rows: Sequence[dict[str, Any]], confidence: float = 0.95
+) -> dict[str, float]:
     """Summaries of both models (`policy/…`, `sft/…`), the policy's gains over SFT and its win rates, each gain and
     rate with its interval at `confidence` (`…_ci_low`, `…_ci_high`)."""
     policy, sft = summarize(policy_rows), summarize(sft_rows)
@@ -140,9 +169,13 @@ def overoptimisation(history: Sequence[dict[str, float]]) -> dict[str, float]:
     final = points[-1]
     gold_drop = peak["heldout/gold_score"] - final["heldout/gold_score"]
     rm_rise = final["heldout/rm_score"] - peak["heldout/rm_score"]
-    return {"overoptimisation/gold_peak": peak["heldout/gold_score"], "overoptimisation/gold_peak_step": peak["step"],
-            "overoptimisation/gold_drop": gold_drop, "overoptimisation/rm_rise": rm_rise,
-            "gold_drop_while_rm_rose": gold_drop if rm_rise > 0 else 0.0}
+    return {
+        "overoptimisation/gold_peak": peak["heldout/gold_score"],
+        "overoptimisation/gold_peak_step": peak["step"],
+        "overoptimisation/gold_drop": gold_drop,
+        "overoptimisation/rm_rise": rm_rise,
+        "gold_drop_while_rm_rose": gold_drop if rm_rise > 0 else 0.0,
+    }
 
 
 @torch.no_grad()
@@ -157,10 +190,16 @@ def pairwise_accuracy(reward_model, reward_tokenizer, pairs, batch_size: int, de
     size = [len(str(row["prompt"])) + len(str(row["chosen"])) + len(str(row["rejected"])) for row in pairs]
     order = sorted(range(len(pairs)), key=size.__getitem__)
     correct = 0
-    for start in tqdm(range(0, len(pairs), batch_size), desc="reward model on held-out pairs", leave=False,
-                      disable=progress_as_lines()):
+    for start in tqdm(
+        range(0, len(pairs), batch_size),
+        desc="reward model on held-out pairs",
+        leave=False,
+        disable=progress_as_lines(),
+    ):
         batch = pairs.select(order[start : start + batch_size])
-        chosen, rejected = (score(reward_model, reward_tokenizer, batch["prompt"], batch[side], device)
-                            for side in ("chosen", "rejected"))
+        chosen, rejected = (
+            score(reward_model, reward_tokenizer, batch["prompt"], batch[side], device)
+            for side in ("chosen", "rejected")
+        )
         correct += int((chosen > rejected).sum())
     return correct / len(pairs)

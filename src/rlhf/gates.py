@@ -39,7 +39,6 @@ _CHECKS: dict[str, tuple[tuple[str, str, str, str | None], ...]] = {
 }
 
 
-
 def wilson_lower_bound(proportion: float, n: float, confidence: float) -> float:
     """Lower end of the Wilson score interval: what a gate trusts of a proportion measured on n samples."""
     return wilson_interval(proportion, n, confidence)[0]
@@ -55,8 +54,15 @@ def _read_metrics(path: str, key: str) -> dict[str, float]:
         raise ConfigError(f"gates.{key}: {path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
 
 
-def _check(cfg: GatesConfig, threshold_key: str, metric: str, direction: str, size_key: str | None,
-           metrics: dict[str, float], metrics_key: str) -> dict[str, Any]:
+def _check(
+    cfg: GatesConfig,
+    threshold_key: str,
+    metric: str,
+    direction: str,
+    size_key: str | None,
+    metrics: dict[str, float],
+    metrics_key: str,
+) -> dict[str, Any]:
     metrics_file = getattr(cfg, metrics_key)
     threshold = getattr(cfg, threshold_key)
     check: dict[str, Any] = {"check": threshold_key, "metric": metric, "threshold": threshold, "op": direction}
@@ -74,7 +80,9 @@ def _check(cfg: GatesConfig, threshold_key: str, metric: str, direction: str, si
         # A proportion counts by the lower end of its confidence interval: 1.0 on 20 samples is not 1.0 on 2000.
         value = wilson_lower_bound(measured, metrics.get(size_key, 0.0), cfg.confidence)
         check["measured"] = measured
-        check["judged_on"] = f"lower bound of the {cfg.confidence:.0%} Wilson interval, n={metrics.get(size_key, 0):.0f}"
+        check["judged_on"] = (
+            f"lower bound of the {cfg.confidence:.0%} Wilson interval, n={metrics.get(size_key, 0):.0f}"
+        )
     passed = value >= threshold if direction == ">=" else value <= threshold
     return check | {"value": value, "status": "pass" if passed else "fail"}
 
@@ -90,14 +98,21 @@ def judge(name: GateName, cfg: GatesConfig, metrics: dict[str, float]) -> dict[s
 
 def evaluate_gate(name: GateName, cfg: GatesConfig) -> dict[str, Any]:
     """Checks one gate, writes `<output_dir>/<name>.json`, tags the judged MLflow run; returns the verdict."""
-    metrics_key, run_folder = {"reward": ("reward_metrics", cfg.reward_model),
-                               "evaluation": ("evaluation_metrics", cfg.evaluation_report)}[name]
+    metrics_key, run_folder = {
+        "reward": ("reward_metrics", cfg.reward_model),
+        "evaluation": ("evaluation_metrics", cfg.evaluation_report),
+    }[name]
     metrics = _read_metrics(getattr(cfg, metrics_key), metrics_key)
     judged_run = tracking.read_provenance(run_folder).get("mlflow_run_id")
     verdict = judge(name, cfg, metrics) | {"judged_run": judged_run}
     write_json(Path(cfg.output_dir) / f"{name}.json", verdict)
-    tracking.set_run_tags(judged_run, {f"rlhf.gate.{name}": "passed" if verdict["passed"] else "failed",
-                                       f"rlhf.gate.{name}.failed_checks": ",".join(verdict["failed_checks"])})
+    tracking.set_run_tags(
+        judged_run,
+        {
+            f"rlhf.gate.{name}": "passed" if verdict["passed"] else "failed",
+            f"rlhf.gate.{name}.failed_checks": ",".join(verdict["failed_checks"]),
+        },
+    )
     return verdict
 
 
@@ -109,15 +124,18 @@ def describe(verdict: dict[str, Any]) -> list[str]:
             lines.append(f"  skip  {check['check']}: {check['reason']}")
         else:
             note = f" ({check['judged_on']}; measured {check['measured']:.4g})" if "judged_on" in check else ""
-            lines.append(f"  {check['status']}  {check['check']}: {check['metric']} = {check['value']:.4g} "
-                         f"{check['op']} {check['threshold']}{note}")
+            lines.append(
+                f"  {check['status']}  {check['check']}: {check['metric']} = {check['value']:.4g} "
+                f"{check['op']} {check['threshold']}{note}"
+            )
     return lines
 
 
 def failure_message(verdict: dict[str, Any]) -> str:
     failed = [check for check in verdict["checks"] if check["status"] == "fail"]
-    details = "; ".join(f"{c['check']} ({c['metric']} {c['value']:.4g}, needs {c['op']} {c['threshold']})"
-                        for c in failed)
+    details = "; ".join(
+        f"{c['check']} ({c['metric']} {c['value']:.4g}, needs {c['op']} {c['threshold']})" for c in failed
+    )
     return f"gate {verdict['gate']!r} failed: {details}; nothing downstream runs"
 
 
@@ -126,6 +144,9 @@ def read_verdicts(folder: str | Path) -> dict[str, dict[str, Any]]:
     verdicts = {}
     for name in GATES:
         path = Path(folder) / f"{name}.json"
-        verdicts[name] = (json.loads(path.read_text()) if path.is_file()
-                          else {"gate": name, "passed": False, "failed_checks": ["not run"], "checks": []})
+        verdicts[name] = (
+            json.loads(path.read_text())
+            if path.is_file()
+            else {"gate": name, "passed": False, "failed_checks": ["not run"], "checks": []}
+        )
     return verdicts

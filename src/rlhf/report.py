@@ -22,17 +22,32 @@ from typing import Any
 SFT_COLOUR = "#1f77b4"
 POLICY_COLOUR = "#ff7f0e"
 GOLD_COLOUR = "#2ca02c"
-CURVES = (("objective/scores", "reward-model score"), ("objective/kl", "KL to reference"),
-          ("objective/rlhf_reward", "score − KL penalty"), ("objective/entropy", "entropy"))
+CURVES = (
+    ("objective/scores", "reward-model score"),
+    ("objective/kl", "KL to reference"),
+    ("objective/rlhf_reward", "score − KL penalty"),
+    ("objective/entropy", "entropy"),
+)
 PER_MODEL = ("rm_score", "gold_score", "kl", "eos_rate", "length", "repetition", "distinct_2")
-COMPARISONS = ("win_rate/rm", "win_rate/gold", "rm_gain_in_sft_std", "gold_gain", "gold_drop_while_rm_rose",
-               "best_of_n/gold_gain", "best_of_n/win_rate/gold", "rm_accuracy", "rm_pairs",
-               "prompts")
+COMPARISONS = (
+    "win_rate/rm",
+    "win_rate/gold",
+    "rm_gain_in_sft_std",
+    "gold_gain",
+    "gold_drop_while_rm_rose",
+    "best_of_n/gold_gain",
+    "best_of_n/win_rate/gold",
+    "rm_accuracy",
+    "rm_pairs",
+    "prompts",
+)
 # What makes an answer unfaithful, from the gold annotator's components (the demo rubric's), and the repetition.
-FLAGS = (("genre changed", lambda row: row["gold"].get("genre", 1.0) < 1.0),
-         ("tone flipped", lambda row: row["gold"].get("tone", 1.0) < 1.0),
-         ("aspect invented", lambda row: row["gold"].get("invented", 0.0) > 0),
-         ("repetition", lambda row: row["repetition"] > 0))
+FLAGS = (
+    ("genre changed", lambda row: row["gold"].get("genre", 1.0) < 1.0),
+    ("tone flipped", lambda row: row["gold"].get("tone", 1.0) < 1.0),
+    ("aspect invented", lambda row: row["gold"].get("invented", 0.0) > 0),
+    ("repetition", lambda row: row["repetition"] > 0),
+)
 
 
 @dataclass
@@ -93,18 +108,21 @@ def overoptimisation_curve(history: Sequence[dict[str, float]]) -> bytes | None:
     distance = [max(row.get("heldout/kl", 0.0), 0.0) ** 0.5 for row in points]
     figure = _figure(9, 3.4)
     proxy_axes = figure.subplots()
-    proxy_axes.plot(distance, [row["heldout/rm_score"] for row in points], "o-", color=POLICY_COLOUR,
-                    label="reward model (proxy)")
+    proxy_axes.plot(
+        distance, [row["heldout/rm_score"] for row in points], "o-", color=POLICY_COLOUR, label="reward model (proxy)"
+    )
     proxy_axes.set_xlabel("√KL to the SFT model (nats), held-out prompts")
     proxy_axes.set_ylabel("reward-model score", color=POLICY_COLOUR)
     if any("heldout/gold_score" in row for row in points):
         gold_axes = proxy_axes.twinx()
-        gold_axes.plot(distance, [row.get("heldout/gold_score") for row in points], "s-", color=GOLD_COLOUR,
-                       label="gold")
+        gold_axes.plot(
+            distance, [row.get("heldout/gold_score") for row in points], "s-", color=GOLD_COLOUR, label="gold"
+        )
         gold_axes.set_ylabel("gold score", color=GOLD_COLOUR)
     for x, row in zip(distance, points):
-        proxy_axes.annotate(f"step {row['step']}", (x, row["heldout/rm_score"]), fontsize=7,
-                            textcoords="offset points", xytext=(2, 4))
+        proxy_axes.annotate(
+            f"step {row['step']}", (x, row["heldout/rm_score"]), fontsize=7, textcoords="offset points", xytext=(2, 4)
+        )
     proxy_axes.set_title("Over-optimisation check: gold and proxy against KL through PPO")
     figure.legend(loc="lower right")
     return _png(figure)
@@ -128,49 +146,92 @@ def _verdict_rows(verdicts: Sequence[dict[str, Any]]) -> list[list[str]]:
     rows = []
     for verdict in verdicts:
         for check in verdict["checks"] or [{"check": "not run", "status": "fail"}]:
-            value = _number(check.get("value")) + (f" (measured {check['measured']:.4g})" if "measured" in check else "")
-            rows.append([verdict["gate"], check["check"], check.get("metric", ""), value,
-                         f"{check.get('op', '')} {_number(check.get('threshold'))}",
-                         check["status"].upper() if check["status"] in ("pass", "fail") else check.get("reason", "")])
+            value = _number(check.get("value")) + (
+                f" (measured {check['measured']:.4g})" if "measured" in check else ""
+            )
+            rows.append(
+                [
+                    verdict["gate"],
+                    check["check"],
+                    check.get("metric", ""),
+                    value,
+                    f"{check.get('op', '')} {_number(check.get('threshold'))}",
+                    check["status"].upper() if check["status"] in ("pass", "fail") else check.get("reason", ""),
+                ]
+            )
     return rows
 
 
-def _tables(metrics: dict[str, float], policy_rows: Sequence[dict], sft_rows: Sequence[dict], sample_rows: int,
-            decision: Decision):
+def _tables(
+    metrics: dict[str, float],
+    policy_rows: Sequence[dict],
+    sft_rows: Sequence[dict],
+    sample_rows: int,
+    decision: Decision,
+):
     components = sorted(key.removeprefix("policy/") for key in metrics if key.startswith("policy/gold/"))
     # Best-of-n by the reward model, where evaluated: what PPO should beat for its KL.
     best = [f"SFT best of {metrics['best_of_n/n']:.0f} by RM"] if "best_of_n/n" in metrics else []
-    per_model = [[key, _number(metrics.get(f"sft/{key}")), _number(metrics.get(f"policy/{key}")),
-                  *([_number(metrics.get(f"best_of_n/{key}"))] if best else [])]
-                 for key in (*PER_MODEL, *components) if f"policy/{key}" in metrics]
+    per_model = [
+        [
+            key,
+            _number(metrics.get(f"sft/{key}")),
+            _number(metrics.get(f"policy/{key}")),
+            *([_number(metrics.get(f"best_of_n/{key}"))] if best else []),
+        ]
+        for key in (*PER_MODEL, *components)
+        if f"policy/{key}" in metrics
+    ]
     comparisons = [[key, _number(metrics[key]), _interval(metrics, key)] for key in COMPARISONS if key in metrics]
     paired = [(", ".join(flags(policy)), sft, policy) for sft, policy in zip(sft_rows, policy_rows)]
     flagged = [row for row in paired if row[0]]
     ordered = flagged + [row for row in paired if not row[0]]
     # Every flagged answer up to three times `sample_rows`, and at least `sample_rows` rows.
     samples = [
-        [flag or "–", sft["prompt"], sft["response"], _number(sft["gold_score"]),
-         policy["response"], _number(policy["rm_score"]), _number(policy["gold_score"])]
+        [
+            flag or "–",
+            sft["prompt"],
+            sft["response"],
+            _number(sft["gold_score"]),
+            policy["response"],
+            _number(policy["rm_score"]),
+            _number(policy["gold_score"]),
+        ]
         for flag, sft, policy in ordered[: max(sample_rows, min(len(flagged), 3 * sample_rows))]
     ]
     identity_header = ["model", "MLflow run", "commit", "data (sha256)"]
     identities = [[row.get(key, "–") for key in ("model", "mlflow", "commit", "data")] for row in decision.identities]
     return {
-        "verdicts": ("Gate verdicts", ["gate", "check", "metric", "value", "threshold", "verdict"],
-                     _verdict_rows(decision.verdicts)),
-        "champion": (f"Against the champion: {decision.champion_note}", ["", "champion", "this PPO policy"],
-                     decision.champion_rows),
-        "per_model": ("Per model (held-out prompts, same sampling seed)", ["metric", "SFT", "PPO", *best],
-                      per_model),
+        "verdicts": (
+            "Gate verdicts",
+            ["gate", "check", "metric", "value", "threshold", "verdict"],
+            _verdict_rows(decision.verdicts),
+        ),
+        "champion": (
+            f"Against the champion: {decision.champion_note}",
+            ["", "champion", "this PPO policy"],
+            decision.champion_rows,
+        ),
+        "per_model": ("Per model (held-out prompts, same sampling seed)", ["metric", "SFT", "PPO", *best], per_model),
         "comparisons": ("PPO against SFT", ["metric", "value", "95% interval"], comparisons),
         "identities": ("Identities", identity_header, identities),
-        "samples": (f"Answers, flagged first ({len(flagged)} of {len(paired)} PPO answers flagged)",
-                    ["flags", "prompt", "SFT answer", "SFT gold", "PPO answer", "PPO RM", "PPO gold"], samples),
+        "samples": (
+            f"Answers, flagged first ({len(flagged)} of {len(paired)} PPO answers flagged)",
+            ["flags", "prompt", "SFT answer", "SFT gold", "PPO answer", "PPO RM", "PPO gold"],
+            samples,
+        ),
     }
 
 
-def write_report(folder: Path, metrics: dict[str, float], policy_rows: Sequence[dict], sft_rows: Sequence[dict],
-                 history: Sequence[dict[str, float]], sample_rows: int, decision: Decision | None = None) -> list[str]:
+def write_report(
+    folder: Path,
+    metrics: dict[str, float],
+    policy_rows: Sequence[dict],
+    sft_rows: Sequence[dict],
+    history: Sequence[dict[str, float]],
+    sample_rows: int,
+    decision: Decision | None = None,
+) -> list[str]:
     """Writes report.md, report.html and plots/*.png into `folder`; returns the report's file names."""
     decision = decision or Decision()
     plots = {"score_distributions.png": ("Score distributions, SFT vs PPO", score_distributions(policy_rows, sft_rows))}
@@ -191,17 +252,21 @@ def write_report(folder: Path, metrics: dict[str, float], policy_rows: Sequence[
     blocks += [tables[name] for name in ("identities", "samples") if tables[name][2] or name == "samples"]
 
     markdown = ["# RLHF evaluation", ""]
-    page = ["<!doctype html><html><head><meta charset='utf-8'><title>RLHF evaluation</title><style>",
-            "body{font-family:sans-serif;margin:2em;max-width:75em}table{border-collapse:collapse;margin:1em 0}",
-            "td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left;vertical-align:top}",
-            "td.PASS{background:#e3f4e1}td.FAIL{background:#fbe0dc}img{max-width:100%}</style></head><body>",
-            "<h1>RLHF evaluation</h1>"]
+    page = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>RLHF evaluation</title><style>",
+        "body{font-family:sans-serif;margin:2em;max-width:75em}table{border-collapse:collapse;margin:1em 0}",
+        "td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left;vertical-align:top}",
+        "td.PASS{background:#e3f4e1}td.FAIL{background:#fbe0dc}img{max-width:100%}</style></head><body>",
+        "<h1>RLHF evaluation</h1>",
+    ]
     for title, second, third in blocks:
         markdown += [f"## {title}", ""]
         page.append(f"<h2>{html.escape(title)}</h2>")
         if isinstance(third, bytes):  # a plot: (title, file name, PNG)
             markdown += [f"![{title}](plots/{second})", ""]
-            page.append(f"<img alt='{html.escape(title)}' src='data:image/png;base64,{base64.b64encode(third).decode()}'>")
+            page.append(
+                f"<img alt='{html.escape(title)}' src='data:image/png;base64,{base64.b64encode(third).decode()}'>"
+            )
         elif third:  # a table: (title, header, rows)
             markdown += [_markdown_row(second), "|" + "---|" * len(second), *map(_markdown_row, third), ""]
             page.append(_html_table(second, third))
@@ -220,6 +285,10 @@ def _markdown_row(cells: list[str]) -> str:
 def _html_table(header: list[str], rows: list[list[str]]) -> str:
     head = "".join(f"<th>{html.escape(cell)}</th>" for cell in header)
     # A verdict cell is coloured by its class (PASS, FAIL).
-    body = "".join("<tr>" + "".join(f"<td class='{cell if cell in ('PASS', 'FAIL') else ''}'>{html.escape(cell)}</td>"
-                                    for cell in row) + "</tr>" for row in rows)
+    body = "".join(
+        "<tr>"
+        + "".join(f"<td class='{cell if cell in ('PASS', 'FAIL') else ''}'>{html.escape(cell)}</td>" for cell in row)
+        + "</tr>"
+        for row in rows
+    )
     return f"<table><tr>{head}</tr>{body}</table>"

@@ -60,8 +60,15 @@ def endpoint_url() -> str | None:
 
 def client():
     """An S3 client for the current environment (cached per endpoint and credentials; clients are thread-safe)."""
-    keys = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_REGION",
-            "AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE")
+    keys = (
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_PROFILE",
+        "AWS_DEFAULT_REGION",
+        "AWS_MAX_ATTEMPTS",
+        "AWS_RETRY_MODE",
+    )
     return _client(endpoint_url(), tuple(os.environ.get(key) for key in keys))
 
 
@@ -71,8 +78,10 @@ def _client(endpoint: str | None, _environment: tuple):
     from botocore.config import Config
 
     config = Config(
-        retries={"mode": os.environ.get("AWS_RETRY_MODE", "standard"),
-                 "max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", "5"))},
+        retries={
+            "mode": os.environ.get("AWS_RETRY_MODE", "standard"),
+            "max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", "5")),
+        },
         connect_timeout=10,
         read_timeout=120,
         # MinIO, Ceph and most self-hosted endpoints serve buckets as paths, not as host names.
@@ -121,13 +130,27 @@ def describe(exc: BaseException, uri: str | None) -> str:
                 return f"{where}: bucket {bucket!r} does not exist"
             if code in ("NoSuchKey", "404", "NotFound") or status == 404:
                 return f"{where}: no such object"
-            if code in ("AccessDenied", "403", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch",
-                        "ExpiredToken", "InvalidToken", "AllAccessDisabled") or status == 403:
+            if (
+                code
+                in (
+                    "AccessDenied",
+                    "403",
+                    "Forbidden",
+                    "InvalidAccessKeyId",
+                    "SignatureDoesNotMatch",
+                    "ExpiredToken",
+                    "InvalidToken",
+                    "AllAccessDisabled",
+                )
+                or status == 403
+            ):
                 return f"{where}: access denied ({code}): check the credentials and the bucket's policy"
             return f"{where}: S3 answered {code or status}: {' '.join(str(error.get('Message', '')).split())}"
         if isinstance(cause, (NoCredentialsError, PartialCredentialsError)):
-            return (f"{where}: no usable AWS credentials ({cause}); set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
-                    "a profile or an IAM role")
+            return (
+                f"{where}: no usable AWS credentials ({cause}); set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+                "a profile or an IAM role"
+            )
         if isinstance(cause, (ConnectionError, HTTPClientError)):
             return f"{where}: cannot reach the S3 endpoint {endpoint_url() or '(AWS default)'} ({type(cause).__name__})"
     return f"{where}: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
@@ -172,14 +195,27 @@ def _progress(total: int, description: str) -> Iterator[Any]:
     """A byte-counting callback for boto3 transfers, drawn as a bar when the transfer is large."""
     from tqdm.auto import tqdm
 
-    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=description,
-              disable=total < _PROGRESS_MIN_BYTES, leave=False) as bar:
+    with tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc=description,
+        disable=total < _PROGRESS_MIN_BYTES,
+        leave=False,
+    ) as bar:
         yield bar.update
 
 
 def _upload_file(local: Path, bucket: str, key: str, sha256: str, callback=None) -> None:
-    client().upload_file(str(local), bucket, key, Config=_transfer_config(), Callback=callback,
-                         ExtraArgs={"Metadata": {SHA256_METADATA: sha256}})
+    client().upload_file(
+        str(local),
+        bucket,
+        key,
+        Config=_transfer_config(),
+        Callback=callback,
+        ExtraArgs={"Metadata": {SHA256_METADATA: sha256}},
+    )
 
 
 def upload_file(local: str | Path, uri: str) -> None:
@@ -199,8 +235,11 @@ def head(uri: str) -> dict[str, Any] | None:
             if _missing(exc):
                 return None
             raise
-    return {"size": response["ContentLength"], "etag": response["ETag"].strip('"'),
-            "sha256": response.get("Metadata", {}).get(SHA256_METADATA)}
+    return {
+        "size": response["ContentLength"],
+        "etag": response["ETag"].strip('"'),
+        "sha256": response.get("Metadata", {}).get(SHA256_METADATA),
+    }
 
 
 def _download_file(bucket: str, key: str, target: Path, expected_sha256: str | None, uri: str, callback=None) -> None:
@@ -226,7 +265,7 @@ def download_file(uri: str, target: str | Path, info: dict[str, Any] | None = No
 
 
 def _missing_message(uri: str) -> str:
-    """"no such object", or that the bucket itself is missing."""
+    """ "no such object", or that the bucket itself is missing."""
     bucket, _ = split(uri)
     with _errors(uri):
         try:
@@ -241,8 +280,12 @@ def _missing_message(uri: str) -> str:
 def put_json(uri: str, payload: Any) -> None:
     bucket, key = split(uri)
     with _errors(uri):
-        client().put_object(Bucket=bucket, Key=key, Body=json.dumps(payload, indent=1, sort_keys=True).encode(),
-                            ContentType="application/json")
+        client().put_object(
+            Bucket=bucket,
+            Key=key,
+            Body=json.dumps(payload, indent=1, sort_keys=True).encode(),
+            ContentType="application/json",
+        )
 
 
 def get_json(uri: str, name: str | None = None) -> Any | None:
@@ -269,7 +312,7 @@ def list_objects(uri: str) -> dict[str, dict[str, Any]]:
     with _errors(uri):
         for page in client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
             for item in page.get("Contents", []):
-                name = item["Key"][len(prefix):]
+                name = item["Key"][len(prefix) :]
                 if name and not name.endswith("/"):  # consoles create empty "folder" objects; they hold nothing
                     found[name] = {"size": item["Size"], "etag": item["ETag"].strip('"')}
     return found
@@ -280,7 +323,7 @@ def delete_objects(uri: str, names: list[str]) -> None:
     keys = [f"{prefix}/{name}" if prefix else name for name in names]
     with _errors(uri):
         for start in range(0, len(keys), 1000):  # DeleteObjects takes at most 1,000 keys
-            chunk = [{"Key": key} for key in keys[start:start + 1000]]
+            chunk = [{"Key": key} for key in keys[start : start + 1000]]
             client().delete_objects(Bucket=bucket, Delete={"Objects": chunk, "Quiet": True})
 
 
@@ -321,14 +364,17 @@ def folder_manifest(uri: str) -> dict[str, Any]:
     manifest = get_json(join(uri, MANIFEST), name=uri)
     if manifest is not None:
         if not manifest.get("complete"):
-            raise StorageError(f"{uri}: its upload never finished (an interrupted stage?); rerun the stage that "
-                               "writes it")
+            raise StorageError(
+                f"{uri}: its upload never finished (an interrupted stage?); rerun the stage that writes it"
+            )
         return manifest
     listed = list_objects(uri)
     if not listed:
         raise StorageError(_missing_message(uri))
-    return {"complete": True, "files": {name: {"etag": item["etag"], "size": item["size"]}
-                                        for name, item in listed.items()}}
+    return {
+        "complete": True,
+        "files": {name: {"etag": item["etag"], "size": item["size"]} for name, item in listed.items()},
+    }
 
 
 def download_folder(uri: str, target: str | Path, manifest: dict[str, Any]) -> None:

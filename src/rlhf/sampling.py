@@ -132,8 +132,19 @@ class Rollout:
 
 
 @torch.no_grad()
-def rollout(policy, forward: Forward, reference_logits: ReferenceLogits, tokenizer, queries: list[str],
-            prompts: list[Prompt], reward_model, reward_tokenizer, sampling, device, stop_ids: list[int]) -> Rollout:
+def rollout(
+    policy,
+    forward: Forward,
+    reference_logits: ReferenceLogits,
+    tokenizer,
+    queries: list[str],
+    prompts: list[Prompt],
+    reward_model,
+    reward_tokenizer,
+    sampling,
+    device,
+    stop_ids: list[int],
+) -> Rollout:
     """Samples an answer to each query (`generate`), then runs `forward` (the policy, and the critic if any) and the
     reference over prompt + answer, and the reward model over the raw `prompts` with the answers."""
     samples = generate(policy, tokenizer, queries, sampling, device, stop_ids)
@@ -141,10 +152,12 @@ def rollout(policy, forward: Forward, reference_logits: ReferenceLogits, tokeniz
     input_ids, attention_mask, position_ids = join(samples.queries, samples.query_mask, samples.responses, mask)
     logits, values = forward(input_ids, attention_mask, position_ids)
     logprobs = sequence_logprobs(logits, context, samples.responses, sampling.temperature)[1]
-    ref_logprobs = sequence_logprobs(reference_logits(input_ids, attention_mask, position_ids), context,
-                                     samples.responses, sampling.temperature)[1]
+    ref_logprobs = sequence_logprobs(
+        reference_logits(input_ids, attention_mask, position_ids), context, samples.responses, sampling.temperature
+    )[1]
     scores = score(reward_model, reward_tokenizer, prompts, samples.texts, device)
     if values is not None:
         values = values[:, context - 1 : -1].float() * mask
-    return Rollout(samples, input_ids, attention_mask, position_ids, logprobs * mask, ref_logprobs * mask, scores,
-                   values)
+    return Rollout(
+        samples, input_ids, attention_mask, position_ids, logprobs * mask, ref_logprobs * mask, scores, values
+    )

@@ -27,6 +27,7 @@ from rlhf import s3
 CACHE_ENV = "RLHF_CACHE_DIR"
 CHECKPOINTS_ENV = "RLHF_CHECKPOINT_DIR"
 
+
 def _umask() -> int:
     current = os.umask(0)
     os.umask(current)

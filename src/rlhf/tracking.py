@@ -74,18 +74,22 @@ def _wait_for_server(uri: str) -> None:
             reason = _connection_reason(exc)
         waited = time.monotonic() - started
         if time.monotonic() + 1 >= deadline:
-            raise TrackingUnavailable(f"MLflow at {redact(uri)} cannot be reached ({reason}) after {waited:.0f} s; "
-                                      f"is the server up? ({WAIT_ENV} sets how long to wait)")
+            raise TrackingUnavailable(
+                f"MLflow at {redact(uri)} cannot be reached ({reason}) after {waited:.0f} s; "
+                f"is the server up? ({WAIT_ENV} sets how long to wait)"
+            )
         print(f"MLflow at {redact(uri)}: {reason}; retrying ({waited:.0f} of {wait:.0f} s)", flush=True)
         time.sleep(min(3.0, max(0.0, deadline - time.monotonic() - 1)))
 
 
 def _connection_reason(exc: Exception) -> str:
     text = str(exc)
-    for pattern, reason in ((r"Connection refused", "connection refused"),
-                            (r"Name or service not known|nodename nor servname|Temporary failure in name resolution",
-                             "unknown host"),
-                            (r"timed out|Timeout", "no answer"), (r"No route to host", "no route to host")):
+    for pattern, reason in (
+        (r"Connection refused", "connection refused"),
+        (r"Name or service not known|nodename nor servname|Temporary failure in name resolution", "unknown host"),
+        (r"timed out|Timeout", "no answer"),
+        (r"No route to host", "no route to host"),
+    ):
         if re.search(pattern, text):
             return reason
     return type(exc).__name__
@@ -171,7 +175,6 @@ def injected_run() -> str | None:
     return os.environ.get("MLFLOW_RUN_ID") or None
 
 
-
 def data_dvc_md5() -> str | None:
     """The md5 that data.dvc records for data/: which version of the datasets a run used."""
     path = project_root() / "data.dvc"
@@ -193,8 +196,11 @@ def mark_experiment(client, experiment) -> None:
 
 def lineage_tags() -> dict[str, str]:
     # rlhf.image_source: the source hash of the image the run ran in (absent outside the image).
-    tags = {"rlhf.git_commit": git_commit(), "rlhf.data_dvc_md5": data_dvc_md5(),
-            "rlhf.image_source": os.environ.get("RLHF_IMAGE_SOURCE")}
+    tags = {
+        "rlhf.git_commit": git_commit(),
+        "rlhf.data_dvc_md5": data_dvc_md5(),
+        "rlhf.image_source": os.environ.get("RLHF_IMAGE_SOURCE"),
+    }
     return {key: value for key, value in tags.items() if value}
 
 
@@ -205,8 +211,12 @@ def describe_params(params: dict[str, Any]) -> dict[str, Any]:
     root = project_root().resolve()
     described = {}
     for key, value in params.items():
-        if isinstance(value, str) and value and "://" not in value and (Path(value).exists()
-                                                                        or Path(value).is_absolute()):
+        if (
+            isinstance(value, str)
+            and value
+            and "://" not in value
+            and (Path(value).exists() or Path(value).is_absolute())
+        ):
             path = Path(value).resolve()  # an output folder not yet written is named all the same
             upstream = read_provenance(path) if path.is_dir() else {}
             if upstream.get("mlflow_run_id"):
@@ -224,8 +234,9 @@ def _supersede_stale_runs(run, checkpoints: str) -> None:
     """Runs of earlier attempts at the same training (same checkpoints: same config, data and input models) that
     are still RUNNING were killed (SIGKILL, a lost node) and never ended: this attempt marks them KILLED."""
     store = client()
-    stale = store.search_runs([run.info.experiment_id], f"tags.`{CHECKPOINTS_TAG}` = '{checkpoints}' and "
-                              "attributes.status = 'RUNNING'")
+    stale = store.search_runs(
+        [run.info.experiment_id], f"tags.`{CHECKPOINTS_TAG}` = '{checkpoints}' and attributes.status = 'RUNNING'"
+    )
     for earlier in stale:
         if earlier.info.run_id != run.info.run_id:
             store.set_tag(earlier.info.run_id, "rlhf.superseded_by", run.info.run_id)
@@ -332,8 +343,13 @@ def provenance(stage: str, params_hash: str, datasets: dict[str, str]) -> dict[s
 
         active = mlflow.active_run()
         run_id = active.info.run_id if active else None
-    return {"stage": stage, "mlflow_run_id": run_id, "params_hash": params_hash, "datasets": datasets,
-            **{key.removeprefix("rlhf."): value for key, value in lineage_tags().items()}}
+    return {
+        "stage": stage,
+        "mlflow_run_id": run_id,
+        "params_hash": params_hash,
+        "datasets": datasets,
+        **{key.removeprefix("rlhf."): value for key, value in lineage_tags().items()},
+    }
 
 
 def read_provenance(folder: str | Path) -> dict[str, Any]:

@@ -31,8 +31,9 @@ STEPS_WITH_METRICS = ("pretrain", "sft", "reward", "ppo", "evaluate")
 
 def run(command: list[str], cwd: Path, timeout: float, **env: str) -> subprocess.CompletedProcess[str]:
     environment = {key: value for key, value in os.environ.items() if not key.startswith(("MLFLOW_", "RLHF_"))}
-    return subprocess.run(command, cwd=cwd, env=environment | env, capture_output=True, text=True,
-                          timeout=timeout, check=False)
+    return subprocess.run(
+        command, cwd=cwd, env=environment | env, capture_output=True, text=True, timeout=timeout, check=False
+    )
 
 
 def _tail(result: subprocess.CompletedProcess[str]) -> str:
@@ -61,8 +62,12 @@ def image(podman: str) -> str:
 
 
 def _inspect(image: str, field: str) -> object:
-    result = subprocess.run(["podman", "image", "inspect", "--format", f"{{{{json {field}}}}}", image],
-                            capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        ["podman", "image", "inspect", "--format", f"{{{{json {field}}}}}", image],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(result.stdout)
 
 
@@ -71,9 +76,20 @@ def test_image_takes_kfp_commands_and_runs_as_non_root(image: str) -> None:
     pinned torch and the project inside."""
     assert not _inspect(image, ".Config.Entrypoint")
     assert _inspect(image, ".Config.User") == "rlhf"
-    result = subprocess.run(["podman", "run", "--rm", image, "sh", "-c",
-                             "id -u && python -c 'import torch, rlhf.cli; print(torch.__version__)'"],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            "podman",
+            "run",
+            "--rm",
+            image,
+            "sh",
+            "-c",
+            "id -u && python -c 'import torch, rlhf.cli; print(torch.__version__)'",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     uid, torch_version = result.stdout.split()
     assert uid == "1000"
@@ -102,9 +118,12 @@ def test_a_changed_source_is_refused_and_lands_in_a_new_image(image: str, tmp_pa
     rebuilt = build(checkout, use_host_pip=True, debian=True)
     try:
         assert rebuilt.image == default_tag(checkout) and current(checkout, rebuilt.image) == rebuilt.image
-        shown = subprocess.run(["podman", "run", "--rm", rebuilt.image, "python", "-c",
-                                "import rlhf; print(open(rlhf.__file__).read())"],
-                               capture_output=True, text=True, timeout=300)
+        shown = subprocess.run(
+            ["podman", "run", "--rm", rebuilt.image, "python", "-c", "import rlhf; print(open(rlhf.__file__).read())"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert marker in shown.stdout
     finally:
         subprocess.run(["podman", "rmi", rebuilt.image], capture_output=True)
@@ -165,9 +184,17 @@ def test_every_step_ran_in_the_image_and_the_champion_loads_in_a_fresh_process(b
     # The steps wrote into the project as this user, not as the image's user.
     assert (docker["folder"] / "mlflow.db").stat().st_uid == os.getuid()
 
-    answer = run([sys.executable, "-c", "import json, mlflow; model = mlflow.pyfunc.load_model("
-                  "'models:/rlhf-policy@champion'); print(json.dumps(model.predict(['The acting was great.'])))"],
-                 docker["folder"], timeout=300, MLFLOW_TRACKING_URI=uri)
+    answer = run(
+        [
+            sys.executable,
+            "-c",
+            "import json, mlflow; model = mlflow.pyfunc.load_model("
+            "'models:/rlhf-policy@champion'); print(json.dumps(model.predict(['The acting was great.'])))",
+        ],
+        docker["folder"],
+        timeout=300,
+        MLFLOW_TRACKING_URI=uri,
+    )
     assert answer.returncode == 0, _tail(answer)
     assert isinstance(json.loads(answer.stdout.strip().splitlines()[-1])[0], str)
 

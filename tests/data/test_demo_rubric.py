@@ -45,8 +45,15 @@ def test_a_faithful_summary_scores_one_and_each_defect_its_own_component(reviews
         return rubric([review.prompt], [summary])[0]
 
     faithful = judge(f" A {overall} {review.genre} with {adjective} {first} and {adjective2} {second}.")
-    assert faithful == {"genre": 1.0, "aspect_recall": 1.0, "tone": 1.0, "no_invention": 1.0, "invented": 0.0,
-                        "repetition": 0.0, "score": 1.0}
+    assert faithful == {
+        "genre": 1.0,
+        "aspect_recall": 1.0,
+        "tone": 1.0,
+        "no_invention": 1.0,
+        "invented": 0.0,
+        "repetition": 0.0,
+        "score": 1.0,
+    }
     wrong_genre = judge(f" A {overall} {other_genre} with {adjective} {first} and {adjective2} {second}.")
     flipped = judge(f" A {overall} {review.genre} with wonderful {first} and {adjective2} {second}.")
     added = judge(f" A {overall} {review.genre} with {adjective} {first}, {adjective2} {second} and great {invented}.")
@@ -103,16 +110,21 @@ def test_the_faithful_task_has_defective_sft_data_and_near_minimal_noisy_pairs(t
     sizes = {"corpus_size": 400, "sft_size": 2000, "preference_size": 2000, "rl_prompts": 50, "eval_prompts": 50}
     generate(DemoConfig(task="faithful", seed=5, sft_defect_share=0.3, label_noise=0.05, **sizes), tmp_path)
     texts = {name: [json.dumps(row) for row in _rows(tmp_path, name)] for name in ("corpus", "sft", "preferences")}
-    reviews = {name: {row["prompt"] if "prompt" in row else row["text"].split("\nSummary:")[0]
-                      for row in _rows(tmp_path, name)} for name in ("sft", "preferences", "prompts", "eval_prompts")}
+    reviews = {
+        name: {
+            row["prompt"] if "prompt" in row else row["text"].split("\nSummary:")[0] for row in _rows(tmp_path, name)
+        }
+        for name in ("sft", "preferences", "prompts", "eval_prompts")
+    }
     assert not reviews["prompts"] & reviews["eval_prompts"] and not reviews["sft"] & reviews["eval_prompts"]
     assert not reviews["preferences"] & (reviews["prompts"] | reviews["eval_prompts"])
 
     def faithful_share(rows: list[dict], prompt, answer) -> float:
         scores = rubric([prompt(row) for row in rows], [answer(row) for row in rows])
         # A faithful summary of a three-aspect review recalls two of them: judge the faithfulness components.
-        return statistics.fmean(s["genre"] == s["tone"] == s["no_invention"] == 1 and s["aspect_recall"] > 0.6
-                                for s in scores)
+        return statistics.fmean(
+            s["genre"] == s["tone"] == s["no_invention"] == 1 and s["aspect_recall"] > 0.6 for s in scores
+        )
 
     sft = _rows(tmp_path, "sft")
     assert 0.65 < faithful_share(sft, lambda r: r["prompt"], lambda r: r["completion"]) < 0.75  # 30% have a defect
@@ -134,27 +146,37 @@ def test_the_faithful_task_has_defective_sft_data_and_near_minimal_noisy_pairs(t
 
     # Same seed, same bytes; the sentiment task's files are another draw.
     generate(DemoConfig(task="faithful", seed=5, sft_defect_share=0.3, label_noise=0.05, **sizes), tmp_path / "again")
-    assert all((tmp_path / "again" / f"{name}.jsonl").read_bytes() == (tmp_path / f"{name}.jsonl").read_bytes()
-               for name in texts)
+    assert all(
+        (tmp_path / "again" / f"{name}.jsonl").read_bytes() == (tmp_path / f"{name}.jsonl").read_bytes()
+        for name in texts
+    )
     generate(DemoConfig(seed=5, **sizes), tmp_path / "sentiment")
     assert (tmp_path / "sentiment" / "sft.jsonl").read_bytes() != (tmp_path / "sft.jsonl").read_bytes()
 
 
-def test_annotators_take_prompts_and_responses_or_responses_alone(tmp_path: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_annotators_take_prompts_and_responses_or_responses_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     (tmp_path / "my_scorers.py").write_text(
         "def by_length(texts):\n    return [float(len(t)) for t in texts]\n"
         "def echo(prompts, responses):\n    return [{'score': 1.0, 'prompt_words': float(len(p.split()))}"
         " for p in prompts]\n"
-        "def short(prompts, responses):\n    return [0.0]\n")
+        "def short(prompts, responses):\n    return [0.0]\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     assert get_annotator("my_scorers:by_length")(["p1", "p2"], ["ab", "abc"]) == [{"score": 2.0}, {"score": 3.0}]
     assert get_annotator("my_scorers:echo")(["a b", "c"], ["x", "y"]) == [
-        {"score": 1.0, "prompt_words": 2.0}, {"score": 1.0, "prompt_words": 1.0}]
+        {"score": 1.0, "prompt_words": 2.0},
+        {"score": 1.0, "prompt_words": 1.0},
+    ]
     with pytest.raises(ValueError, match="returned 1 scores for 2 responses"):
         get_annotator("my_scorers:short")(["a", "b"], ["x", "y"])
-    assert get_annotator("rubric")(["Review: The Red Mirror is a drama. The plot is dull.\nSummary:"],
-                                   [" A dull drama with dull plot."])[0]["score"] == 1.0
+    assert (
+        get_annotator("rubric")(
+            ["Review: The Red Mirror is a drama. The plot is dull.\nSummary:"], [" A dull drama with dull plot."]
+        )[0]["score"]
+        == 1.0
+    )
     assert get_annotator("vader")(["p"], ["A wonderful film."])[0]["score"] > 0.5
     assert get_annotator("none") is None
     with pytest.raises(ConfigError, match="expected 'rubric', 'vader', 'none' or 'module:function'"):

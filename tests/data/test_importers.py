@@ -145,9 +145,7 @@ def test_hh_split_keeps_exact_text(tmp_path: Path) -> None:
     source = write_lines(tmp_path / "in.jsonl", [{**pair(prompt, "  Two-space answer\n", " Other"), "extra": 1}])
     output = tmp_path / "out.jsonl"
     import_hh_rlhf(str(source), str(output))
-    assert io.read_rows(output).records == [
-        {"prompt": prompt, "chosen": "  Two-space answer\n", "rejected": " Other"}
-    ]
+    assert io.read_rows(output).records == [{"prompt": prompt, "chosen": "  Two-space answer\n", "rejected": " Other"}]
 
 
 def test_hh_report_summary_and_dict(tmp_path: Path) -> None:
@@ -249,8 +247,10 @@ def test_alpaca_template(tmp_path: Path) -> None:
     assert report.adjusted == {"placeholder_input_removed": 1}
     assert io.read_rows(output).records == [
         {"prompt": "### Instruction:\nName a colour.\n\n### Response:\n", "completion": "Blue."},
-        {"prompt": "### Instruction:\nTranslate to French.\n\n### Input:\nHello\n\n### Response:\n",
-         "completion": "Bonjour."},
+        {
+            "prompt": "### Instruction:\nTranslate to French.\n\n### Input:\nHello\n\n### Response:\n",
+            "completion": "Bonjour.",
+        },
         {"prompt": "### Instruction:\nSay hi.\n\n### Response:\n", "completion": "Hi"},
         {"prompt": "### Instruction:\nCount to two.\n\n### Response:\n", "completion": "1, 2"},
     ]
@@ -294,11 +294,15 @@ def test_hh_transcripts_become_chat_messages() -> None:
     from rlhf.data.importers import hh_messages
 
     assert hh_messages(f"{H} Hi there{A} Hello! How can I help?{H} Tell me a joke.{A}") == [
-        {"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello! How can I help?"},
-        {"role": "user", "content": "Tell me a joke."}]
+        {"role": "user", "content": "Hi there"},
+        {"role": "assistant", "content": "Hello! How can I help?"},
+        {"role": "user", "content": "Tell me a joke."},
+    ]
     assert hh_messages(f"Be brief.{H} Hi{A} Hello") == [
-        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-        {"role": "assistant", "content": "Hello"}]
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+    ]
 
 
 def test_hh_chat_splits_prompts_whole_and_writes_valid_chat_datasets(tmp_path: Path) -> None:
@@ -309,30 +313,53 @@ def test_hh_chat_splits_prompts_whole_and_writes_valid_chat_datasets(tmp_path: P
     rows += [pair(f"{H} Empty?{A}", " ", " Something.")]  # dropped: empty_final_answer
     source = write_lines(tmp_path / "hh.jsonl", rows)
     alpaca = tmp_path / "alpaca.json"
-    alpaca.write_text(json.dumps([{"instruction": "Add 2 and 3.", "input": "", "output": "5"},
-                                  {"instruction": "Translate.", "input": "Bonjour", "output": "Hello"},
-                                  {"instruction": "Draw a cat.", "input": "", "output": "<nooutput>"}]))
+    alpaca.write_text(
+        json.dumps(
+            [
+                {"instruction": "Add 2 and 3.", "input": "", "output": "5"},
+                {"instruction": "Translate.", "input": "Bonjour", "output": "Hello"},
+                {"instruction": "Draw a cat.", "input": "", "output": "<nooutput>"},
+            ]
+        )
+    )
 
-    report = build_hh_chat(str(source), str(tmp_path / "out"), alpaca=str(alpaca), sft_rows=10, hh_sft_prompts=2,
-                           rl_prompts=5, eval_prompts=4, seed=1)
+    report = build_hh_chat(
+        str(source),
+        str(tmp_path / "out"),
+        alpaca=str(alpaca),
+        sft_rows=10,
+        hh_sft_prompts=2,
+        rl_prompts=5,
+        eval_prompts=4,
+        seed=1,
+    )
 
     assert report.pairs_read == 32 and report.pairs_dropped == {"empty_final_answer": 1}
-    out = {name: [json.loads(line) for line in (tmp_path / "out" / name).read_text().splitlines()]
-           for name in ("preferences.jsonl", "sft.jsonl", "prompts.jsonl", "eval_prompts.jsonl")}
+    out = {
+        name: [json.loads(line) for line in (tmp_path / "out" / name).read_text().splitlines()]
+        for name in ("preferences.jsonl", "sft.jsonl", "prompts.jsonl", "eval_prompts.jsonl")
+    }
     assert report.written == {name: len(records) for name, records in out.items()}
-    for name, kind in (("preferences.jsonl", "preference"), ("sft.jsonl", "sft"), ("prompts.jsonl", "prompts"),
-                       ("eval_prompts.jsonl", "prompts")):
+    for name, kind in (
+        ("preferences.jsonl", "preference"),
+        ("sft.jsonl", "sft"),
+        ("prompts.jsonl", "prompts"),
+        ("eval_prompts.jsonl", "prompts"),
+    ):
         formats.validate(io.read_rows(tmp_path / "out" / name), kind)
 
-    prompt_sets = {name: {json.dumps(record["prompt"]) for record in out[name]}
-                   for name in ("preferences.jsonl", "prompts.jsonl", "eval_prompts.jsonl")}
+    prompt_sets = {
+        name: {json.dumps(record["prompt"]) for record in out[name]}
+        for name in ("preferences.jsonl", "prompts.jsonl", "eval_prompts.jsonl")
+    }
     assert len(prompt_sets["eval_prompts.jsonl"]) == 4 and len(prompt_sets["prompts.jsonl"]) == 5
     assert not prompt_sets["eval_prompts.jsonl"] & (prompt_sets["preferences.jsonl"] | prompt_sets["prompts.jsonl"])
     assert not prompt_sets["prompts.jsonl"] & prompt_sets["preferences.jsonl"]
     # 30 distinct prompts: 4 evaluation, 5 RL, 2 for SFT, the other 19 keep every pair (question 0 has two)
     assert len(prompt_sets["preferences.jsonl"]) == 19
-    assert len(out["preferences.jsonl"]) == 19 + ('[{"content": "Question 0?", "role": "user"}]'
-                                                   in prompt_sets["preferences.jsonl"])
+    assert len(out["preferences.jsonl"]) == 19 + (
+        '[{"content": "Question 0?", "role": "user"}]' in prompt_sets["preferences.jsonl"]
+    )
     first = out["preferences.jsonl"][0]
     assert first["prompt"][-1]["role"] == "user" and first["chosen"][0]["content"].startswith("Kind answer")
     # Alpaca rows as one user and one assistant turn (input appended; <nooutput> rows left out), then HH dialogues
@@ -356,5 +383,9 @@ def test_hh_chat_on_the_shared_sample(hh_sample: Path, alpaca_sample: Path, tmp_
 
     report = build_hh_chat(str(hh_sample), str(tmp_path / "out"), alpaca=str(alpaca_sample))
     assert report.pairs_dropped == {"earlier_turns_differ": 1, "empty_final_answer": 4}
-    assert report.written == {"preferences.jsonl": 1210, "sft.jsonl": 512, "prompts.jsonl": 256,
-                              "eval_prompts.jsonl": 128}
+    assert report.written == {
+        "preferences.jsonl": 1210,
+        "sft.jsonl": 512,
+        "prompts.jsonl": 256,
+        "eval_prompts.jsonl": 128,
+    }

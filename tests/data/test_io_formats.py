@@ -151,7 +151,7 @@ def test_bad_gzip_is_named(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("name", ["d.jsonl", "d.json", "d.jsonl.gz"])
 def test_a_byte_order_mark_is_read_past(name: str, tmp_path: Path) -> None:
-    """Issue 15, finding 10: a UTF-8 BOM (Windows tools write one) was rejected with Python's decoder hint."""
+    """A UTF-8 BOM (Windows tools write one) is read past, not rejected with Python's decoder hint."""
     text = json.dumps(RECORDS) if name == "d.json" else jsonl(RECORDS)
     raw = b"\xef\xbb\xbf" + text.encode("utf-8")
     (tmp_path / name).write_bytes(gzip.compress(raw) if name.endswith(".gz") else raw)
@@ -159,7 +159,7 @@ def test_a_byte_order_mark_is_read_past(name: str, tmp_path: Path) -> None:
 
 
 def test_gzipped_content_without_the_gz_name_is_read(tmp_path: Path) -> None:
-    """Issue 15, finding 10: gzip bytes in a file named .jsonl were reported as `not UTF-8 (byte 0x8b)`."""
+    """Gzip bytes in a file named .jsonl are read as gzip, not reported as `not UTF-8 (byte 0x8b)`."""
     path = tmp_path / "d.jsonl"
     path.write_bytes(gzip.compress(jsonl(RECORDS).encode("utf-8")))
     assert io.read_rows(path).records == RECORDS
@@ -230,8 +230,13 @@ def test_conversational_preference_and_sft_messages_validate(tmp_path: Path) -> 
         }
     ] * 2
     sft = [
-        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                      {"role": "assistant", "content": "Hello!"}]}
+        {
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello!"},
+            ]
+        }
     ] * 2
     make(tmp_path / "pref.jsonl", preference)
     make(tmp_path / "sft.jsonl", sft)

@@ -22,8 +22,16 @@ Z95 = 1.959963984540054  # the 97.5% quantile of the standard normal
 
 # Evaluation metrics that clear every default threshold of GatesConfig by a wide margin (also at 95% confidence).
 PASSING_EVALUATION = {
-    "win_rate/rm": 0.92, "win_rate/gold": 0.91, "prompts": 128.0, "rm_gain_in_sft_std": 1.2, "gold_gain": 0.67,
-    "policy/kl": 3.9, "policy/eos_rate": 1.0, "policy/repetition": 0.0, "rm_accuracy": 1.0, "rm_pairs": 300.0,
+    "win_rate/rm": 0.92,
+    "win_rate/gold": 0.91,
+    "prompts": 128.0,
+    "rm_gain_in_sft_std": 1.2,
+    "gold_gain": 0.67,
+    "policy/kl": 3.9,
+    "policy/eos_rate": 1.0,
+    "policy/repetition": 0.0,
+    "rm_accuracy": 1.0,
+    "rm_pairs": 300.0,
     "gold_drop_while_rm_rose": 0.01,
 }
 GOLD_METRICS = ("win_rate/gold", "gold_gain", "gold_drop_while_rm_rose")
@@ -75,8 +83,14 @@ def test_reward_gate_at_confidence_zero_judges_the_point_estimate(tmp_path: Path
 
     assert verdict["passed"] is True and verdict["failed_checks"] == []
     check = check_of(verdict, "min_rm_accuracy")
-    assert check == {"check": "min_rm_accuracy", "metric": "eval_accuracy", "threshold": 0.99, "op": ">=",
-                     "status": "pass", "value": 1.0}  # no `measured`/`judged_on`: nothing was adjusted
+    assert check == {
+        "check": "min_rm_accuracy",
+        "metric": "eval_accuracy",
+        "threshold": 0.99,
+        "op": ">=",
+        "status": "pass",
+        "value": 1.0,
+    }  # no `measured`/`judged_on`: nothing was adjusted
     assert json.loads((tmp_path / "gates" / "reward.json").read_text()) == verdict
 
 
@@ -192,16 +206,20 @@ def test_null_threshold_turns_a_check_off(tmp_path: Path) -> None:
 
 def test_nan_metric_fails_in_either_direction(tmp_path: Path) -> None:
     """A diverged run (NaN KL, NaN gain) must not slip through a comparison."""
-    write_metrics(tmp_path, PASSING_EVALUATION | {"policy/kl": math.nan, "rm_gain_in_sft_std": math.nan},
-                  "evaluate.json")
+    write_metrics(
+        tmp_path, PASSING_EVALUATION | {"policy/kl": math.nan, "rm_gain_in_sft_std": math.nan}, "evaluate.json"
+    )
     verdict = evaluate_gate("evaluation", gates_config(tmp_path))
     assert sorted(verdict["failed_checks"]) == ["max_kl", "min_rm_gain"]
 
 
-@pytest.mark.parametrize(("gate", "metrics_file", "dropped"), [
-    ("evaluation", "evaluate.json", "policy/kl"),
-    ("reward", "reward.json", "eval_accuracy"),
-])
+@pytest.mark.parametrize(
+    ("gate", "metrics_file", "dropped"),
+    [
+        ("evaluation", "evaluate.json", "policy/kl"),
+        ("reward", "reward.json", "eval_accuracy"),
+    ],
+)
 def test_missing_required_metric_does_not_pass(tmp_path: Path, gate: str, metrics_file: str, dropped: str) -> None:
     """Only the gold metrics may legitimately be absent. A metrics file lacking a metric every run produces (a file
     from another stage, a renamed key) must not pass the gate by skipping the check: fail it, or refuse the file."""
@@ -315,8 +333,9 @@ def test_cli_gate_without_metrics_is_a_one_line_error(project: Path, capsys: pyt
     assert not (project / "gates" / "evaluation.json").exists()
 
 
-def test_cli_gate_with_invalid_metrics_json_names_file_and_line(project: Path,
-                                                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_gate_with_invalid_metrics_json_names_file_and_line(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     (project / "metrics" / "evaluate.json").write_text('{\n  "policy/kl": 1.0,\n}\n')
     assert main(["gate", "evaluation", "--params", "params.yaml"]) == 2
     err = capsys.readouterr().err

@@ -7,13 +7,21 @@ import math
 import pytest
 
 from rlhf.evaluation import best_of_n, best_of_n_metrics, compare, overoptimisation, summarize, win_rate
-from rlhf.measures import distinct_2, repetition
 from rlhf.gates import wilson_lower_bound
+from rlhf.measures import distinct_2, repetition
 
 
 def _row(response: str, rm: float, gold: float | None = None, kl: float = 0.0, eos: bool = True) -> dict:
-    return {"prompt": "p", "response": response, "rm_score": rm, "gold_score": gold, "kl": kl, "eos": eos,
-            "length": len(response.split()), "repetition": repetition(response)}
+    return {
+        "prompt": "p",
+        "response": response,
+        "rm_score": rm,
+        "gold_score": gold,
+        "kl": kl,
+        "eos": eos,
+        "length": len(response.split()),
+        "repetition": repetition(response),
+    }
 
 
 def test_repetition_counts_repeated_bigrams_within_an_answer() -> None:
@@ -49,8 +57,11 @@ def test_wilson_lower_bound_matches_the_closed_form() -> None:
 
 def test_compare_reports_both_models_gains_and_win_rates() -> None:
     sft = [_row("a nice film", 0.0, 0.1), _row("a dull film", 1.0, -0.2), _row("ok", 2.0, 0.0, eos=False)]
-    policy = [_row("great great great", 1.0, 0.5, kl=2.0), _row("a fine film", 1.0, 0.3, kl=4.0),
-              _row("superb", 3.0, 0.0, kl=3.0)]
+    policy = [
+        _row("great great great", 1.0, 0.5, kl=2.0),
+        _row("a fine film", 1.0, 0.3, kl=4.0),
+        _row("superb", 3.0, 0.0, kl=3.0),
+    ]
     stats = compare(policy, sft)
     assert stats["policy/rm_score"] == pytest.approx(5 / 3)
     assert stats["sft/rm_score"] == pytest.approx(1.0)
@@ -89,12 +100,15 @@ def test_compare_gives_each_gain_and_rate_a_95_percent_interval_around_it() -> N
     # Four times the prompts, half the width.
     wide = compare(policy * 4, sft * 4)
     assert (wide["gold_gain_ci_high"] - wide["gold_gain_ci_low"]) == pytest.approx(
-        (stats["gold_gain_ci_high"] - stats["gold_gain_ci_low"]) * math.sqrt(39 / 159), rel=1e-6)
+        (stats["gold_gain_ci_high"] - stats["gold_gain_ci_low"]) * math.sqrt(39 / 159), rel=1e-6
+    )
 
 
 def test_compare_averages_the_gold_annotators_components() -> None:
-    policy = [_row("a", 1.0, 0.5) | {"gold": {"genre": 1.0, "tone": 0.5}},
-              _row("b", 1.0, 0.7) | {"gold": {"genre": 0.0, "tone": 1.0}}]
+    policy = [
+        _row("a", 1.0, 0.5) | {"gold": {"genre": 1.0, "tone": 0.5}},
+        _row("b", 1.0, 0.7) | {"gold": {"genre": 0.0, "tone": 1.0}},
+    ]
     sft = [_row("c", 0.0, 0.2) | {"gold": {"genre": 1.0}}, _row("d", 0.0, 0.1) | {"gold": {"genre": 1.0}}]
     stats = compare(policy, sft)
     assert stats["policy/gold/genre"] == 0.5 and stats["policy/gold/tone"] == 0.75

@@ -33,21 +33,41 @@ def make_rows(n: int, mean: float, seed: int, gold: bool = True) -> list[dict[st
     rows = []
     for i in range(n):
         response = f" A {rng.choice(['great', 'dull', 'fine'])} film number {i}."
-        rows.append({"prompt": f"Review {i}: a film. Summary:", "response": response,
-                     "rm_score": rng.gauss(mean, 1.0), "gold_score": rng.uniform(-1, 1) if gold else None,
-                     "kl": abs(rng.gauss(mean, 0.5)), "eos": rng.random() < 0.9,
-                     "length": len(response.split()), "repetition": repetition(response)})
+        rows.append(
+            {
+                "prompt": f"Review {i}: a film. Summary:",
+                "response": response,
+                "rm_score": rng.gauss(mean, 1.0),
+                "gold_score": rng.uniform(-1, 1) if gold else None,
+                "kl": abs(rng.gauss(mean, 0.5)),
+                "eos": rng.random() < 0.9,
+                "length": len(response.split()),
+                "repetition": repetition(response),
+            }
+        )
     return rows
 
 
 def make_history(steps: int = 12) -> list[dict[str, float]]:
-    return [{"step": step, "objective/scores": 0.3 * step, "objective/kl": 0.1 * step,
-             "objective/rlhf_reward": 0.25 * step, "objective/entropy": 3.0 - 0.1 * step}
-            for step in range(1, steps + 1)]
+    return [
+        {
+            "step": step,
+            "objective/scores": 0.3 * step,
+            "objective/kl": 0.1 * step,
+            "objective/rlhf_reward": 0.25 * step,
+            "objective/entropy": 3.0 - 0.1 * step,
+        }
+        for step in range(1, steps + 1)
+    ]
 
 
-def build(folder: Path, gold: bool = True, history: bool = True,
-          policy_rows: list[dict] | None = None, sft_rows: list[dict] | None = None) -> list[str]:
+def build(
+    folder: Path,
+    gold: bool = True,
+    history: bool = True,
+    policy_rows: list[dict] | None = None,
+    sft_rows: list[dict] | None = None,
+) -> list[str]:
     """A report on 30 prompts: SFT scores around 0, PPO around 3."""
     policy_rows = policy_rows or make_rows(30, 3.0, seed=1, gold=gold)
     sft_rows = sft_rows or make_rows(30, 0.0, seed=2, gold=gold)
@@ -233,10 +253,22 @@ def screenshot(page: Path, folder: Path) -> Any:
     from PIL import Image
 
     png = folder / f"{page.stem}.png"
-    command = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-               "--disable-background-networking", "--disable-component-update", "--disable-sync",
-               "--disable-dev-shm-usage", f"--user-data-dir={folder / f'profile-{page.stem}'}",
-               "--window-size=1200,2600", f"--screenshot={png}", page.resolve().as_uri()]
+    command = [
+        chromium(),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={folder / f'profile-{page.stem}'}",
+        "--window-size=1200,2600",
+        f"--screenshot={png}",
+        page.resolve().as_uri(),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=90)
     assert png.is_file(), f"chromium wrote no screenshot (exit {result.returncode}): {result.stderr[-2000:]}"
     image = Image.open(png)
@@ -282,7 +314,11 @@ def test_flagged_answers_come_first_naming_what_is_wrong(tmp_path: Path) -> None
     samples = section((tmp_path / "report.md").read_text(encoding="utf-8"), "Answers, flagged first")
     rows = [line for line in samples.splitlines() if "| Review" in line]
     assert [row.split(" | ")[0] for row in rows[:4]] == [
-        "| genre changed, tone flipped", "| aspect invented", "| repetition", "| –"]
+        "| genre changed, tone flipped",
+        "| aspect invented",
+        "| repetition",
+        "| –",
+    ]
     assert "Review 7:" in rows[0] and "Review 12:" in rows[1] and "Review 20:" in rows[2] and "Review 0:" in rows[3]
     assert "(3 of 30 PPO answers flagged)" in (tmp_path / "report.md").read_text(encoding="utf-8")
 
@@ -292,25 +328,53 @@ def test_verdicts_identities_and_intervals_are_in_the_report(tmp_path: Path) -> 
 
     policy_rows, sft_rows = make_rows(30, 3.0, seed=1), make_rows(30, 0.0, seed=2)
     metrics = compare(policy_rows, sft_rows)
-    verdict = {"gate": "evaluation", "passed": False, "failed_checks": ["max_kl"], "checks": [
-        {"check": "max_kl", "metric": "policy/kl", "threshold": 6.0, "op": "<=", "value": 7.5, "status": "fail"},
-        {"check": "min_win_rate_rm", "metric": "win_rate/rm", "threshold": 0.6, "op": ">=", "value": 0.8,
-         "measured": 0.9, "status": "pass"}]}
+    verdict = {
+        "gate": "evaluation",
+        "passed": False,
+        "failed_checks": ["max_kl"],
+        "checks": [
+            {"check": "max_kl", "metric": "policy/kl", "threshold": 6.0, "op": "<=", "value": 7.5, "status": "fail"},
+            {
+                "check": "min_win_rate_rm",
+                "metric": "win_rate/rm",
+                "threshold": 0.6,
+                "op": ">=",
+                "value": 0.8,
+                "measured": 0.9,
+                "status": "pass",
+            },
+        ],
+    }
     identity = {"model": "PPO policy: models/ppo", "mlflow": "0123abcd", "commit": "deadbeef0123", "data": "prompts 9f"}
-    write_report(tmp_path, metrics, policy_rows, sft_rows, [], SAMPLE_ROWS,
-                 Decision(verdicts=[verdict], identities=[identity], champion_note="rlhf-policy v3; it would stay",
-                          champion_rows=[["score (gold_score)", "0.81", "0.77"], ["gates", "passed", "failed"]]))
+    write_report(
+        tmp_path,
+        metrics,
+        policy_rows,
+        sft_rows,
+        [],
+        SAMPLE_ROWS,
+        Decision(
+            verdicts=[verdict],
+            identities=[identity],
+            champion_note="rlhf-policy v3; it would stay",
+            champion_rows=[["score (gold_score)", "0.81", "0.77"], ["gates", "passed", "failed"]],
+        ),
+    )
     markdown = (tmp_path / "report.md").read_text(encoding="utf-8")
     titles = re.findall(r"^## (.+)$", markdown, re.M)
     assert titles[:2] == ["Gate verdicts", "Against the champion: rlhf-policy v3; it would stay"]
-    assert ("|  | champion | this PPO policy |\n|---|---|---|\n| score (gold_score) | 0.81 | 0.77 |\n"
-            "| gates | passed | failed |") in section(markdown, "Against the champion")
+    assert (
+        "|  | champion | this PPO policy |\n|---|---|---|\n| score (gold_score) | 0.81 | 0.77 |\n"
+        "| gates | passed | failed |"
+    ) in section(markdown, "Against the champion")
     verdicts = section(markdown, "Gate verdicts")
     assert "| evaluation | max_kl | policy/kl | 7.5 | &lt;= 6 | FAIL |" in verdicts  # escaped: shown as <=
     assert "| evaluation | min_win_rate_rm | win_rate/rm | 0.8 (measured 0.9) | &gt;= 0.6 | PASS |" in verdicts
     assert "| PPO policy: models/ppo | 0123abcd | deadbeef0123 | prompts 9f |" in section(markdown, "Identities")
     low, high = metrics["gold_gain_ci_low"], metrics["gold_gain_ci_high"]
-    assert f"| gold_gain | {metrics['gold_gain']:.4g} | [{low:.3g}, {high:.3g}] |" in section(markdown, "PPO against SFT")
+    assert f"| gold_gain | {metrics['gold_gain']:.4g} | [{low:.3g}, {high:.3g}] |" in section(
+        markdown, "PPO against SFT"
+    )
     assert "<td class='FAIL'>FAIL</td>" in (tmp_path / "report.html").read_text(encoding="utf-8")
 
 
@@ -321,6 +385,11 @@ def test_overoptimisation_plot_from_the_held_out_curve(tmp_path: Path) -> None:
         history[step - 1] |= {"heldout/rm_score": rm, "heldout/gold_score": gold, "heldout/kl": step / 4}
     policy_rows, sft_rows = make_rows(30, 3.0, seed=1), make_rows(30, 0.0, seed=2)
     names = write_report(tmp_path, compare(policy_rows, sft_rows), policy_rows, sft_rows, history, SAMPLE_ROWS)
-    assert names == ["report.md", "report.html", "plots/score_distributions.png", "plots/overoptimisation.png",
-                     "plots/ppo_training.png"]
+    assert names == [
+        "report.md",
+        "report.html",
+        "plots/score_distributions.png",
+        "plots/overoptimisation.png",
+        "plots/ppo_training.png",
+    ]
     assert len(embedded_pngs((tmp_path / "report.html").read_text(encoding="utf-8"))) == 3

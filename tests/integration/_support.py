@@ -50,8 +50,11 @@ def integration_params() -> dict:
 
 def base_env(**extra: str) -> dict[str, str]:
     """The environment for subprocesses: isolated like tests/conftest.py does it, with the virtualenv on PATH."""
-    env = {key: value for key, value in os.environ.items()
-           if not key.startswith(("MLFLOW_", "AWS_", "RLHF_")) and key != "RANK"}
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("MLFLOW_", "AWS_", "RLHF_")) and key != "RANK"
+    }
     env.update(
         {
             "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",

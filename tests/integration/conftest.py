@@ -18,8 +18,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _support import BIN, base_env  # noqa: E402
-from servers import ARTIFACT_BUCKET, MlflowServer, PostgresServer, S3Endpoint  # noqa: E402
+from _support import BIN, base_env
+from servers import ARTIFACT_BUCKET, MlflowServer, PostgresServer, S3Endpoint
 
 
 def _start_mlflow(root: Path, backend: str, s3_endpoint: S3Endpoint) -> MlflowServer:
@@ -62,8 +62,9 @@ def postgres() -> Iterator[PostgresServer]:
 
 
 @pytest.fixture(scope="module")
-def mlflow_server_postgres(postgres: PostgresServer, s3_endpoint: S3Endpoint,
-                           tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+def mlflow_server_postgres(
+    postgres: PostgresServer, s3_endpoint: S3Endpoint, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[MlflowServer]:
     """`mlflow server` with a PostgreSQL backend store, artifacts proxied to the S3 endpoint."""
     server = _start_mlflow(tmp_path_factory.mktemp("mlflow-postgres"), postgres.url, s3_endpoint)
     try:

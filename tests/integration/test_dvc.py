@@ -122,7 +122,7 @@ def test_second_repro_runs_nothing(pipeline):
 
 
 def test_metrics_show_lists_every_stages_headline_in_a_table_that_fits_a_terminal(pipeline):
-    """Issue 14, finding 7: `dvc metrics show` printed one table 1,423 characters wide (75 columns). It lists each
+    """`dvc metrics show` prints a table that fits a wide terminal (once 1,423 characters, 75 columns): it lists each
     stage's headline metrics; all of them stay in metrics/<stage>.json, which `dvc metrics show FILE` shows."""
     table = run(["dvc", "metrics", "show"], cwd=pipeline.folder, env=pipeline.env).stdout
     assert 0 < max(len(line) for line in table.splitlines()) <= 170, table
@@ -132,8 +132,13 @@ def test_metrics_show_lists_every_stages_headline_in_a_table_that_fits_a_termina
         on_disk = json.loads((pipeline.folder / "metrics" / f"{stage}.json").read_text())
         headline = files[f"metrics/headline/{stage}.json"]["data"]
         assert headline and headline == {key: on_disk[key] for key in step(stage).headline}
-        assert ({"objective/kl", "eval/gold_gain"} if stage == "ppo" else {"train_loss", "eval_loss"}
-                if stage != "evaluate" else {"win_rate/rm", "policy/kl"}) <= set(on_disk)
+        assert (
+            {"objective/kl", "eval/gold_gain"}
+            if stage == "ppo"
+            else {"train_loss", "eval_loss"}
+            if stage != "evaluate"
+            else {"win_rate/rm", "policy/kl"}
+        ) <= set(on_disk)
     everything = dvc_json(pipeline.folder, "metrics", "show", "metrics/ppo.json", env=pipeline.env)[""]["data"]
     assert everything["metrics/ppo.json"]["data"] == json.loads((pipeline.folder / "metrics/ppo.json").read_text())
     assert 0.0 <= files["metrics/headline/reward.json"]["data"]["eval_accuracy"] <= 1.0
@@ -237,7 +242,7 @@ def test_changing_a_reward_param_reruns_only_the_reward_stage_and_its_downstream
 
     output = dvc(folder, "repro", env=env)
     assert "Running stage 'reward'" in output, output[-3000:]
-    for stage in PIPELINE[PIPELINE.index("reward"):]:  # everything downstream reads the new reward model
+    for stage in PIPELINE[PIPELINE.index("reward") :]:  # everything downstream reads the new reward model
         assert f"Running stage '{stage}'" in output, stage
     for stage in ("pretrain", "sft"):
         assert f"Running stage '{stage}'" not in output
@@ -250,8 +255,8 @@ def test_changing_a_reward_param_reruns_only_the_reward_stage_and_its_downstream
 
 
 def test_an_experiment_registers_nothing_unless_asked(pipeline, tmp_path):
-    """Issue 14, finding 6: `dvc exp run` with another PPO seed retrains PPO and runs everything after it, but adds
-    no registry version (each experiment did); with registry.register_experiments it registers the new policy."""
+    """`dvc exp run` with another PPO seed retrains PPO and runs everything after it, but adds no registry version
+    (an experiment is not a release); with registry.register_experiments it registers the new policy."""
     from mlflow.tracking import MlflowClient
 
     folder = tmp_path / "project"
@@ -283,10 +288,16 @@ def test_a_gate_out_of_reach_stops_the_pipeline_and_keeps_the_champion(pipeline,
     shutil.copytree(pipeline.folder, folder, symlinks=True)
     env = dict(pipeline.env, MLFLOW_EXPERIMENT_NAME=f"{pipeline.experiment}-gated")
     client = MlflowClient(pipeline.server_url)
-    names = [entry["model"] for entry in json.loads((folder / "registry/registered.json").read_text())["versions"]
-             .values()]
-    before = {name: ({v.version for v in client.search_model_versions(f"name = '{name}'")},
-                     client.get_model_version_by_alias(name, "champion").version) for name in names}
+    names = [
+        entry["model"] for entry in json.loads((folder / "registry/registered.json").read_text())["versions"].values()
+    ]
+    before = {
+        name: (
+            {v.version for v in client.search_model_versions(f"name = '{name}'")},
+            client.get_model_version_by_alias(name, "champion").version,
+        )
+        for name in names
+    }
     ppo_before = tree_hashes(folder / OUTPUTS["ppo"])
 
     params = yaml.safe_load((folder / "params.yaml").read_text())
@@ -303,8 +314,13 @@ def test_a_gate_out_of_reach_stops_the_pipeline_and_keeps_the_champion(pipeline,
     verdict = json.loads((folder / "gates/reward.json").read_text())
     assert verdict["passed"] is False and verdict["failed_checks"] == ["min_rm_accuracy"]
     assert tree_hashes(folder / OUTPUTS["ppo"]) == ppo_before
-    after = {name: ({v.version for v in client.search_model_versions(f"name = '{name}'")},
-                    client.get_model_version_by_alias(name, "champion").version) for name in names}
+    after = {
+        name: (
+            {v.version for v in client.search_model_versions(f"name = '{name}'")},
+            client.get_model_version_by_alias(name, "champion").version,
+        )
+        for name in names
+    }
     assert after == before
 
 
@@ -343,7 +359,9 @@ def test_local_kubeflow_run_matches_dvc_and_registers_a_champion(pipeline, tmp_p
     parents = [r for r in runs if r.data.tags.get("rlhf.stage") == "pipeline"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert parents[0].data.tags["kfp.run_id"]
-    children = {r.data.tags["rlhf.stage"] for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
+    children = {
+        r.data.tags["rlhf.stage"] for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id
+    }
     assert children == {*STAGES, "evaluate", "register"}
 
     # What MLflow's pages show: an experiment of model training (not GenAI), a pipeline run that carries every
@@ -355,8 +373,9 @@ def test_local_kubeflow_run_matches_dvc_and_registers_a_champion(pipeline, tmp_p
         assert {f"{stage}/{key}" for key in _kfp_metrics(run_folder, stage)} <= set(summary.metrics), stage
     assert summary.metrics["evaluate/win_rate/rm"] == pytest.approx(_kfp_metrics(run_folder, "evaluate")["win_rate/rm"])
     assert summary.metrics["gate/reward"] == summary.metrics["gate/evaluation"] == 1.0
-    stage_runs = {r.data.tags["rlhf.stage"]: r for r in runs
-                  if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
+    stage_runs = {
+        r.data.tags["rlhf.stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id
+    }
     for role, stage in (("sft", "sft"), ("reward", "reward"), ("policy", "ppo")):
         entry = registered["versions"][role]
         version = client.get_model_version(entry["model"], str(entry["version"]))
@@ -367,14 +386,20 @@ def test_local_kubeflow_run_matches_dvc_and_registers_a_champion(pipeline, tmp_p
         assert trained.data.tags["rlhf.stage"] == stage, role
         if "already registered" not in entry["outcome"]:
             assert version.run_id == stage_runs[stage].info.run_id, role
-        assert trained.info.status == "FINISHED" and trained.info.end_time < client.get_run(
-            stage_runs["register"].info.run_id).info.start_time, role
+        assert (
+            trained.info.status == "FINISHED"
+            and trained.info.end_time < client.get_run(stage_runs["register"].info.run_id).info.start_time
+        ), role
     # A stage's params name its upstream runs, not the temporary artifact folders of the local run.
     assert stage_runs["reward"].data.params["reward.base_model"] == f"sft run {stage_runs['sft'].info.run_id}"
     assert stage_runs["ppo"].data.params["ppo.reward_model"] == f"reward run {stage_runs['reward'].info.run_id}"
     ours = {f"{stage}.": run for stage, run in stage_runs.items() if stage != "register"}  # not the trainer's args
-    assert not [(key, value) for prefix, r in ours.items() for key, value in r.data.params.items()
-                if key.startswith(prefix) and str(folder) in value]
+    assert not [
+        (key, value)
+        for prefix, r in ours.items()
+        for key, value in r.data.params.items()
+        if key.startswith(prefix) and str(folder) in value
+    ]
 
 
 def test_local_kubeflow_run_skips_everything_after_a_failed_gate(pipeline, tmp_path):
@@ -383,8 +408,9 @@ def test_local_kubeflow_run_skips_everything_after_a_failed_gate(pipeline, tmp_p
     folder = tmp_path / "project"
     shutil.copytree(pipeline.folder, folder, symlinks=True)
     env = dict(pipeline.env, MLFLOW_EXPERIMENT_NAME=f"{pipeline.experiment}-kfp-gated")
-    result = run(["rlhf", "pipeline", "run", "--local", "--set", "gates.min_rm_accuracy=0.99"], cwd=folder, env=env,
-                 check=False)
+    result = run(
+        ["rlhf", "pipeline", "run", "--local", "--set", "gates.min_rm_accuracy=0.99"], cwd=folder, env=env, check=False
+    )
     assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
     assert "gate 'reward' failed: min_rm_accuracy" in result.stderr
     run_folder = Path(result.stdout.split("pipeline run: ")[1].splitlines()[0])

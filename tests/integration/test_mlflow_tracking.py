@@ -97,7 +97,7 @@ def test_params_record_the_stage_config(tracked, stage):
         assert int(logged["pretrain.tokenizer.vocab_size"]) == configured["tokenizer"]["vocab_size"]
     if stage == "sft":
         assert logged["sft.dataset"] == "data/sft.jsonl" and logged["sft.lora.enabled"] == "False"
-    if stage == "reward":  # the model it starts from, by the run that trained it (issue 14)
+    if stage == "reward":  # the model it starts from, by the run that trained it
         assert logged["reward.base_model"] == f"sft run {tracked.runs['sft'].info.run_id}"
 
 
@@ -166,8 +166,12 @@ def test_saved_model_folder_is_downloadable_from_the_server(tracked, stage, tmp_
     # Proxied artifact storage: the files went through the server into its --artifacts-destination, an S3 bucket.
     bucket, prefix = tracked.server.artifacts.removeprefix("s3://").split("/", 1)
     pages = s3_endpoint.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/")
-    stored = [item for page in pages for item in page.get("Contents", [])
-              if run_id in item["Key"].split("/") and item["Key"].endswith("/model/model.safetensors")]
+    stored = [
+        item
+        for page in pages
+        for item in page.get("Contents", [])
+        if run_id in item["Key"].split("/") and item["Key"].endswith("/model/model.safetensors")
+    ]
     assert len(stored) == 1
     assert stored[0]["Size"] == (local / "model.safetensors").stat().st_size
 

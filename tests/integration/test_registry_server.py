@@ -15,7 +15,7 @@ from _support import base_env, run
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "registry"))
 
-from registry_helpers import ROLES, aliases, concurrent_registrations, server_project, versions  # noqa: E402
+from registry_helpers import ROLES, aliases, concurrent_registrations, server_project, versions
 
 pytestmark = pytest.mark.slow
 
@@ -64,9 +64,10 @@ def test_register_on_a_tracking_server_then_serve_the_champion_from_it(mlflow_se
     assert len(predicted["scores"]) == 1
 
 
-def test_concurrent_registrations_on_a_tracking_server_leave_one_version_per_model(mlflow_server,
-                                                                                  tmp_path: Path) -> None:
-    """Issue 15, finding 3, on a server (which no file lock reaches): four `rlhf register` at once leave one version
+def test_concurrent_registrations_on_a_tracking_server_leave_one_version_per_model(
+    mlflow_server, tmp_path: Path
+) -> None:
+    """On a server (which no file lock reaches), four `rlhf register` at once leave one version
     of each model; the ones that lost the race remove their own and report the existing one."""
     from mlflow import MlflowClient
 

@@ -22,7 +22,7 @@ from servers import DATA_BUCKET
 
 sys.path.insert(0, str(PROJECT / "tests" / "registry"))
 
-from registry_helpers import ROLES, server_project, versions  # noqa: E402
+from registry_helpers import ROLES, server_project, versions
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +34,7 @@ def _prefix() -> str:
 def _objects(s3, uri: str) -> dict[str, int]:
     bucket, prefix = uri.removeprefix("s3://").split("/", 1)
     pages = s3.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/")
-    return {item["Key"][len(prefix) + 1:]: item["Size"] for page in pages for item in page.get("Contents", [])}
+    return {item["Key"][len(prefix) + 1 :]: item["Size"] for page in pages for item in page.get("Contents", [])}
 
 
 def _manifest(s3, uri: str) -> dict:
@@ -54,8 +54,13 @@ def stage_project(tiny_demo_data: Path, tmp_path: Path, s3, mlflow_server):
     folder = tmp_path / "project"
     folder.mkdir()
     write_params(folder, integration_params())
-    env = base_env(MLFLOW_TRACKING_URI=mlflow_server.url, MLFLOW_EXPERIMENT_NAME=f"s3-{uuid.uuid4().hex[:8]}",
-                   RLHF_CACHE_DIR=str(tmp_path / "cache"), AWS_MAX_ATTEMPTS="2", **s3.env)
+    env = base_env(
+        MLFLOW_TRACKING_URI=mlflow_server.url,
+        MLFLOW_EXPERIMENT_NAME=f"s3-{uuid.uuid4().hex[:8]}",
+        RLHF_CACHE_DIR=str(tmp_path / "cache"),
+        AWS_MAX_ATTEMPTS="2",
+        **s3.env,
+    )
     return folder, env, prefix
 
 
@@ -69,17 +74,32 @@ def test_stages_read_and_write_s3_and_an_upload_cut_short_is_refused_then_redone
     from rlhf.tracking import read_provenance
 
     folder, env, prefix = stage_project
-    pretrain = ["rlhf", "pretrain", "--set", f"pretrain.corpus={prefix}/data/corpus.jsonl",
-                "--set", f"pretrain.output_dir={prefix}/models/pretrained"]
-    sft = ["rlhf", "sft", "--set", f"sft.model={prefix}/models/pretrained",
-           "--set", f"sft.dataset={prefix}/data/sft.jsonl", "--set", f"sft.output_dir={prefix}/models/sft"]
+    pretrain = [
+        "rlhf",
+        "pretrain",
+        "--set",
+        f"pretrain.corpus={prefix}/data/corpus.jsonl",
+        "--set",
+        f"pretrain.output_dir={prefix}/models/pretrained",
+    ]
+    sft = [
+        "rlhf",
+        "sft",
+        "--set",
+        f"sft.model={prefix}/models/pretrained",
+        "--set",
+        f"sft.dataset={prefix}/data/sft.jsonl",
+        "--set",
+        f"sft.output_dir={prefix}/models/sft",
+    ]
 
     s3.cut_when(rb"PUT /" + f"{prefix}/models/pretrained/model.safetensors".removeprefix("s3://").encode())
     cut = run(pretrain, cwd=folder, env=env, check=False)
     assert s3.cut.is_set()
     assert cut.returncode == 2, cut.stdout[-2000:] + cut.stderr[-3000:]
     assert cut.stderr.strip().splitlines()[-1] == (
-        f"error: {prefix}/models/pretrained: cannot reach the S3 endpoint {s3.url} (EndpointConnectionError)")
+        f"error: {prefix}/models/pretrained: cannot reach the S3 endpoint {s3.url} (EndpointConnectionError)"
+    )
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     experiment = client.get_experiment_by_name(env["MLFLOW_EXPERIMENT_NAME"])
     assert [r.info.status for r in client.search_runs([experiment.experiment_id])] == ["FAILED"]
@@ -90,7 +110,8 @@ def test_stages_read_and_write_s3_and_an_upload_cut_short_is_refused_then_redone
     assert refused.returncode == 2
     assert refused.stderr.strip().splitlines()[-1] == (
         f"error: {prefix}/models/pretrained: its upload never finished (an interrupted stage?); rerun the stage "
-        "that writes it")
+        "that writes it"
+    )
 
     run(pretrain, cwd=folder, env=env)
     run(sft, cwd=folder, env=env)
@@ -99,7 +120,8 @@ def test_stages_read_and_write_s3_and_an_upload_cut_short_is_refused_then_redone
         assert manifest["complete"] and {"config.json", "model.safetensors", "rlhf_run.json"} <= set(manifest["files"])
         stored = _objects(s3, f"{prefix}/models/{stage}")
         assert {name: entry["size"] for name, entry in manifest["files"].items()} == {
-            name: size for name, size in stored.items() if name != ".rlhf-manifest.json"}
+            name: size for name, size in stored.items() if name != ".rlhf-manifest.json"
+        }
     assert not list(folder.glob("models")), "nothing written locally"
     provenance = read_provenance(f"{prefix}/models/sft")  # downloaded from S3 in this process
     sft_run = client.get_run(provenance["mlflow_run_id"])
@@ -116,8 +138,12 @@ def test_registry_upload_cut_short_leaves_no_version_and_a_rerun_registers(s3, m
 
     project, names, register = server_project(tmp_path)
     # MLflow's client retries a failed request 7 times with exponential backoff (minutes); two short ones here.
-    env = base_env(MLFLOW_TRACKING_URI=mlflow_server.url, MLFLOW_HTTP_REQUEST_MAX_RETRIES="2",
-                   MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1", OMP_NUM_THREADS="1")
+    env = base_env(
+        MLFLOW_TRACKING_URI=mlflow_server.url,
+        MLFLOW_HTTP_REQUEST_MAX_RETRIES="2",
+        MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1",
+        OMP_NUM_THREADS="1",
+    )
 
     # The server uploads the SFT model's weights, then the reward model's: the endpoint stops at the second.
     s3.cut_when(rb"PUT /mlflow-artifacts/[^ ]*/model\.safetensors", occurrence=2)
@@ -136,8 +162,10 @@ def test_registry_upload_cut_short_leaves_no_version_and_a_rerun_registers(s3, m
     for role in ROLES:
         assert list(versions(client, names[role])) == [1], role
         assert client.get_model_version_by_alias(names[role], "champion").version == "1"
-    code = ("import mlflow, sys; print(mlflow.pyfunc.load_model(f'models:/{sys.argv[1]}@champion')"
-            ".predict(['A review.'])[0])")
+    code = (
+        "import mlflow, sys; print(mlflow.pyfunc.load_model(f'models:/{sys.argv[1]}@champion')"
+        ".predict(['A review.'])[0])"
+    )
     answer = run([sys.executable, "-c", code, names["policy"]], cwd=tmp_path, env=env)
     assert answer.stdout.strip()
 
@@ -150,16 +178,21 @@ def test_checkpoints_mirrored_to_s3_resume_a_run_on_a_fresh_machine(stage_projec
     tiny = ["--set", "sft.save_steps=3", "--set", "sft.epochs=2"]
     run(["rlhf", "pretrain", "--set", f"pretrain.corpus={prefix}/data/corpus.jsonl"], cwd=folder, env=env)
     sft = ["rlhf", "sft", "--set", f"sft.dataset={prefix}/data/sft.jsonl", *tiny]
-    run([*sft, "--set", "sft.output_dir=models/sft-uninterrupted", "--metrics", "metrics/uninterrupted.json"],
-        cwd=folder, env=env)
+    run(
+        [*sft, "--set", "sft.output_dir=models/sft-uninterrupted", "--metrics", "metrics/uninterrupted.json"],
+        cwd=folder,
+        env=env,
+    )
     uninterrupted = json.loads((folder / "metrics" / "uninterrupted.json").read_text())
 
     mirror = f"{prefix}/checkpoints"
     env = dict(env, RLHF_CHECKPOINT_DIR=mirror)
     process = subprocess.Popen(sft, cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
-    while not any(name.endswith(".rlhf-manifest.json") and _manifest(s3, f"{mirror}/{name.rsplit('/', 1)[0]}")
-                  .get("complete") for name in _objects(s3, mirror)):
+    while not any(
+        name.endswith(".rlhf-manifest.json") and _manifest(s3, f"{mirror}/{name.rsplit('/', 1)[0]}").get("complete")
+        for name in _objects(s3, mirror)
+    ):
         assert process.poll() is None, "sft finished before its first checkpoint reached S3"
         assert time.monotonic() < deadline, "no checkpoint reached S3 in 300 s"
         time.sleep(0.2)
@@ -177,8 +210,9 @@ def test_checkpoints_mirrored_to_s3_resume_a_run_on_a_fresh_machine(stage_projec
     assert _objects(s3, mirror) == {}
 
 
-def test_the_whole_pipeline_on_kubeflow_runner_with_postgres_tracking_and_s3_data(mlflow_server_postgres, s3, tmp_path,
-                                                                                 tiny_demo_data):
+def test_the_whole_pipeline_on_kubeflow_runner_with_postgres_tracking_and_s3_data(
+    mlflow_server_postgres, s3, tmp_path, tiny_demo_data
+):
     """The deployment end to end, on kfp's local runner: `rlhf data demo` writes the datasets to S3, the pipeline
     reads them from there (`kubeflow.data_source`), every stage tracks to an MLflow server whose backend store is
     PostgreSQL and whose artifacts are in S3, both gates pass, the three models are registered, and the champion
@@ -192,8 +226,12 @@ def test_the_whole_pipeline_on_kubeflow_runner_with_postgres_tracking_and_s3_dat
     params["kubeflow"]["data_source"] = f"{prefix}/data"
     write_params(folder, params)
     experiment = f"postgres-{uuid.uuid4().hex[:8]}"
-    env = base_env(MLFLOW_TRACKING_URI=mlflow_server_postgres.url, MLFLOW_EXPERIMENT_NAME=experiment,
-                   RLHF_CACHE_DIR=str(tmp_path / "cache"), **s3.env)
+    env = base_env(
+        MLFLOW_TRACKING_URI=mlflow_server_postgres.url,
+        MLFLOW_EXPERIMENT_NAME=experiment,
+        RLHF_CACHE_DIR=str(tmp_path / "cache"),
+        **s3.env,
+    )
     run(["rlhf", "data", "demo", "-o", f"{prefix}/data"], cwd=folder, env=env)
     assert set(_objects(s3, f"{prefix}/data")) == {".rlhf-manifest.json", *(p.name for p in tiny_demo_data.iterdir())}
 
@@ -206,13 +244,16 @@ def test_the_whole_pipeline_on_kubeflow_runner_with_postgres_tracking_and_s3_dat
     client = MlflowClient(tracking_uri=mlflow_server_postgres.url, registry_uri=mlflow_server_postgres.url)
     runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
     assert sorted(r.data.tags["rlhf.stage"] for r in runs) == sorted(
-        ["pipeline", "pretrain", "sft", "reward", "ppo", "evaluate", "register"])
+        ["pipeline", "pretrain", "sft", "reward", "ppo", "evaluate", "register"]
+    )
     assert all(r.info.status == "FINISHED" for r in runs)
     registered = json.loads((run_folder / "register" / "registered").read_text())["versions"]
     for role, entry in registered.items():
         assert client.get_model_version_by_alias(entry["model"], "champion").version == str(entry["version"]), role
 
-    code = ("import mlflow, sys; print(mlflow.pyfunc.load_model('models:/rlhf-policy@champion')"
-            ".predict(['I watched The Quiet Harbour, a drama. The acting is superb.'])[0])")
+    code = (
+        "import mlflow, sys; print(mlflow.pyfunc.load_model('models:/rlhf-policy@champion')"
+        ".predict(['I watched The Quiet Harbour, a drama. The acting is superb.'])[0])"
+    )
     answer = run([sys.executable, "-c", code], cwd=tmp_path, env=env)
     assert answer.stdout.strip()

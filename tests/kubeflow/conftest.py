@@ -13,9 +13,15 @@ import pytest
 from kfp_api_server import KfpApiServer
 
 # Settings kfp.Client reads from the environment; a developer's shell must not redirect the tests.
-KFP_ENVIRONMENT = ("KF_PIPELINES_ENDPOINT", "KF_PIPELINES_UI_ENDPOINT", "KF_PIPELINES_DEFAULT_EXPERIMENT_NAME",
-                   "KF_PIPELINES_OVERRIDE_EXPERIMENT_NAME", "KF_PIPELINES_IAP_OAUTH2_CLIENT_ID",
-                   "KF_PIPELINES_APP_OAUTH2_CLIENT_ID", "KF_PIPELINES_APP_OAUTH2_CLIENT_SECRET")
+KFP_ENVIRONMENT = (
+    "KF_PIPELINES_ENDPOINT",
+    "KF_PIPELINES_UI_ENDPOINT",
+    "KF_PIPELINES_DEFAULT_EXPERIMENT_NAME",
+    "KF_PIPELINES_OVERRIDE_EXPERIMENT_NAME",
+    "KF_PIPELINES_IAP_OAUTH2_CLIENT_ID",
+    "KF_PIPELINES_APP_OAUTH2_CLIENT_ID",
+    "KF_PIPELINES_APP_OAUTH2_CLIENT_SECRET",
+)
 
 
 @pytest.fixture(autouse=True)
@@ -25,8 +31,7 @@ def _isolated_kfp_client(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pyte
 
     for key in KFP_ENVIRONMENT:
         monkeypatch.delenv(key, raising=False)
-    monkeypatch.setattr(client.Client, "_LOCAL_KFP_CONTEXT",
-                        str(tmp_path_factory.mktemp("kfp-home") / "context.json"))
+    monkeypatch.setattr(client.Client, "_LOCAL_KFP_CONTEXT", str(tmp_path_factory.mktemp("kfp-home") / "context.json"))
 
 
 @pytest.fixture
@@ -72,8 +77,9 @@ class CliResult:
 
 
 @pytest.fixture
-def rlhf(capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture,
-         monkeypatch: pytest.MonkeyPatch) -> Callable[..., CliResult]:
+def rlhf(
+    capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> Callable[..., CliResult]:
     """Runs `rlhf ARGS...` in-process (rlhf.cli.main) in folder `cwd`; returns its exit code and output."""
     from rlhf import cli
 

@@ -21,7 +21,7 @@ import json
 import threading
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -57,7 +57,7 @@ class _State:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _rpc_error(code: int, message: str) -> dict:
@@ -66,10 +66,10 @@ def _rpc_error(code: int, message: str) -> dict:
 
 
 class _Handler(BaseHTTPRequestHandler):
-    server: "_Server"
+    server: _Server
     protocol_version = "HTTP/1.1"
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - keep test output quiet
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
     # --- plumbing -------------------------------------------------------------------------------------------
@@ -104,7 +104,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         try:
             status, payload = self._route(method, parts.path, request)
-        except Exception as exc:  # noqa: BLE001 - a bug here should surface as a 500, not a hung client
+        except Exception as exc:
             status, payload = 500, _rpc_error(13, f"test server error: {exc!r}")
         request.status = status
         self._send(status, payload)
@@ -183,16 +183,16 @@ class _Handler(BaseHTTPRequestHandler):
             state.runs[run["run_id"]] = run
         return 200, run
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         self._handle("GET")
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         self._handle("POST")
 
-    def do_DELETE(self) -> None:  # noqa: N802
+    def do_DELETE(self) -> None:
         self._handle("DELETE")
 
-    def do_PATCH(self) -> None:  # noqa: N802
+    def do_PATCH(self) -> None:
         self._handle("PATCH")
 
 
@@ -211,7 +211,7 @@ class KfpApiServer:
         self._server.lock = threading.Lock()
         self._thread = threading.Thread(target=self._server.serve_forever, name="kfp-api-server", daemon=True)
 
-    def start(self) -> "KfpApiServer":
+    def start(self) -> KfpApiServer:
         self._thread.start()
         return self
 
@@ -247,13 +247,20 @@ class KfpApiServer:
 
     def add_experiment(self, name: str, namespace: str = "") -> dict:
         """An experiment that already exists on the cluster."""
-        experiment = {"experiment_id": str(uuid.uuid4()), "display_name": name, "description": "",
-                      "created_at": _now(), "namespace": namespace, "storage_state": "AVAILABLE"}
+        experiment = {
+            "experiment_id": str(uuid.uuid4()),
+            "display_name": name,
+            "description": "",
+            "created_at": _now(),
+            "namespace": namespace,
+            "storage_state": "AVAILABLE",
+        }
         self.state.experiments[experiment["experiment_id"]] = experiment
         return experiment
 
-    def fail(self, method: str, path: str, status: int, body: Any, reason: str | None = None,
-             times: int | None = None) -> None:
+    def fail(
+        self, method: str, path: str, status: int, body: Any, reason: str | None = None, times: int | None = None
+    ) -> None:
         """Answer `method` requests whose path starts with API + `path` with an error (`times` None: always)."""
         text = body if isinstance(body, str) else json.dumps(body)
         self.state.failures[(method, API + path)] = Failure(status, text, reason, times)

@@ -20,8 +20,18 @@ LAYOUT = {
     "comp-condition-2": {"ppo", "evaluate", "gate-evaluation", "condition-3"},
     "comp-condition-3": {"register"},
 }
-STEP_TASKS = ("data", "pretrain", "sft", "reward", "gate-reward", "ppo", "evaluate", "gate-evaluation", "register",
-              "close-pipeline-run")
+STEP_TASKS = (
+    "data",
+    "pretrain",
+    "sft",
+    "reward",
+    "gate-reward",
+    "ppo",
+    "evaluate",
+    "gate-evaluation",
+    "register",
+    "close-pipeline-run",
+)
 
 # A kubeflow section that turns on every setting the pipeline knows.
 FULL_KUBEFLOW = {
@@ -123,8 +133,7 @@ class Compiled:
             assert channel, f"{task}.{name}: unexpected input {entry}"
             if owner == "root":
                 return "pipeline", channel
-            parent_task = next(name for name, spec in self.all_tasks().items()
-                               if spec["componentRef"]["name"] == owner)
+            parent_task = next(name for name, spec in self.all_tasks().items() if spec["componentRef"]["name"] == owner)
             owner = self.where(parent_task)
             entry = self.task(parent_task)["inputs"][kind][channel]
 
@@ -140,8 +149,9 @@ def read_compiled(path: Path) -> Compiled:
 
 def artifact_types(definitions: dict | None) -> dict[str, str]:
     """{name: schemaTitle} of an inputDefinitions/outputDefinitions block's artifacts."""
-    return {name: spec["artifactType"]["schemaTitle"]
-            for name, spec in ((definitions or {}).get("artifacts") or {}).items()}
+    return {
+        name: spec["artifactType"]["schemaTitle"] for name, spec in ((definitions or {}).get("artifacts") or {}).items()
+    }
 
 
 def parameter_types(definitions: dict | None) -> dict[str, str]:
@@ -152,6 +162,7 @@ def is_subset(expected: Any, actual: Any) -> bool:
     """Every key of `expected` is in `actual` with an equal value (numbers compare by value: kfp stores 42 as
     42.0)."""
     if isinstance(expected, dict):
-        return isinstance(actual, dict) and all(key in actual and is_subset(value, actual[key])
-                                                for key, value in expected.items())
+        return isinstance(actual, dict) and all(
+            key in actual and is_subset(value, actual[key]) for key, value in expected.items()
+        )
     return expected == actual

@@ -109,47 +109,53 @@ def test_every_step_sits_at_its_nesting_level(plain: Compiled) -> None:
         assert "executorLabel" in plain.component(task)
 
 
-@pytest.mark.parametrize(("task", "name", "producer"), [
-    ("pretrain", "dataset", ("data", "dataset")),
-    ("sft", "dataset", ("data", "dataset")),
-    ("sft", "base_model", ("pretrain", "model")),
-    ("reward", "dataset", ("data", "dataset")),
-    ("reward", "base_model", ("sft", "model")),  # params.yaml's reward.base_model: models/sft
-    ("gate-reward", "reward_metrics", ("reward", "metrics")),
-    ("gate-reward", "reward_model", ("reward", "model")),
-    ("ppo", "dataset", ("data", "dataset")),
-    ("ppo", "sft_model", ("sft", "model")),
-    ("ppo", "reward_model", ("reward", "model")),
-    ("evaluate", "dataset", ("data", "dataset")),
-    ("evaluate", "policy_model", ("ppo", "model")),
-    ("evaluate", "sft_model", ("sft", "model")),
-    ("evaluate", "reward_model", ("reward", "model")),
-    ("gate-evaluation", "evaluation_metrics", ("evaluate", "metrics")),
-    ("gate-evaluation", "report", ("evaluate", "report")),
-    ("register", "sft_model", ("sft", "model")),
-    ("register", "reward_model", ("reward", "model")),
-    ("register", "policy_model", ("ppo", "model")),
-    ("register", "evaluation_metrics", ("evaluate", "metrics")),
-    ("register", "reward_verdict", ("gate-reward", "verdict")),
-    ("register", "evaluation_verdict", ("gate-evaluation", "verdict")),
-])
+@pytest.mark.parametrize(
+    ("task", "name", "producer"),
+    [
+        ("pretrain", "dataset", ("data", "dataset")),
+        ("sft", "dataset", ("data", "dataset")),
+        ("sft", "base_model", ("pretrain", "model")),
+        ("reward", "dataset", ("data", "dataset")),
+        ("reward", "base_model", ("sft", "model")),  # params.yaml's reward.base_model: models/sft
+        ("gate-reward", "reward_metrics", ("reward", "metrics")),
+        ("gate-reward", "reward_model", ("reward", "model")),
+        ("ppo", "dataset", ("data", "dataset")),
+        ("ppo", "sft_model", ("sft", "model")),
+        ("ppo", "reward_model", ("reward", "model")),
+        ("evaluate", "dataset", ("data", "dataset")),
+        ("evaluate", "policy_model", ("ppo", "model")),
+        ("evaluate", "sft_model", ("sft", "model")),
+        ("evaluate", "reward_model", ("reward", "model")),
+        ("gate-evaluation", "evaluation_metrics", ("evaluate", "metrics")),
+        ("gate-evaluation", "report", ("evaluate", "report")),
+        ("register", "sft_model", ("sft", "model")),
+        ("register", "reward_model", ("reward", "model")),
+        ("register", "policy_model", ("ppo", "model")),
+        ("register", "evaluation_metrics", ("evaluate", "metrics")),
+        ("register", "reward_verdict", ("gate-reward", "verdict")),
+        ("register", "evaluation_verdict", ("gate-evaluation", "verdict")),
+    ],
+)
 def test_artifacts_flow_along_the_dag(plain: Compiled, task: str, name: str, producer: tuple[str, str]) -> None:
     """Each artifact input comes from the step that produces it (followed through the condition sub-DAGs): e.g.
     ppo trains against the SFT and reward models, register files both gate verdicts."""
     assert plain.source(task, name) == producer
 
 
-@pytest.mark.parametrize(("task", "inputs"), [
-    ("data", {"demo": "demo", "source": "data_source"}),
-    ("pretrain", {"params": "pretrain"}),
-    ("sft", {"params": "sft"}),
-    ("reward", {"params": "reward"}),
-    ("gate-reward", {"params": "gates"}),
-    ("ppo", {"params": "ppo"}),
-    ("evaluate", {"params": "evaluate"}),
-    ("gate-evaluation", {"params": "gates"}),
-    ("register", {"params": "registry"}),
-])
+@pytest.mark.parametrize(
+    ("task", "inputs"),
+    [
+        ("data", {"demo": "demo", "source": "data_source"}),
+        ("pretrain", {"params": "pretrain"}),
+        ("sft", {"params": "sft"}),
+        ("reward", {"params": "reward"}),
+        ("gate-reward", {"params": "gates"}),
+        ("ppo", {"params": "ppo"}),
+        ("evaluate", {"params": "evaluate"}),
+        ("gate-evaluation", {"params": "gates"}),
+        ("register", {"params": "registry"}),
+    ],
+)
 def test_each_step_gets_its_params_section_and_the_run_id(plain: Compiled, task: str, inputs: dict) -> None:
     """Every step's parameters are its params.yaml section (a pipeline input) and the KFP run id."""
     for name, pipeline_input in inputs.items():
@@ -157,12 +163,16 @@ def test_each_step_gets_its_params_section_and_the_run_id(plain: Compiled, task:
     assert plain.source(task, "kfp_run_id", "parameters") == ("constant", "{{$.pipeline_job_uuid}}")
 
 
-@pytest.mark.parametrize(("condition", "gate", "name", "upstream"), [
-    ("condition-2", "gate-reward", "reward-model-passed", "comp-exit-handler-1"),
-    ("condition-3", "gate-evaluation", "policy-passed", "comp-condition-2"),
-])
-def test_conditions_run_the_rest_only_when_the_gate_passed(plain: Compiled, condition: str, gate: str, name: str,
-                                                          upstream: str) -> None:
+@pytest.mark.parametrize(
+    ("condition", "gate", "name", "upstream"),
+    [
+        ("condition-2", "gate-reward", "reward-model-passed", "comp-exit-handler-1"),
+        ("condition-3", "gate-evaluation", "policy-passed", "comp-condition-2"),
+    ],
+)
+def test_conditions_run_the_rest_only_when_the_gate_passed(
+    plain: Compiled, condition: str, gate: str, name: str, upstream: str
+) -> None:
     """Each condition compares its gate's `Output` to 'passed' and waits for that gate."""
     task = plain.task(condition)
     channel = f"pipelinechannel--{gate}-Output"
@@ -185,26 +195,49 @@ def test_exit_handler_wraps_the_whole_dag(plain: Compiled) -> None:
     assert not close.get("cachingOptions", {}).get("enableCache")
     assert plain.task("exit-handler-1")["taskInfo"]["name"] == "rlhf"
     assert parameter_types(plain.component("close-pipeline-run")["inputDefinitions"]) == {
-        "kfp_run_id": "STRING", "status": "TASK_FINAL_STATUS"}
+        "kfp_run_id": "STRING",
+        "status": "TASK_FINAL_STATUS",
+    }
 
 
 MODEL, DATASET, METRICS, ARTIFACT = "system.Model", "system.Dataset", "system.Metrics", "system.Artifact"
 
 
-@pytest.mark.parametrize(("task", "inputs", "outputs"), [
-    ("data", {}, {"dataset": DATASET}),
-    ("pretrain", {"dataset": DATASET}, {"model": MODEL, "metrics": METRICS}),
-    ("sft", {"dataset": DATASET, "base_model": MODEL}, {"model": MODEL, "metrics": METRICS}),
-    ("reward", {"dataset": DATASET, "base_model": MODEL}, {"model": MODEL, "metrics": METRICS}),
-    ("gate-reward", {"reward_metrics": METRICS, "reward_model": MODEL}, {"verdict": ARTIFACT}),
-    ("ppo", {"dataset": DATASET, "sft_model": MODEL, "reward_model": MODEL}, {"model": MODEL, "metrics": METRICS}),
-    ("evaluate", {"dataset": DATASET, "policy_model": MODEL, "sft_model": MODEL, "reward_model": MODEL},
-     {"report": ARTIFACT, "metrics": METRICS, "report_markdown": "system.Markdown", "report_html": "system.HTML"}),
-    ("gate-evaluation", {"evaluation_metrics": METRICS, "report": ARTIFACT}, {"verdict": ARTIFACT}),
-    ("register", {"sft_model": MODEL, "reward_model": MODEL, "policy_model": MODEL, "evaluation_metrics": METRICS,
-                  "reward_verdict": ARTIFACT, "evaluation_verdict": ARTIFACT}, {"registered": ARTIFACT}),
-    ("close-pipeline-run", {}, {}),
-])
+@pytest.mark.parametrize(
+    ("task", "inputs", "outputs"),
+    [
+        ("data", {}, {"dataset": DATASET}),
+        ("pretrain", {"dataset": DATASET}, {"model": MODEL, "metrics": METRICS}),
+        ("sft", {"dataset": DATASET, "base_model": MODEL}, {"model": MODEL, "metrics": METRICS}),
+        ("reward", {"dataset": DATASET, "base_model": MODEL}, {"model": MODEL, "metrics": METRICS}),
+        ("gate-reward", {"reward_metrics": METRICS, "reward_model": MODEL}, {"verdict": ARTIFACT}),
+        ("ppo", {"dataset": DATASET, "sft_model": MODEL, "reward_model": MODEL}, {"model": MODEL, "metrics": METRICS}),
+        (
+            "evaluate",
+            {"dataset": DATASET, "policy_model": MODEL, "sft_model": MODEL, "reward_model": MODEL},
+            {
+                "report": ARTIFACT,
+                "metrics": METRICS,
+                "report_markdown": "system.Markdown",
+                "report_html": "system.HTML",
+            },
+        ),
+        ("gate-evaluation", {"evaluation_metrics": METRICS, "report": ARTIFACT}, {"verdict": ARTIFACT}),
+        (
+            "register",
+            {
+                "sft_model": MODEL,
+                "reward_model": MODEL,
+                "policy_model": MODEL,
+                "evaluation_metrics": METRICS,
+                "reward_verdict": ARTIFACT,
+                "evaluation_verdict": ARTIFACT,
+            },
+            {"registered": ARTIFACT},
+        ),
+        ("close-pipeline-run", {}, {}),
+    ],
+)
 def test_components_have_typed_artifacts(plain: Compiled, task: str, inputs: dict, outputs: dict) -> None:
     """Inputs and outputs carry kfp's artifact types (Dataset, Model, Metrics, Markdown, HTML, Artifact)."""
     component = plain.component(task)
@@ -224,15 +257,17 @@ def test_pipeline_inputs_are_the_params_sections_with_params_yaml_as_defaults(pl
         default = parameters[section]["defaultValue"]
         assert default == to_kfp(getattr(params, section).model_dump(mode="json")), section
         assert is_subset(to_kfp(raw.get(section, {})), default), f"{section} differs from params.yaml"
-    assert parameters["data_source"]["defaultValue"] == "demo" and parameters["data_source"]["parameterType"] == "STRING"
+    assert (
+        parameters["data_source"]["defaultValue"] == "demo" and parameters["data_source"]["parameterType"] == "STRING"
+    )
     assert parameters["pretrain"]["defaultValue"]["base_model"] == KFP_NULL
     assert parameters["ppo"]["defaultValue"]["target_kl"] == KFP_NULL
     assert parameters["ppo"]["defaultValue"]["learning_rate"] == raw["ppo"]["learning_rate"]
 
 
 def test_the_knobs_people_tune_are_typed_documented_run_parameters(plain: Compiled) -> None:
-    """Issue 14: a Kubeflow user changed a learning rate by editing a JSON blob whose integers read 2.0 and nulls
-    '<null>'. The knobs are typed parameters (number fields in the run form), with params.yaml's values as defaults
+    """A Kubeflow user changes a learning rate in a number field, not a JSON blob whose integers read 2.0 and nulls
+    '<null>': the knobs are typed parameters (number fields in the run form), with params.yaml's values as defaults
     and a description each; every step gets its own as typed inputs, which win over its section's."""
     parameters = plain.spec["root"]["inputDefinitions"]["parameters"]
     params = load_params(Path(__file__).resolve().parents[2] / "params.yaml")
@@ -256,10 +291,10 @@ def test_a_knob_wins_over_its_sections_value() -> None:
 
 def test_set_overrides_change_the_compiled_defaults(tmp_path: Path) -> None:
     """`rlhf pipeline compile --set section.key=value` bakes the override into the defaults."""
-    compiled = _compile(write_project(tmp_path), "--set", "ppo.learning_rate=0.0002", "--set",
-                        "gates.max_kl=null")
-    defaults = {name: spec.get("defaultValue") for name, spec in
-                compiled.spec["root"]["inputDefinitions"]["parameters"].items()}
+    compiled = _compile(write_project(tmp_path), "--set", "ppo.learning_rate=0.0002", "--set", "gates.max_kl=null")
+    defaults = {
+        name: spec.get("defaultValue") for name, spec in compiled.spec["root"]["inputDefinitions"]["parameters"].items()
+    }
     assert defaults["ppo"]["learning_rate"] == 0.0002
     assert defaults["gates"]["max_kl"] == KFP_NULL
 
@@ -290,15 +325,17 @@ def test_no_resources_are_set_without_a_resources_section(plain: Compiled) -> No
 
 
 @pytest.mark.parametrize(("variant", "retries"), [("plain", 2), ("full", 3)])
-def test_every_step_retries_with_backoff_and_is_cached(variant: str, retries: int,
-                                                       request: pytest.FixtureRequest) -> None:
+def test_every_step_retries_with_backoff_and_is_cached(
+    variant: str, retries: int, request: pytest.FixtureRequest
+) -> None:
     """Each step retries kubeflow.retries times (default 2) with a 30 s backoff doubling each time; every step but
     the exit task may be served from the cache."""
     compiled: Compiled = request.getfixturevalue(variant)
     for task in STEP_TASKS:
         spec = compiled.task(task)
-        assert is_subset({"maxRetryCount": retries, "backoffDuration": "30s", "backoffFactor": 2.0},
-                         spec["retryPolicy"]), task
+        assert is_subset(
+            {"maxRetryCount": retries, "backoffDuration": "30s", "backoffFactor": 2.0}, spec["retryPolicy"]
+        ), task
         assert bool(spec.get("cachingOptions", {}).get("enableCache")) is (task != "close-pipeline-run"), task
 
 
@@ -319,14 +356,18 @@ def test_kubernetes_settings_apply_to_every_executor(full: Compiled) -> None:
     for name, config in executors.items():
         [secret] = config["secretAsEnv"]
         assert secret["optional"] is True, name
-        secret_names = (secret.get("secretName"),
-                        secret.get("secretNameParameter", {}).get("runtimeValue", {}).get("constant"))
+        secret_names = (
+            secret.get("secretName"),
+            secret.get("secretNameParameter", {}).get("runtimeValue", {}).get("constant"),
+        )
         assert FULL_KUBEFLOW["secret"] in secret_names, name
         assert secret["keyToEnv"] == [{"secretKey": key, "envVar": key} for key in keys], name
         [mount] = config["pvcMount"]
         assert mount["mountPath"] == "/home/rlhf/.cache/huggingface", name
         assert FULL_KUBEFLOW["model_cache_pvc"] in (
-            mount.get("constant"), mount.get("pvcNameParameter", {}).get("runtimeValue", {}).get("constant"))
+            mount.get("constant"),
+            mount.get("pvcNameParameter", {}).get("runtimeValue", {}).get("constant"),
+        )
         assert config["nodeSelector"]["labels"] == FULL_KUBEFLOW["node_selector"], name
 
 
@@ -341,10 +382,10 @@ def test_environment_and_pipeline_root_reach_every_executor(full: Compiled, plai
     assert not any(executor["container"].get("env") for executor in plain.executors.values())
 
 
-@pytest.mark.parametrize(("variant", "image"), [("plain", "rlhf-pipeline:latest"),
-                                                ("full", FULL_KUBEFLOW["image"])])
-def test_every_executor_runs_the_project_image_without_pip_install(variant: str, image: str,
-                                                                  request: pytest.FixtureRequest) -> None:
+@pytest.mark.parametrize(("variant", "image"), [("plain", "rlhf-pipeline:latest"), ("full", FULL_KUBEFLOW["image"])])
+def test_every_executor_runs_the_project_image_without_pip_install(
+    variant: str, image: str, request: pytest.FixtureRequest
+) -> None:
     """Every executor runs kubeflow.image (a step with an accelerator, kubeflow.cuda_image), and none installs
     packages at start-up (the image already has kfp)."""
     compiled: Compiled = request.getfixturevalue(variant)
@@ -385,13 +426,17 @@ def test_pod_local_tracking_is_refused_unless_allowed(tmp_path: Path, rlhf) -> N
     assert (project / "out.yaml").exists()
 
 
-@pytest.mark.parametrize("changes", [
-    {"secret": "mlflow-credentials"},  # its keys include MLFLOW_TRACKING_URI by default
-    {"env": {"MLFLOW_TRACKING_URI": "http://mlflow.mlflow.svc:5000"}},
-    {"mlflow_integration": True},
-])
-def test_a_tracking_server_from_secret_env_or_kubeflow_integration_is_accepted(tmp_path: Path, rlhf,
-                                                                              changes: dict) -> None:
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"secret": "mlflow-credentials"},  # its keys include MLFLOW_TRACKING_URI by default
+        {"env": {"MLFLOW_TRACKING_URI": "http://mlflow.mlflow.svc:5000"}},
+        {"mlflow_integration": True},
+    ],
+)
+def test_a_tracking_server_from_secret_env_or_kubeflow_integration_is_accepted(
+    tmp_path: Path, rlhf, changes: dict
+) -> None:
     project = _project_with_repo_kubeflow(tmp_path, image="registry.example.com/rlhf:1", **changes)
     result = rlhf("pipeline", "compile", "-o", "out.yaml", cwd=project)
     assert result.code == 0, result.err
@@ -436,12 +481,17 @@ def test_the_reward_model_starts_from_the_model_reward_base_model_names(tmp_path
     assert not (tmp_path / "out.yaml").exists()
 
 
-@pytest.mark.parametrize(("kubeflow", "words"), [
-    ({"resources": {"trainer": {"cpu": "4"}}}, ["trainer", "unknown step"]),
-    ({"resources": {"ppo": {"accelerator_count": 2}}}, ["kubeflow.resources.ppo", "accelerator_type"]),
-    ({"resources": {"sft": {"accelerator_type": "nvidia.com/gpu", "accelerator_count": 1}}},
-     ["resources.sft requests nvidia.com/gpu", "cuda_image"]),
-])
+@pytest.mark.parametrize(
+    ("kubeflow", "words"),
+    [
+        ({"resources": {"trainer": {"cpu": "4"}}}, ["trainer", "unknown step"]),
+        ({"resources": {"ppo": {"accelerator_count": 2}}}, ["kubeflow.resources.ppo", "accelerator_type"]),
+        (
+            {"resources": {"sft": {"accelerator_type": "nvidia.com/gpu", "accelerator_count": 1}}},
+            ["resources.sft requests nvidia.com/gpu", "cuda_image"],
+        ),
+    ],
+)
 def test_bad_kubeflow_settings_fail_before_compiling(tmp_path: Path, rlhf, kubeflow: dict, words: list[str]) -> None:
     """An unknown resources step, or an accelerator count without a type, is a ConfigError naming it: the CLI
     prints one line, exits 2 and writes no file."""

@@ -17,13 +17,18 @@ REPO = Path(__file__).resolve().parents[2]
 
 def stale_files(fresh: Path) -> list[str]:
     """The committed files that differ from (or are missing in, or are absent from) a fresh export in `fresh`."""
+
     def files(root: Path) -> dict[str, bytes]:
-        return {path.relative_to(root).as_posix(): path.read_bytes()
-                for folder in (COMPONENTS_DIR, PIPELINES_DIR) for path in sorted((root / folder).glob("*.yaml"))}
+        return {
+            path.relative_to(root).as_posix(): path.read_bytes()
+            for folder in (COMPONENTS_DIR, PIPELINES_DIR)
+            for path in sorted((root / folder).glob("*.yaml"))
+        }
 
     committed, regenerated = files(REPO), files(fresh)
-    return sorted(name for name in committed.keys() | regenerated.keys()
-                  if committed.get(name) != regenerated.get(name))
+    return sorted(
+        name for name in committed.keys() | regenerated.keys() if committed.get(name) != regenerated.get(name)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -54,22 +59,42 @@ def test_every_step_has_a_component_and_every_file_loads_with_kfp() -> None:
 
 
 def test_a_changed_component_signature_makes_the_committed_yaml_stale(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """What the freshness test catches: a new input on the sft component, not regenerated."""
     from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
     from rlhf.components import definitions
 
-    def sft(params: dict, learning_rate: float, epochs: float, kfp_run_id: str, dataset: Input[Dataset],
-            base_model: Input[Model], model: Output[Model], metrics: Output[Metrics], seed: int = 0):
+    def sft(
+        params: dict,
+        learning_rate: float,
+        epochs: float,
+        kfp_run_id: str,
+        dataset: Input[Dataset],
+        base_model: Input[Model],
+        model: Output[Model],
+        metrics: Output[Metrics],
+        seed: int = 0,
+    ):
         from rlhf.components import steps
 
-        steps.sft(params, dataset.path, base_model.path, model.path, metrics, kfp_run_id,
-                  learning_rate=learning_rate, epochs=epochs)
+        steps.sft(
+            params,
+            dataset.path,
+            base_model.path,
+            model.path,
+            metrics,
+            kfp_run_id,
+            learning_rate=learning_rate,
+            epochs=epochs,
+        )
 
     monkeypatch.setattr(definitions, "sft", sft)
     export(REPO, tmp_path)
     stale = stale_files(tmp_path)
     # the component and every pipeline that embeds it
-    assert stale == ["components/sft.yaml", *sorted(f"pipelines/{path.name}" for path in
-                                                    (REPO / PIPELINES_DIR).glob("*.yaml"))]
+    assert stale == [
+        "components/sft.yaml",
+        *sorted(f"pipelines/{path.name}" for path in (REPO / PIPELINES_DIR).glob("*.yaml")),
+    ]

@@ -37,10 +37,12 @@ def injected(workdir: Path, monkeypatch: pytest.MonkeyPatch):
     client = MlflowClient(uri)
     experiment = client.create_experiment("team-rlhf")
     pipeline_run = client.create_run(experiment, run_name="rlhf-pipeline-abc12").info.run_id
-    task_run = client.create_run(experiment, run_name="pretrain",
-                                 tags={"mlflow.parentRunId": pipeline_run}).info.run_id
-    for key, value in {"MLFLOW_RUN_ID": task_run, "MLFLOW_TRACKING_URI": uri,
-                       "MLFLOW_EXPERIMENT_ID": experiment}.items():
+    task_run = client.create_run(experiment, run_name="pretrain", tags={"mlflow.parentRunId": pipeline_run}).info.run_id
+    for key, value in {
+        "MLFLOW_RUN_ID": task_run,
+        "MLFLOW_TRACKING_URI": uri,
+        "MLFLOW_EXPERIMENT_ID": experiment,
+    }.items():
         monkeypatch.setenv(key, value)
     return client, experiment, pipeline_run, task_run
 

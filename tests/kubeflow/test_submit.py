@@ -52,8 +52,9 @@ def _expected_pipeline_spec(project: Path, overrides: list[str]) -> dict:
 # --- a run is filed -------------------------------------------------------------------------------------------
 
 
-def test_submit_files_the_compiled_pipeline_with_the_params_as_arguments(rlhf, project: Path,
-                                                                         kfp_server: KfpApiServer) -> None:
+def test_submit_files_the_compiled_pipeline_with_the_params_as_arguments(
+    rlhf, project: Path, kfp_server: KfpApiServer
+) -> None:
     """The run carries the compiled pipeline inline and the params sections (with the --set override) as its
     arguments, is filed in a new experiment of the given name, and its URL is the last line printed."""
     result = _submit(rlhf, project, kfp_server.url, "--experiment", "exp", "--set", OVERRIDE, "--run-name", "r1")
@@ -100,8 +101,9 @@ def test_submit_reuses_an_experiment_that_already_exists(rlhf, project: Path, kf
     assert result.out_lines[-1] == _run_url(kfp_server.url, run)
 
 
-def test_submit_defaults_to_the_configured_experiment_in_the_given_namespace(rlhf, project: Path,
-                                                                            kfp_server: KfpApiServer) -> None:
+def test_submit_defaults_to_the_configured_experiment_in_the_given_namespace(
+    rlhf, project: Path, kfp_server: KfpApiServer
+) -> None:
     """Without --experiment the run goes to kubeflow.experiment; --namespace scopes the lookup and the new
     experiment to that profile."""
     result = _submit(rlhf, project, kfp_server.url, "--namespace", "team-a", "--set", "kubeflow.experiment=nightly")
@@ -128,7 +130,8 @@ def test_submit_sends_the_kubernetes_platform_spec(rlhf, tmp_path: Path, kfp_ser
     assert ppo["pvcMount"][0]["mountPath"] == "/home/rlhf/.cache/huggingface"
     assert ppo["nodeSelector"]["labels"] == FULL_KUBEFLOW["node_selector"]
     resources = run["pipeline_spec"]["pipeline_spec"]["deploymentSpec"]["executors"]["exec-ppo"]["container"][
-        "resources"]
+        "resources"
+    ]
     assert resources["accelerator"]["resourceCount"] == "2"
 
 
@@ -163,19 +166,33 @@ def test_bad_set_fails_before_any_request(rlhf, project: Path, kfp_server: KfpAp
 AUTH_FAILURES = [
     pytest.param("GET", "/healthz", 401, "Unauthorized", id="401-on-healthz"),
     pytest.param("GET", "/healthz", 403, "RBAC: access denied", id="403-on-healthz"),
-    pytest.param("GET", "/experiments", 403, {"error": "Failed to authorize with API: PermissionDenied", "code": 7,
-                                              "message": "Failed to authorize with API", "details": []},
-                 id="403-on-experiments"),
-    pytest.param("POST", "/runs", 401, {"error": "Unauthenticated: no user identity header", "code": 16,
-                                        "message": "Unauthenticated", "details": []}, id="401-on-run"),
+    pytest.param(
+        "GET",
+        "/experiments",
+        403,
+        {
+            "error": "Failed to authorize with API: PermissionDenied",
+            "code": 7,
+            "message": "Failed to authorize with API",
+            "details": [],
+        },
+        id="403-on-experiments",
+    ),
+    pytest.param(
+        "POST",
+        "/runs",
+        401,
+        {"error": "Unauthenticated: no user identity header", "code": 16, "message": "Unauthenticated", "details": []},
+        id="401-on-run",
+    ),
     pytest.param("POST", "/runs", 403, "RBAC: access denied", id="403-on-run"),
 ]
 
 
 @pytest.mark.parametrize(("method", "path", "status", "body"), AUTH_FAILURES)
-def test_refused_credentials_give_one_line_saying_not_authorised(rlhf, project: Path, kfp_server: KfpApiServer,
-                                                                 kfp_sleeps: list[float], method: str, path: str,
-                                                                 status: int, body) -> None:
+def test_refused_credentials_give_one_line_saying_not_authorised(
+    rlhf, project: Path, kfp_server: KfpApiServer, kfp_sleeps: list[float], method: str, path: str, status: int, body
+) -> None:
     """A 401 or 403 from the API (or the auth proxy in front of it), on any call, is one line naming the host, the
     status and that the user is not authorised; no traceback is logged, no run is filed, and a refusal is not
     retried (kfp's healthz check would otherwise wait 5 x 5 s and then report a TimeoutError)."""
@@ -192,14 +209,22 @@ def test_refused_credentials_give_one_line_saying_not_authorised(rlhf, project: 
     assert not kfp_server.runs
 
 
-SERVER_ERROR = {"error": "Internal error: failed to create a new run: database is locked", "code": 13,
-                "message": "failed to create a new run", "details": []}
+SERVER_ERROR = {
+    "error": "Internal error: failed to create a new run: database is locked",
+    "code": 13,
+    "message": "failed to create a new run",
+    "details": [],
+}
 
 
-@pytest.mark.parametrize(("method", "path"), [("POST", "/runs"), ("GET", "/experiments"), ("GET", "/healthz")],
-                         ids=["on-run", "on-experiments", "on-healthz"])
-def test_server_error_gives_one_line_with_status_and_body(rlhf, project: Path, kfp_server: KfpApiServer,
-                                                          kfp_sleeps: list[float], method: str, path: str) -> None:
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("POST", "/runs"), ("GET", "/experiments"), ("GET", "/healthz")],
+    ids=["on-run", "on-experiments", "on-healthz"],
+)
+def test_server_error_gives_one_line_with_status_and_body(
+    rlhf, project: Path, kfp_server: KfpApiServer, kfp_sleeps: list[float], method: str, path: str
+) -> None:
     """A 500 with a body is one line with the host, the status and (the start of) the body, and no traceback."""
     kfp_server.fail(method, path, 500, SERVER_ERROR)
     result = _submit(rlhf, project, kfp_server.url, "--experiment", "exp")
@@ -228,8 +253,14 @@ def unreachable(tmp_path_factory: pytest.TempPathFactory):
         env = {key: value for key, value in os.environ.items() if not key.startswith("KF_PIPELINES")}
         env |= {"HOME": str(home), "PYTHONWARNINGS": "", "MLFLOW_DISABLE_TELEMETRY": "true"}
         started = time.monotonic()
-        process = subprocess.run([sys.executable, "-m", "rlhf.cli", "pipeline", "submit", "--host", host],
-                                 cwd=project, env=env, capture_output=True, text=True, timeout=60)
+        process = subprocess.run(
+            [sys.executable, "-m", "rlhf.cli", "pipeline", "submit", "--host", host],
+            cwd=project,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         elapsed = time.monotonic() - started
     return process, elapsed, host
 

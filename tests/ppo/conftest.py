@@ -10,8 +10,6 @@ import torch
 from ppo_helpers import demo_rows, quick_pretrain, random_lm, snapshot, tokenizer_for
 
 
-
-
 @pytest.fixture(scope="session")
 def rows() -> list[tuple[str, str]]:
     return demo_rows(400)

@@ -48,11 +48,21 @@ def random_classifier(tokenizer, seed: int = 0):
     from transformers import GPT2Config, GPT2ForSequenceClassification
 
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=TINY_ARCH["n_positions"], n_embd=TINY_ARCH["n_embd"],
-                        n_layer=TINY_ARCH["n_layer"], n_head=TINY_ARCH["n_head"], num_labels=1,
-                        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                        bos_token_id=tokenizer.eos_token_id, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                        summary_first_dropout=0.0)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=TINY_ARCH["n_positions"],
+        n_embd=TINY_ARCH["n_embd"],
+        n_layer=TINY_ARCH["n_layer"],
+        n_head=TINY_ARCH["n_head"],
+        num_labels=1,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.eos_token_id,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        summary_first_dropout=0.0,
+    )
     model = GPT2ForSequenceClassification(config).eval()
     # GPT-2's init gives the score head tiny outputs; make values and scores clearly non-zero.
     nn.init.normal_(model.score.weight, std=1.0)
@@ -109,13 +119,15 @@ def fresh_accelerator(gradient_accumulation_steps: int = 1):
     return Accelerator(cpu=True, gradient_accumulation_steps=gradient_accumulation_steps)
 
 
-def make_trainer(cfg, policy, reference, critic, reward_model, tokenizer, reward_tokenizer, prompts: list[str],
-                 checkpoint_dir: Path):
+def make_trainer(
+    cfg, policy, reference, critic, reward_model, tokenizer, reward_tokenizer, prompts: list[str], checkpoint_dir: Path
+):
     from rlhf.ppo.trainer import PPOTrainer
 
     accelerator = fresh_accelerator(cfg.gradient_accumulation_steps)
-    return PPOTrainer(cfg, policy, reference, critic, reward_model, tokenizer, reward_tokenizer, prompts,
-                      checkpoint_dir, accelerator)
+    return PPOTrainer(
+        cfg, policy, reference, critic, reward_model, tokenizer, reward_tokenizer, prompts, checkpoint_dir, accelerator
+    )
 
 
 def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:

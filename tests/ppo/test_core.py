@@ -119,7 +119,7 @@ def naive_gae(rewards, values, mask, gamma, lam):
         v = [float(values[row, t]) for t in range(length)] + [0.0]
         deltas = [float(rewards[row, t]) + gamma * v[t + 1] - v[t] for t in range(length)]
         for t in range(length):
-            advantages[row, t] = sum((gamma * lam) ** l * deltas[t + l] for l in range(length - t))
+            advantages[row, t] = sum((gamma * lam) ** k * deltas[t + k] for k in range(length - t))
     returns = (advantages + values) * mask
     return advantages, returns
 
@@ -271,12 +271,14 @@ def test_kl_controller_state_dict_round_trip() -> None:
 
 def test_first_true_indices_and_response_mask() -> None:
     eos = 0
-    responses = torch.tensor([
-        [5, eos, 7, eos],  # EOS at 1: it counts, everything after it does not
-        [5, 6, 7, 8],  # no EOS: all real (truncated at max_new_tokens)
-        [eos, 5, eos, 6],  # EOS first
-        [5, 6, 7, eos],  # EOS last
-    ])
+    responses = torch.tensor(
+        [
+            [5, eos, 7, eos],  # EOS at 1: it counts, everything after it does not
+            [5, 6, 7, 8],  # no EOS: all real (truncated at max_new_tokens)
+            [eos, 5, eos, 6],  # EOS first
+            [5, 6, 7, eos],  # EOS last
+        ]
+    )
     assert core.first_true_indices(responses == eos).tolist() == [1, 4, 0, 3]
     assert core.response_mask(responses, eos).tolist() == [
         [1, 1, 0, 0],

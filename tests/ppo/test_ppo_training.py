@@ -13,17 +13,27 @@ from ppo_helpers import ToyReward, make_trainer, random_classifier, random_lm, s
 from rlhf.config import LoraParams, PPOConfig
 from rlhf.ppo import core
 from rlhf.ppo.models import Critic, reference_model
-from rlhf.sampling import join, sequence_logprobs
 from rlhf.ppo.trainer import STEP_METRICS
+from rlhf.sampling import join, sequence_logprobs
 
 # Metrics that measure the machine rather than the run.
 TIMING = {"time/rollout", "time/update", "tokens_per_second"}
 
 
 def config(**overrides) -> PPOConfig:
-    settings = dict(rollout_batch_size=8, mini_batch_size=8, ppo_epochs=1, learning_rate=1e-3,
-                    lr_scheduler="constant", max_new_tokens=12, missing_eos_penalty=None, kl_coef=0.02,
-                    value_model="policy_head", save_steps=1000, seed=0)
+    settings = dict(
+        rollout_batch_size=8,
+        mini_batch_size=8,
+        ppo_epochs=1,
+        learning_rate=1e-3,
+        lr_scheduler="constant",
+        max_new_tokens=12,
+        missing_eos_penalty=None,
+        kl_coef=0.02,
+        value_model="policy_head",
+        save_steps=1000,
+        seed=0,
+    )
     settings.update(overrides)
     return PPOConfig(**settings)
 
@@ -40,8 +50,17 @@ def test_ppo_raises_a_toy_reward(make_policy, tokenizer, reward_tokenizer, promp
     steps = 30
     cfg = config(total_episodes=steps * 16, rollout_batch_size=16, mini_batch_size=8, ppo_epochs=2, max_new_tokens=16)
     reward = ToyReward(reward_tokenizer)
-    trainer = make_trainer(cfg, policy, reference_model(policy), None, reward, tokenizer, reward_tokenizer, prompts,
-                           tmp_path / "checkpoints")
+    trainer = make_trainer(
+        cfg,
+        policy,
+        reference_model(policy),
+        None,
+        reward,
+        tokenizer,
+        reward_tokenizer,
+        prompts,
+        tmp_path / "checkpoints",
+    )
     assert trainer.num_steps == steps
     seen: list[int] = []
     history = trainer.train(lambda step, metrics, _: seen.append(step))
@@ -69,16 +88,18 @@ def test_ppo_raises_a_toy_reward(make_policy, tokenizer, reward_tokenizer, promp
 
 @pytest.mark.slow
 @pytest.mark.parametrize("value_model", ["reward", "policy_head"])
-def test_a_few_steps_move_every_trainable_weight_and_no_frozen_one(make_policy, tokenizer, prompts, tmp_path: Path,
-                                                                   value_model: str) -> None:
+def test_a_few_steps_move_every_trainable_weight_and_no_frozen_one(
+    make_policy, tokenizer, prompts, tmp_path: Path, value_model: str
+) -> None:
     torch.manual_seed(0)
     policy = make_policy()
     reference = reference_model(policy)
     reward_model = random_classifier(tokenizer, seed=1).requires_grad_(False)
     critic = Critic(copy.deepcopy(reward_model).requires_grad_(True)) if value_model == "reward" else None
     cfg = config(total_episodes=3 * 8, value_model=value_model)
-    trainer = make_trainer(cfg, policy, reference, critic, reward_model, tokenizer, tokenizer, prompts,
-                           tmp_path / "checkpoints")
+    trainer = make_trainer(
+        cfg, policy, reference, critic, reward_model, tokenizer, tokenizer, prompts, tmp_path / "checkpoints"
+    )
     trainable = {name: p.detach().clone() for name, p in trainer.model.named_parameters() if p.requires_grad}
     assert any(name.startswith("policy.") for name in trainable)
     assert any(name.startswith("critic." if critic else "value_head.") for name in trainable)
@@ -104,15 +125,32 @@ def test_a_few_steps_move_every_trainable_weight_and_no_frozen_one(make_policy, 
 
 
 @pytest.mark.slow
-def test_gradient_accumulation_steps_the_optimiser_and_schedule_once_per_mini_batch(make_policy, tokenizer, prompts,
-                                                                                     tmp_path: Path) -> None:
+def test_gradient_accumulation_steps_the_optimiser_and_schedule_once_per_mini_batch(
+    make_policy, tokenizer, prompts, tmp_path: Path
+) -> None:
     # 2 steps × 2 epochs × (8 / 4) mini-batches = 8 optimiser steps, each from 2 micro-batches of 2.
-    cfg = config(total_episodes=16, rollout_batch_size=8, mini_batch_size=4, gradient_accumulation_steps=2,
-                 ppo_epochs=2, lr_scheduler="linear", learning_rate=1e-3)
+    cfg = config(
+        total_episodes=16,
+        rollout_batch_size=8,
+        mini_batch_size=4,
+        gradient_accumulation_steps=2,
+        ppo_epochs=2,
+        lr_scheduler="linear",
+        learning_rate=1e-3,
+    )
     torch.manual_seed(0)
     policy = make_policy()
-    trainer = make_trainer(cfg, policy, reference_model(policy), None, random_classifier(tokenizer, seed=1), tokenizer,
-                           tokenizer, prompts, tmp_path)
+    trainer = make_trainer(
+        cfg,
+        policy,
+        reference_model(policy),
+        None,
+        random_classifier(tokenizer, seed=1),
+        tokenizer,
+        tokenizer,
+        prompts,
+        tmp_path,
+    )
     history = trainer.train(no_callback)
     assert [row["lr"] for row in history] == pytest.approx([1e-3 * 4 / 8, 0.0])  # linear decay over 8 updates
     steps_taken = {int(state["step"]) for state in trainer.optimizer.optimizer.state.values()}
@@ -120,14 +158,24 @@ def test_gradient_accumulation_steps_the_optimiser_and_schedule_once_per_mini_ba
 
 
 @pytest.mark.slow
-def test_dropout_does_not_make_the_first_update_off_policy(pretrained_weights, tokenizer, prompts,
-                                                           tmp_path: Path) -> None:
+def test_dropout_does_not_make_the_first_update_off_policy(
+    pretrained_weights, tokenizer, prompts, tmp_path: Path
+) -> None:
     """Hub models (gpt2, ...) ship with dropout 0.1: the first update must still see ratio 1, as without dropout."""
     torch.manual_seed(0)
     policy = random_lm(tokenizer, dropout=0.1)
     policy.load_state_dict(pretrained_weights)
-    trainer = make_trainer(config(total_episodes=8), policy, reference_model(policy), None,
-                           random_classifier(tokenizer, seed=1), tokenizer, tokenizer, prompts, tmp_path)
+    trainer = make_trainer(
+        config(total_episodes=8),
+        policy,
+        reference_model(policy),
+        None,
+        random_classifier(tokenizer, seed=1),
+        tokenizer,
+        tokenizer,
+        prompts,
+        tmp_path,
+    )
     (first,) = trainer.train(no_callback)
     assert first["val/ratio"] == pytest.approx(1.0, abs=1e-5)
     assert first["policy/approxkl_avg"] == pytest.approx(0.0, abs=1e-8)
@@ -138,17 +186,36 @@ def _comparable(row: dict[str, float]) -> dict[str, float]:
 
 
 @pytest.mark.slow
-def test_resume_after_an_interruption_continues_the_same_run(make_policy, tokenizer, reward_tokenizer, prompts,
-                                                             tmp_path: Path) -> None:
+def test_resume_after_an_interruption_continues_the_same_run(
+    make_policy, tokenizer, reward_tokenizer, prompts, tmp_path: Path
+) -> None:
     steps = 6
-    cfg = config(total_episodes=steps * 4, rollout_batch_size=4, mini_batch_size=2, ppo_epochs=2, save_steps=2,
-                 max_new_tokens=10, target_kl=1.0, kl_horizon=100, lr_scheduler="linear")
+    cfg = config(
+        total_episodes=steps * 4,
+        rollout_batch_size=4,
+        mini_batch_size=2,
+        ppo_epochs=2,
+        save_steps=2,
+        max_new_tokens=10,
+        target_kl=1.0,
+        kl_horizon=100,
+        lr_scheduler="linear",
+    )
 
     def fresh(folder: Path):
         torch.manual_seed(cfg.seed)  # as the stage's set_seed
         policy = make_policy()
-        return make_trainer(cfg, policy, reference_model(policy), None, ToyReward(reward_tokenizer), tokenizer,
-                            reward_tokenizer, prompts, folder)
+        return make_trainer(
+            cfg,
+            policy,
+            reference_model(policy),
+            None,
+            ToyReward(reward_tokenizer),
+            tokenizer,
+            reward_tokenizer,
+            prompts,
+            folder,
+        )
 
     reference_trainer = fresh(tmp_path / "a")
     uninterrupted = reference_trainer.train(no_callback)
@@ -198,8 +265,9 @@ def test_lora_policy_uses_the_disabled_adapters_as_reference(make_policy, tokeni
     from rlhf.stages.common import lora_config
 
     torch.manual_seed(0)
-    cfg = config(total_episodes=3 * 8, learning_rate=5e-3,
-                 lora=LoraParams(enabled=True, r=4, alpha=8, dropout=0.0))  # all-linear, as the stage default
+    cfg = config(
+        total_episodes=3 * 8, learning_rate=5e-3, lora=LoraParams(enabled=True, r=4, alpha=8, dropout=0.0)
+    )  # all-linear, as the stage default
     base = make_policy()
     original = snapshot(base)
     policy = get_peft_model(base, lora_config(cfg.lora))
@@ -207,8 +275,9 @@ def test_lora_policy_uses_the_disabled_adapters_as_reference(make_policy, tokeni
     lora_before = {name: p.detach().clone() for name, p in policy.named_parameters() if "lora_" in name}
     assert lora_before and all(not p.requires_grad for name, p in policy.named_parameters() if name in base_names)
     reward_model = random_classifier(tokenizer, seed=1).requires_grad_(False)
-    trainer = make_trainer(cfg, policy, None, None, reward_model, tokenizer, tokenizer, prompts,
-                           tmp_path / "checkpoints")
+    trainer = make_trainer(
+        cfg, policy, None, None, reward_model, tokenizer, tokenizer, prompts, tmp_path / "checkpoints"
+    )
     assert trainer.reference is None
     rollouts = []
     original_rollout = trainer.rollout
@@ -226,8 +295,11 @@ def test_lora_policy_uses_the_disabled_adapters_as_reference(make_policy, tokeni
     assert abs(history[-1]["objective/kl"]) > 1e-4
     lora_after = {name: p.detach() for name, p in trainer.policy.named_parameters() if "lora_" in name}
     assert any(not torch.equal(lora_before[name], lora_after[name]) for name in lora_before)
-    merged_names = {name.replace("base_model.model.", "").replace(".base_layer", ""): p
-                    for name, p in trainer.policy.named_parameters() if "lora_" not in name}
+    merged_names = {
+        name.replace("base_model.model.", "").replace(".base_layer", ""): p
+        for name, p in trainer.policy.named_parameters()
+        if "lora_" not in name
+    }
     for name, tensor in original.items():
         if name in merged_names:
             assert torch.equal(merged_names[name].detach(), tensor), f"base weight changed: {name}"
@@ -245,9 +317,16 @@ def test_lora_policy_uses_the_disabled_adapters_as_reference(make_policy, tokeni
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("whiten_rewards", "kl_estimator"), [(False, "k1"), (True, "k3")])
-def test_one_step_feeds_the_losses_what_the_math_says(make_policy, tokenizer, reward_tokenizer, prompts,
-                                                      tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                      whiten_rewards: bool, kl_estimator: str) -> None:
+def test_one_step_feeds_the_losses_what_the_math_says(
+    make_policy,
+    tokenizer,
+    reward_tokenizer,
+    prompts,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    whiten_rewards: bool,
+    kl_estimator: str,
+) -> None:
     """Intercepts the rollout and the loss calls of one step and recomputes every input independently:
     log-probs and values from unpadded forwards, scores from the reward model on its own encoding (minus the
     missing-EOS penalty), then rewards, GAE (non-default γ, λ) and whitening from the rlhf.ppo.core functions."""
@@ -260,11 +339,24 @@ def test_one_step_feeds_the_losses_what_the_math_says(make_policy, tokenizer, re
     reference.requires_grad_(False)
     reward_model = random_classifier(reward_tokenizer, seed=1).requires_grad_(False)
     critic = Critic(random_classifier(tokenizer, seed=2))
-    cfg = config(total_episodes=6, rollout_batch_size=6, mini_batch_size=6, ppo_epochs=1, max_new_tokens=10,
-                 temperature=0.8, gamma=0.9, lam=0.8, kl_coef=0.3, missing_eos_penalty=2.0, value_model="reward",
-                 whiten_rewards=whiten_rewards, kl_estimator=kl_estimator)
-    trainer = make_trainer(cfg, policy, reference, critic, reward_model, tokenizer, reward_tokenizer, prompts,
-                           tmp_path / "checkpoints")
+    cfg = config(
+        total_episodes=6,
+        rollout_batch_size=6,
+        mini_batch_size=6,
+        ppo_epochs=1,
+        max_new_tokens=10,
+        temperature=0.8,
+        gamma=0.9,
+        lam=0.8,
+        kl_coef=0.3,
+        missing_eos_penalty=2.0,
+        value_model="reward",
+        whiten_rewards=whiten_rewards,
+        kl_estimator=kl_estimator,
+    )
+    trainer = make_trainer(
+        cfg, policy, reference, critic, reward_model, tokenizer, reward_tokenizer, prompts, tmp_path / "checkpoints"
+    )
     rollouts, policy_calls, value_calls = [], [], []
     original_rollout, original_policy_loss, original_value_loss = trainer.rollout, core.policy_loss, core.value_loss
 
@@ -303,7 +395,7 @@ def test_one_step_feeds_the_losses_what_the_math_says(make_policy, tokenizer, re
             positions = torch.arange(ids.shape[1])[None]
             for model, out in ((policy_before, logprobs), (reference, ref_logprobs)):
                 logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1] / cfg.temperature
-                out[row, :length] = torch.log_softmax(logits, -1).gather(1, ids[0, len(prompt_ids):, None])[:, 0]
+                out[row, :length] = torch.log_softmax(logits, -1).gather(1, ids[0, len(prompt_ids) :, None])[:, 0]
             # V_t is the critic's value of the state before response token t: prompt + response[:t]
             state_values = critic_before(ids, torch.ones_like(ids), positions)[0]
             values[row, :length] = state_values[len(prompt_ids) - 1 : -1]
@@ -324,8 +416,9 @@ def test_one_step_feeds_the_losses_what_the_math_says(make_policy, tokenizer, re
 
     new_logprobs, old_logprobs, passed_advantages, passed_mask, clip = policy_args
     # one mini-batch holding every rollout row, in a random order: recover it from the old log-probs
-    order = [next(j for j in range(len(mask)) if torch.equal(old_logprobs[i], batch.logprobs[j]))
-             for i in range(len(mask))]
+    order = [
+        next(j for j in range(len(mask)) if torch.equal(old_logprobs[i], batch.logprobs[j])) for i in range(len(mask))
+    ]
     assert sorted(order) == list(range(len(mask)))
     assert clip == cfg.cliprange
     torch.testing.assert_close(passed_mask, mask[order])
@@ -350,8 +443,17 @@ def test_prompt_batches_walk_seeded_permutations_of_the_prompts(make_policy, tok
     prompts = [f"Review: film number {i}.\nSummary:" for i in range(10)]
     cfg = config(rollout_batch_size=4, mini_batch_size=4, total_episodes=20, max_new_tokens=2, seed=3)
     policy = make_policy()
-    trainer = make_trainer(cfg, policy, reference_model(policy), None, random_classifier(tokenizer), tokenizer,
-                           tokenizer, prompts, tmp_path)
+    trainer = make_trainer(
+        cfg,
+        policy,
+        reference_model(policy),
+        None,
+        random_classifier(tokenizer),
+        tokenizer,
+        tokenizer,
+        prompts,
+        tmp_path,
+    )
     drawn: list[list[str]] = []
     original_rollout = trainer.rollout
 

@@ -52,24 +52,36 @@ def test_rollout_logprobs_equal_a_fresh_unpadded_forward(make_policy, tokenizer,
     # The same numbers as the sampler's own (processed) scores: same seed, same draws.
     encoded = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False)
     torch.manual_seed(0)
-    output = policy.generate(**encoded, max_new_tokens=cfg.max_new_tokens, do_sample=True, temperature=TEMPERATURE,
-                             top_k=0, top_p=1.0, eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=tokenizer.pad_token_id, output_scores=True, return_dict_in_generate=True)
+    output = policy.generate(
+        **encoded,
+        max_new_tokens=cfg.max_new_tokens,
+        do_sample=True,
+        temperature=TEMPERATURE,
+        top_k=0,
+        top_p=1.0,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
     sampled = output.sequences[:, context:]
     real = samples.mask.bool()
     assert torch.equal(sampled[real], samples.responses[real])
     scores = torch.stack(output.scores, dim=1)  # (batch, steps, vocab), already divided by the temperature
     sampler_logprobs = torch.log_softmax(scores, dim=-1).gather(2, sampled[:, : scores.shape[1], None]).squeeze(2)
     width = scores.shape[1]
-    torch.testing.assert_close(logprobs[:, :width][real[:, :width]], sampler_logprobs[real[:, :width]], atol=1e-4,
-                               rtol=0)
+    torch.testing.assert_close(
+        logprobs[:, :width][real[:, :width]], sampler_logprobs[real[:, :width]], atol=1e-4, rtol=0
+    )
 
     # The check is sensitive to positions: without the position ids that skip the padding, padded rows differ.
-    wrong = sequence_logprobs(policy(input_ids=ids, attention_mask=attention).logits, context, samples.responses,
-                              TEMPERATURE)[1]
+    wrong = sequence_logprobs(
+        policy(input_ids=ids, attention_mask=attention).logits, context, samples.responses, TEMPERATURE
+    )[1]
     padded_rows = (samples.query_mask == 0).any(dim=1)
-    assert not torch.allclose(wrong[padded_rows][real[padded_rows]], logprobs[padded_rows][real[padded_rows]],
-                              atol=1e-3)
+    assert not torch.allclose(
+        wrong[padded_rows][real[padded_rows]], logprobs[padded_rows][real[padded_rows]], atol=1e-3
+    )
 
 
 class ScriptedPolicy:
@@ -116,8 +128,9 @@ def test_generate_masks_everything_after_the_first_eos(tokenizer) -> None:
 
 
 @torch.no_grad()
-def test_sampled_responses_are_masked_after_eos_and_decoded_without_special_tokens(make_policy, tokenizer,
-                                                                                   prompts) -> None:
+def test_sampled_responses_are_masked_after_eos_and_decoded_without_special_tokens(
+    make_policy, tokenizer, prompts
+) -> None:
     policy = make_policy()
     torch.manual_seed(1)
     samples = generate(policy, tokenizer, prompts[:12], PPOConfig(max_new_tokens=24, top_k=0), "cpu")
@@ -165,8 +178,7 @@ def test_value_head_starts_at_zero_and_gives_a_value_per_token(make_policy, toke
     assert values.shape == encoded["input_ids"].shape
     assert logits.shape == (*encoded["input_ids"].shape, len(tokenizer))
     assert torch.all(values == 0)
-    assert {name for name, p in model.named_parameters() if p.requires_grad} >= {"value_head.weight",
-                                                                                  "value_head.bias"}
+    assert {name for name, p in model.named_parameters() if p.requires_grad} >= {"value_head.weight", "value_head.bias"}
 
 
 @torch.no_grad()
@@ -179,8 +191,9 @@ def test_policy_and_value_with_left_padding_match_unpadded_sequences(make_policy
     batch = varied_prompts(prompts, tokenizer, count=3)
     encoded = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False)
     responses = torch.tensor([tokenizer(" A great film", add_special_tokens=False)["input_ids"]] * 3)
-    ids, attention, positions = join(encoded["input_ids"], encoded["attention_mask"], responses,
-                                     torch.ones(responses.shape))
+    ids, attention, positions = join(
+        encoded["input_ids"], encoded["attention_mask"], responses, torch.ones(responses.shape)
+    )
     for model in (head_model, critic_model):
         logits, values = model(ids, attention, positions)
         for row, prompt in enumerate(batch):

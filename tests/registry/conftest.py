@@ -31,8 +31,13 @@ def empty_tracking_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model_store: ModelStore, empty_tracking_db: Path,
-            _isolated_environment: None) -> Project:
+def project(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    model_store: ModelStore,
+    empty_tracking_db: Path,
+    _isolated_environment: None,
+) -> Project:
     """The test runs inside a fresh project (tiny params.yaml) tracking to `<project>/mlflow.db` (an empty store).
 
     Depends on `_isolated_environment` (tests/conftest.py), which clears MLFLOW_TRACKING_URI: it must run first.

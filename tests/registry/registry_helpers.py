@@ -34,8 +34,9 @@ def _root_conftest() -> Any:
     """tests/conftest.py as a module (its folder is not a package)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("rlhf_tests_root_conftest_registry",
-                                                  Path(__file__).parents[1] / "conftest.py")
+    spec = importlib.util.spec_from_file_location(
+        "rlhf_tests_root_conftest_registry", Path(__file__).parents[1] / "conftest.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -50,8 +51,13 @@ def project_params() -> dict[str, Any]:
 
 
 def review_texts(count: int = 300) -> list[str]:
-    openings = ["This movie was", "The film felt", "Honestly the story was", "I thought the plot was",
-                "The cast made it"]
+    openings = [
+        "This movie was",
+        "The film felt",
+        "Honestly the story was",
+        "I thought the plot was",
+        "The cast made it",
+    ]
     verdicts = ["great", "awful", "dull", "charming", "too long", "a delight", "forgettable", "moving"]
     endings = ["and I loved it.", "and I left early.", "but the music saved it.", "so watch it.", "so skip it."]
     return [f"{openings[i % 5]} {verdicts[(i // 5) % 8]} {endings[(i // 40) % 5]}" for i in range(count)]
@@ -121,8 +127,13 @@ class ModelStore:
 
 def gold_metrics(policy: float, sft: float = 0.3) -> dict[str, float]:
     """metrics/evaluate.json of a run with a gold annotator (reward-model scores too)."""
-    return {"policy/gold_score": policy, "sft/gold_score": sft, "policy/rm_score": 10 * policy,
-            "sft/rm_score": 10 * sft, "win_rate/gold": 0.7}
+    return {
+        "policy/gold_score": policy,
+        "sft/gold_score": sft,
+        "policy/rm_score": 10 * policy,
+        "sft/rm_score": 10 * sft,
+        "win_rate/gold": 0.7,
+    }
 
 
 def rm_metrics(policy: float, sft: float = 0.3) -> dict[str, float]:
@@ -153,8 +164,15 @@ class Project:
     def write_params(self, params: dict[str, Any] | None = None) -> None:
         (self.root / "params.yaml").write_text(yaml.safe_dump(params or project_params(), sort_keys=False))
 
-    def pipeline_run(self, sft: int = 1, reward: int = 1, policy: int = 1, metrics: dict[str, float] | None = None,
-                     failed: dict[str, list[str]] | None = None, missing_gates: tuple[str, ...] = ()) -> None:
+    def pipeline_run(
+        self,
+        sft: int = 1,
+        reward: int = 1,
+        policy: int = 1,
+        metrics: dict[str, float] | None = None,
+        failed: dict[str, list[str]] | None = None,
+        missing_gates: tuple[str, ...] = (),
+    ) -> None:
         """Replaces the run outputs: models from the given seeds, metrics (default: gold 0.5), verdicts (default:
         both gates passed; `failed` maps a gate to its failed checks; `missing_gates` have no verdict file)."""
         for role, seed in {"sft": sft, "reward": reward, "policy": policy}.items():
@@ -194,8 +212,10 @@ def server_project(root: Path) -> tuple[Project, dict[str, str], list[str]]:
 
 def versions(client: Any, name: str) -> dict[int, Any]:
     """Every version of a registered model, by number ({} if the model is not registered)."""
-    return {int(v.version): client.get_model_version(name, v.version)
-            for v in client.search_model_versions(f"name = '{name}'")}
+    return {
+        int(v.version): client.get_model_version(name, v.version)
+        for v in client.search_model_versions(f"name = '{name}'")
+    }
 
 
 def aliases(client: Any, name: str) -> dict[str, int]:
@@ -216,11 +236,14 @@ def registry_state(client: Any, names: tuple[str, ...] = tuple(NAMES.values())) 
     return state
 
 
-def concurrent_registrations(command: list[str], cwd: Path, env: dict[str, str],
-                             count: int = 4) -> list[subprocess.CompletedProcess[str]]:
+def concurrent_registrations(
+    command: list[str], cwd: Path, env: dict[str, str], count: int = 4
+) -> list[subprocess.CompletedProcess[str]]:
     """`count` copies of `command` started together; each one's result."""
-    processes = [subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True) for _ in range(count)]
+    processes = [
+        subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(count)
+    ]
     results = []
     for process in processes:
         out, err = process.communicate(timeout=600)

@@ -77,8 +77,11 @@ def test_first_registration_creates_tagged_champion_versions(project: Project, c
 
     client = project.client()
     expected_scores = {"sft": 0.3, "reward": 0.5, "policy": 0.5}
-    expected_upstream = {"sft": {}, "reward": {"rlhf.upstream.sft": f"{SFT}/1"},
-                         "policy": {"rlhf.upstream.sft": f"{SFT}/1", "rlhf.upstream.reward": f"{REWARD}/1"}}
+    expected_upstream = {
+        "sft": {},
+        "reward": {"rlhf.upstream.sft": f"{SFT}/1"},
+        "policy": {"rlhf.upstream.sft": f"{SFT}/1", "rlhf.upstream.reward": f"{REWARD}/1"},
+    }
     run_ids = set()
     for role in ROLES:
         name = NAMES[role]
@@ -96,20 +99,24 @@ def test_first_registration_creates_tagged_champion_versions(project: Project, c
         assert tags["rlhf.score_metric"] == "gold_score"
         assert float(tags["rlhf.score"]) == pytest.approx(expected_scores[role])
         assert {k: v for k, v in tags.items() if k.startswith("rlhf.data.")} == {
-            f"rlhf.data.{dataset}": fp for dataset, fp in source["datasets"].items()}
+            f"rlhf.data.{dataset}": fp for dataset, fp in source["datasets"].items()
+        }
         assert {k: v for k, v in tags.items() if k.startswith("rlhf.upstream.")} == expected_upstream[role]
         assert aliases(client, name) == {"candidate": 1, "champion": 1}
         card = versions(client, name)[1].description  # the version page's model card
         assert "trained in MLflow run " in card and source["mlflow_run_id"] in card and "- reward: passed" in card
-        assert all(f"[{up.replace('/', ' v')}](#/models/{up.replace('/', '/versions/')})" in card
-                   for up in expected_upstream[role].values())
+        assert all(
+            f"[{up.replace('/', ' v')}](#/models/{up.replace('/', '/versions/')})" in card
+            for up in expected_upstream[role].values()
+        )
         run_ids.add(tags["rlhf.pipeline_run_id"])
     assert len(run_ids) == 1, "the three versions share one pipeline run id"
 
     written = json.loads((project.root / "registry" / "registered.json").read_text())
     assert written["pipeline_run_id"] in run_ids
     assert {role: (entry["model"], entry["version"]) for role, entry in written["versions"].items()} == {
-        role: (NAMES[role], 1) for role in ROLES}
+        role: (NAMES[role], 1) for role in ROLES
+    }
 
 
 def test_registering_the_same_run_again_changes_nothing(project: Project, capsys) -> None:
@@ -156,8 +163,9 @@ def test_failed_gate_keeps_new_versions_out_of_champion(project: Project, capsys
     score; the champions stay; the output names the failed check."""
     project.pipeline_run(sft=1, reward=1, policy=1, metrics=gold_metrics(policy=0.5, sft=0.3))
     register(project, capsys)
-    project.pipeline_run(sft=2, reward=2, policy=2, metrics=gold_metrics(policy=0.9, sft=0.8),
-                         failed={"evaluation": ["max_kl"]})
+    project.pipeline_run(
+        sft=2, reward=2, policy=2, metrics=gold_metrics(policy=0.9, sft=0.8), failed={"evaluation": ["max_kl"]}
+    )
     out = register(project, capsys)
 
     client = project.client()
@@ -166,7 +174,10 @@ def test_failed_gate_keeps_new_versions_out_of_champion(project: Project, capsys
         assert aliases(client, name) == {"candidate": 2, "champion": 1}, name
         tags = rlhf_tags(versions(client, name)[2])
         assert (tags["rlhf.gates"], tags["rlhf.gate.reward"], tags["rlhf.gate.evaluation"]) == (
-            "failed", "passed", "failed")
+            "failed",
+            "passed",
+            "failed",
+        )
     assert "max_kl" in out
 
 
@@ -180,7 +191,10 @@ def test_missing_gate_verdict_counts_as_failed(project: Project, capsys) -> None
         assert aliases(client, NAMES[role]) == {"candidate": 1}
         tags = rlhf_tags(versions(client, NAMES[role])[1])
         assert (tags["rlhf.gates"], tags["rlhf.gate.reward"], tags["rlhf.gate.evaluation"]) == (
-            "failed", "failed", "passed")
+            "failed",
+            "failed",
+            "passed",
+        )
 
 
 def test_without_gold_scores_champions_are_compared_on_reward_model_score(project: Project, capsys) -> None:
@@ -214,8 +228,8 @@ def test_register_without_evaluation_metrics_is_a_one_line_error(project: Projec
 
 @pytest.mark.slow
 def test_concurrent_registrations_leave_one_version_per_model(project: Project) -> None:
-    """Issue 15, finding 3: two `rlhf register` at once made v2 and v3 of every model, with the same content hash.
-    Registrations into one SQLite store take turns: four at once leave one version of each model."""
+    """Registrations into one SQLite store take turns (two at once used to make v2 and v3 of every model, with the same
+    content hash): four at once leave one version of each model."""
     project.pipeline_run()
     env = {**os.environ, "MLFLOW_TRACKING_URI": project.tracking_uri}
     results = concurrent_registrations([sys.executable, "-m", "rlhf.cli", "register"], project.root, env)
@@ -250,8 +264,9 @@ def test_promote_refuses_a_version_whose_gates_failed(failed_candidate: Project,
     assert aliases(failed_candidate.client(), POLICY) == {"candidate": 2, "champion": 1}
 
 
-def test_forced_promotion_crowns_the_version_and_keeps_the_old_champion_as_previous(failed_candidate: Project,
-                                                                                   capsys) -> None:
+def test_forced_promotion_crowns_the_version_and_keeps_the_old_champion_as_previous(
+    failed_candidate: Project, capsys
+) -> None:
     """With --force the version becomes champion, the displaced champion previous, and the version says it was
     forced."""
     code, _, err = rlhf(capsys, "promote", POLICY, "2", "--force")
@@ -271,8 +286,7 @@ def test_promote_of_a_missing_version_is_a_one_line_error(failed_candidate: Proj
 
 
 @pytest.mark.parametrize("alias", ["latest", "bad alias"])
-def test_promote_to_an_alias_mlflow_rejects_is_a_one_line_error(failed_candidate: Project, capsys,
-                                                                alias: str) -> None:
+def test_promote_to_an_alias_mlflow_rejects_is_a_one_line_error(failed_candidate: Project, capsys, alias: str) -> None:
     """An alias MLflow refuses (reserved like `latest`, or with a space) is a user error like any other: exit 2 and
     one `error:` line naming the alias, not a traceback.
 
@@ -326,13 +340,17 @@ def two_runs(project: Project, capsys) -> Project:
 def test_the_reward_version_names_the_sft_version_only_if_it_was_trained_from_it(project: Project, capsys) -> None:
     """The demo trains its reward model from the pretrained model: its provenance names that run, so its version
     has no SFT upstream (the policy's still names both). One trained from this SFT model names it."""
+
     def started_from(run_id: str) -> None:
         record = project.model_folder("reward") / "rlhf_run.json"
         record.write_text(json.dumps(json.loads(record.read_text()) | {"base_run_id": run_id}))
 
     def upstream(name: str, version: int) -> dict[str, str]:
-        return {k: v for k, v in rlhf_tags(versions(project.client(), name)[version]).items()
-                if k.startswith("rlhf.upstream.")}
+        return {
+            k: v
+            for k, v in rlhf_tags(versions(project.client(), name)[version]).items()
+            if k.startswith("rlhf.upstream.")
+        }
 
     project.pipeline_run(sft=1, reward=1, policy=1)
     started_from("run-of-the-pretrained-model")
@@ -385,8 +403,10 @@ def test_lineage_text_names_every_upstream_version_with_its_data_and_code(two_ru
     assert out.index(f"{REWARD} v2") < out.index(f"{SFT} v1"), "the SFT model is listed under the reward model"
 
 
-@pytest.mark.parametrize("uri", ["rlhf-policy@champion", "models:/rlhf-policy@no-such-alias", "models:/rlhf-policy/x",
-                                 "models:/rlhf-policy/99"])
+@pytest.mark.parametrize(
+    "uri",
+    ["rlhf-policy@champion", "models:/rlhf-policy@no-such-alias", "models:/rlhf-policy/x", "models:/rlhf-policy/99"],
+)
 def test_lineage_of_a_bad_uri_is_a_one_line_error(project: Project, capsys, uri: str) -> None:
     code, _, err = rlhf(capsys, "lineage", uri)
 
@@ -429,10 +449,22 @@ def test_registered_champions_load_and_predict_in_a_fresh_process(project: Proje
     elsewhere.mkdir()
 
     result = subprocess.run(
-        [sys.executable, "-c", LOAD_AND_PREDICT, str(project.model_folder("policy")),
-         str(project.model_folder("reward")), served.prompt_template, str(served.max_new_tokens)],
-        cwd=elsewhere, env={**os.environ, "MLFLOW_TRACKING_URI": project.tracking_uri, "OMP_NUM_THREADS": "1"},
-        capture_output=True, text=True, timeout=300, check=False)
+        [
+            sys.executable,
+            "-c",
+            LOAD_AND_PREDICT,
+            str(project.model_folder("policy")),
+            str(project.model_folder("reward")),
+            served.prompt_template,
+            str(served.max_new_tokens),
+        ],
+        cwd=elsewhere,
+        env={**os.environ, "MLFLOW_TRACKING_URI": project.tracking_uri, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
 
     assert result.returncode == 0, result.stderr[-4000:]
     predicted = json.loads(result.stdout.strip().splitlines()[-1])
@@ -465,10 +497,24 @@ def test_mlflow_models_serve_answers_with_the_champion_policy(project: Project, 
     log = tmp_path / "serve.log"
     with open(log, "w") as output:
         server = subprocess.Popen(
-            [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", "models:/rlhf-policy@champion",
-             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-            env={**os.environ, "MLFLOW_TRACKING_URI": project.tracking_uri}, stdout=output, stderr=output,
-            start_new_session=True)
+            [
+                str(Path(sys.executable).parent / "mlflow"),
+                "models",
+                "serve",
+                "-m",
+                "models:/rlhf-policy@champion",
+                "--env-manager",
+                "local",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(port),
+            ],
+            env={**os.environ, "MLFLOW_TRACKING_URI": project.tracking_uri},
+            stdout=output,
+            stderr=output,
+            start_new_session=True,
+        )
     try:
         deadline = time.monotonic() + 180
         while True:
@@ -480,9 +526,11 @@ def test_mlflow_models_serve_answers_with_the_champion_policy(project: Project, 
                 pass
             assert server.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.5)
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
-                                         data=json.dumps({"inputs": ["A review."]}).encode(),
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations",
+            data=json.dumps({"inputs": ["A review."]}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
         with urllib.request.urlopen(request, timeout=60) as response:
             predictions = json.loads(response.read())["predictions"]
         assert len(predictions) == 1 and isinstance(predictions[0], str) and predictions[0].strip(), predictions

@@ -84,5 +84,3 @@ def reward_trained(session_project: Path, sft_trained: Trained) -> Trained:
 def stage_params() -> dict[str, Any]:
     """A copy of the params the session models were trained with."""
     return copy.deepcopy(STAGE_PARAMS)
-
-

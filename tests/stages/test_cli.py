@@ -31,10 +31,16 @@ def cli_env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def rlhf(*args: str, cwd: Path, timeout: float = 300,
-         env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def rlhf(
+    *args: str, cwd: Path, timeout: float = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [*RLHF, *args], cwd=cwd, env={**cli_env(), **(env or {})}, capture_output=True, text=True, timeout=timeout,
+        [*RLHF, *args],
+        cwd=cwd,
+        env={**cli_env(), **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
         check=False,
     )
 
@@ -53,8 +59,11 @@ def leftovers(folder: Path) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------- bad inputs
 
-STAGE_INPUTS = {"pretrain": ("data/corpus.jsonl", "models/pretrained"), "sft": ("data/sft.jsonl", "models/sft"),
-                "reward": ("data/preferences.jsonl", "models/reward")}
+STAGE_INPUTS = {
+    "pretrain": ("data/corpus.jsonl", "models/pretrained"),
+    "sft": ("data/sft.jsonl", "models/sft"),
+    "reward": ("data/preferences.jsonl", "models/reward"),
+}
 
 
 @pytest.mark.parametrize("stage", list(STAGE_INPUTS))
@@ -113,16 +122,26 @@ def test_bad_value_in_params_file(workdir: Path) -> None:
     assert len(errors) == 1 and "params.yaml" in errors[0] and "bogus_section" in errors[0]
 
 
-@pytest.mark.parametrize(("params", "expected"), [
-    (None, "error: params.yaml: params file not found in {workdir}; pass --params FILE, or --defaults for the "
-           "built-in defaults"),
-    ("", "error: params.yaml: empty; pass --params FILE, or --defaults for the built-in defaults"),
-    ("pretrain:\n  seed: 1\n", "error: params.yaml: no ppo section; add it, or pass --defaults for the built-in ones"),
-])
-def test_missing_or_empty_params_is_one_line_and_writes_nothing(params: str | None, expected: str,
-                                                                 workdir: Path) -> None:
-    """Issue 14, finding 5: no params.yaml, an empty one or one without the stage's section meant silent defaults
-    (kl_coef 0.05 where the shipped file says 0.1). `--defaults` asks for them."""
+@pytest.mark.parametrize(
+    ("params", "expected"),
+    [
+        (
+            None,
+            "error: params.yaml: params file not found in {workdir}; pass --params FILE, or --defaults for the "
+            "built-in defaults",
+        ),
+        ("", "error: params.yaml: empty; pass --params FILE, or --defaults for the built-in defaults"),
+        (
+            "pretrain:\n  seed: 1\n",
+            "error: params.yaml: no ppo section; add it, or pass --defaults for the built-in ones",
+        ),
+    ],
+)
+def test_missing_or_empty_params_is_one_line_and_writes_nothing(
+    params: str | None, expected: str, workdir: Path
+) -> None:
+    """No params.yaml, an empty one or one without the stage's section is an error, not silent built-in defaults
+    (which differ from the shipped file: kl_coef 0.05 against 0.1); `--defaults` asks for them."""
     (workdir / "params.yaml").unlink()
     if params is not None:
         (workdir / "params.yaml").write_text(params, encoding="utf-8")
@@ -194,13 +213,21 @@ def hub_endpoint(kind: str) -> Iterator[str]:
         ("models/base.gguf", "closed", "no such GGUF file"),
     ],
 )
-def test_a_model_that_is_not_here_fails_in_seconds_offline(base_model: str, hub: str, expected: str,
-                                                           workdir: Path, tmp_path: Path) -> None:
+def test_a_model_that_is_not_here_fails_in_seconds_offline(
+    base_model: str, hub: str, expected: str, workdir: Path, tmp_path: Path
+) -> None:
     with hub_endpoint(hub) as endpoint:
         env = offline_env(HF_ENDPOINT=endpoint, HF_HOME=str(tmp_path / "hf-home"))
         started = time.monotonic()
-        result = subprocess.run([*RLHF, "pretrain", "--set", f"pretrain.base_model={base_model}"], cwd=workdir,
-                                env=env, capture_output=True, text=True, timeout=120, check=False)
+        result = subprocess.run(
+            [*RLHF, "pretrain", "--set", f"pretrain.base_model={base_model}"],
+            cwd=workdir,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
         elapsed = time.monotonic() - started
 
     assert result.returncode == 2, result.stderr[-3000:]
@@ -212,46 +239,64 @@ def test_a_model_that_is_not_here_fails_in_seconds_offline(base_model: str, hub:
 
 
 def test_hub_offline_setting_is_named_in_the_error(workdir: Path, tmp_path: Path) -> None:
-    result = subprocess.run([*RLHF, "sft", "--set", "sft.model=HuggingFaceTB/SmolLM2-135M-Instruct"], cwd=workdir,
-                            env={**cli_env(), "HF_HOME": str(tmp_path / "hf-home")}, capture_output=True, text=True,
-                            timeout=120, check=False)
+    result = subprocess.run(
+        [*RLHF, "sft", "--set", "sft.model=HuggingFaceTB/SmolLM2-135M-Instruct"],
+        cwd=workdir,
+        env={**cli_env(), "HF_HOME": str(tmp_path / "hf-home")},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert result.returncode == 2
     assert error_lines(result) == [
         f"error: sft.model: HuggingFaceTB/SmolLM2-135M-Instruct: no such folder here and not in the Hugging Face "
-        f"cache ({tmp_path / 'hf-home' / 'hub'}), and HF_HUB_OFFLINE is set"]
+        f"cache ({tmp_path / 'hf-home' / 'hub'}), and HF_HUB_OFFLINE is set"
+    ]
 
 
 def test_a_folder_without_a_model_is_named(workdir: Path) -> None:
     (workdir / "models" / "empty").mkdir(parents=True)
     result = rlhf("sft", "--set", "sft.model=models/empty", cwd=workdir)
     assert result.returncode == 2
-    assert error_lines(result) == ["error: sft.model: models/empty is a folder but not a model (it has no "
-                                   "config.json)"]
+    assert error_lines(result) == ["error: sft.model: models/empty is a folder but not a model (it has no config.json)"]
 
 
 @pytest.mark.parametrize(("stage", "key"), [("ppo", "ppo.reward_model"), ("evaluate", "evaluate.reward_model")])
-def test_a_causal_lm_given_as_the_reward_model_is_refused(stage: str, key: str, workdir: Path, sft_trained: Trained,
-                                                          reward_trained: Trained) -> None:
-    models = {"ppo.policy_model": sft_trained.output, "evaluate.sft_model": sft_trained.output,
-              "evaluate.policy_model": sft_trained.output}
+def test_a_causal_lm_given_as_the_reward_model_is_refused(
+    stage: str, key: str, workdir: Path, sft_trained: Trained, reward_trained: Trained
+) -> None:
+    models = {
+        "ppo.policy_model": sft_trained.output,
+        "evaluate.sft_model": sft_trained.output,
+        "evaluate.policy_model": sft_trained.output,
+    }
     overrides = [f"--set={name}={path}" for name, path in models.items()] + [f"--set={key}={sft_trained.output}"]
     result = rlhf(stage, *overrides, cwd=workdir)
 
     assert result.returncode == 2, result.stderr[-3000:]
     errors = error_lines(result)
     assert len(errors) == 1, result.stderr[-3000:]
-    assert errors[0] == (f"error: {key}: {sft_trained.output} is GPT2LMHeadModel, not a reward model (a sequence "
-                         "classifier with one output); give the reward stage's output")
+    assert errors[0] == (
+        f"error: {key}: {sft_trained.output} is GPT2LMHeadModel, not a reward model (a sequence "
+        "classifier with one output); give the reward stage's output"
+    )
     assert not (workdir / "models").exists() and not (workdir / "metrics").exists()
     assert not (workdir / "reports").exists()
 
 
 def test_a_reward_model_given_as_the_policy_is_refused(workdir: Path, reward_trained: Trained) -> None:
-    result = rlhf("ppo", f"--set=ppo.policy_model={reward_trained.output}",
-                  f"--set=ppo.reward_model={reward_trained.output}", cwd=workdir)
+    result = rlhf(
+        "ppo",
+        f"--set=ppo.policy_model={reward_trained.output}",
+        f"--set=ppo.reward_model={reward_trained.output}",
+        cwd=workdir,
+    )
     assert result.returncode == 2
-    assert error_lines(result) == [f"error: ppo.policy_model: {reward_trained.output} is a reward model "
-                                   "(GPT2ForSequenceClassification); expected a causal language model"]
+    assert error_lines(result) == [
+        f"error: ppo.policy_model: {reward_trained.output} is a reward model "
+        "(GPT2ForSequenceClassification); expected a causal language model"
+    ]
 
 
 # ---------------------------------------------------------------------------------------------- resume
@@ -288,13 +333,19 @@ def sft_run_statuses(project: Path) -> dict[str, list[str | None]]:
 
 @pytest.mark.slow
 def test_ctrl_c_ends_a_stage_with_one_line_and_a_failed_run(workdir: Path, pretrained: Trained) -> None:
-    """Issue 15, finding 7: Ctrl-C printed a KeyboardInterrupt traceback."""
+    """Ctrl-C stops a stage with one line, not a KeyboardInterrupt traceback."""
     shutil.copytree(pretrained.output, workdir / "models" / "pretrained")
     # Ctrl-C as a terminal delivers it: a suite started in the background (`pytest &`) inherits SIGINT ignored, and
     # Python leaves an ignored SIGINT ignored, so the stage would never see it.
-    process = subprocess.Popen([*RLHF, "sft", "--set", "sft.save_steps=2", "--set", "sft.epochs=3"], cwd=workdir,
-                               env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    process = subprocess.Popen(
+        [*RLHF, "sft", "--set", "sft.save_steps=2", "--set", "sft.epochs=3"],
+        cwd=workdir,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.monotonic() + 240
     while not list(workdir.glob("checkpoints/sft-*/checkpoint-*")):  # well into training
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-3000:]
@@ -304,8 +355,9 @@ def test_ctrl_c_ends_a_stage_with_one_line_and_a_failed_run(workdir: Path, pretr
 
     assert process.returncode == 130, err[-3000:]
     assert "Traceback" not in out + err, err[-3000:]
-    assert err.strip().splitlines()[-1] == ("error: interrupted; nothing was half-written (rerun the same command "
-                                            "to resume)")
+    assert err.strip().splitlines()[-1] == (
+        "error: interrupted; nothing was half-written (rerun the same command to resume)"
+    )
     assert sum(line.startswith("error:") for line in err.splitlines()) == 1
     assert not (workdir / "models" / "sft").exists() and leftovers(workdir) == []
     assert sft_run_statuses(workdir) == {"FAILED": [None]}
@@ -336,8 +388,9 @@ def test_interrupted_sft_resumes_from_checkpoint(workdir: Path, pretrained: Trai
     try:
         deadline = time.monotonic() + 240
         while not complete_checkpoints():
-            assert process.poll() is None, "the run ended before writing a checkpoint: " + (
-                workdir / "first-run.log").read_text()[-3000:]
+            assert process.poll() is None, (
+                "the run ended before writing a checkpoint: " + (workdir / "first-run.log").read_text()[-3000:]
+            )
             assert time.monotonic() < deadline, "no checkpoint appeared"
             time.sleep(0.005)
         process.send_signal(signal.SIGKILL)
@@ -366,7 +419,7 @@ def test_interrupted_sft_resumes_from_checkpoint(workdir: Path, pretrained: Trai
     assert not list(workdir.glob("checkpoints/sft-*"))
 
     (resumed_run,) = finished_sft_runs(workdir)  # the killed run never finished
-    # Issue 15, finding 9: the killed attempt's run stayed RUNNING forever; the attempt that resumed closed it.
+    # The killed attempt's run does not stay RUNNING: the attempt that resumed closed it.
     assert sft_run_statuses(workdir) == {"KILLED": [resumed_run.run_id], "FINISHED": [None]}
 
     # 3. It trained exactly as many steps as an uninterrupted run, and its loss history (restored from the

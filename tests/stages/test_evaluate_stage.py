@@ -39,8 +39,10 @@ class Project:
         self.tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
 
     def params(self, *overrides: str):
-        return load_params(self.root / "params.yaml", [f"evaluate.sft_model={self.sft}",
-                                                       f"evaluate.reward_model={self.reward}", *overrides])
+        return load_params(
+            self.root / "params.yaml",
+            [f"evaluate.sft_model={self.sft}", f"evaluate.reward_model={self.reward}", *overrides],
+        )
 
     def evaluate(self, policy: Path, output: str, *overrides: str, gates: bool = False):
         """Runs the stage inside the project (its working directory), tracking into the project's store, with the
@@ -66,8 +68,9 @@ class Project:
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory, tiny_demo_data: Path, sft_trained: Trained,
-            reward_trained: Trained) -> Project:
+def project(
+    tmp_path_factory: pytest.TempPathFactory, tiny_demo_data: Path, sft_trained: Trained, reward_trained: Trained
+) -> Project:
     root = tmp_path_factory.mktemp("evaluate-project")
     shutil.copytree(tiny_demo_data, root / "data")
     (root / "params.yaml").write_text(yaml.safe_dump(STAGE_PARAMS, sort_keys=False))
@@ -123,13 +126,25 @@ def test_same_model_ties_on_every_prompt(project: Project, same_policy: Any) -> 
     assert metrics["sft/kl"] == pytest.approx(0.0, abs=1e-5)
     for key in ("rm_score", "gold_score", "eos_rate", "length", "repetition", "distinct_2"):
         assert metrics[f"policy/{key}"] == pytest.approx(metrics[f"sft/{key}"]), key
-    expected = {f"{model}/{key}" for model in ("policy", "sft")
-                for key in ("rm_score", "rm_score_std", "gold_score", "kl", "eos_rate", "length", "repetition",
-                            "distinct_2")}
-    expected |= {"win_rate/rm", "win_rate/gold", "rm_gain_in_sft_std", "gold_gain", "prompts", "rm_accuracy",
-                 "rm_pairs"}
-    expected |= {f"{key}_ci_{end}" for key in ("win_rate/rm", "win_rate/gold", "rm_gain_in_sft_std", "gold_gain")
-                 for end in ("low", "high")}
+    expected = {
+        f"{model}/{key}"
+        for model in ("policy", "sft")
+        for key in ("rm_score", "rm_score_std", "gold_score", "kl", "eos_rate", "length", "repetition", "distinct_2")
+    }
+    expected |= {
+        "win_rate/rm",
+        "win_rate/gold",
+        "rm_gain_in_sft_std",
+        "gold_gain",
+        "prompts",
+        "rm_accuracy",
+        "rm_pairs",
+    }
+    expected |= {
+        f"{key}_ci_{end}"
+        for key in ("win_rate/rm", "win_rate/gold", "rm_gain_in_sft_std", "gold_gain")
+        for end in ("low", "high")
+    }
     assert set(metrics) == expected
 
     output = project.root / "reports" / "same"
@@ -163,20 +178,27 @@ def test_report_and_mlflow_run(project: Project, same_policy: Any) -> None:
     assert run.data.metrics["win_rate/rm"] == 0.5
 
     artifacts = {info.path for info in project.client().list_artifacts(run.info.run_id, "evaluation")}
-    assert {"evaluation/report.md", "evaluation/report.html", "evaluation/answers.jsonl",
-            "evaluation/plots"} <= artifacts
+    assert {
+        "evaluation/report.md",
+        "evaluation/report.html",
+        "evaluation/answers.jsonl",
+        "evaluation/plots",
+    } <= artifacts
     plots = {info.path for info in project.client().list_artifacts(run.info.run_id, "evaluation/plots")}
     assert plots == {"evaluation/plots/score_distributions.png"}
 
     report = (output / "report.md").read_text()
-    assert ("## Against the champion: none yet (models:/rlhf-policy@champion): the first policy registered with its "
-            "gates passed becomes champion") in report
+    assert (
+        "## Against the champion: none yet (models:/rlhf-policy@champion): the first policy registered with its "
+        "gates passed becomes champion"
+    ) in report
     assert "Gate verdicts" not in report  # evaluated without the gates section
 
 
 @slow
-def test_report_shows_the_gates_verdicts_and_the_champion_beside_the_policy(project: Project,
-                                                                           perturbed_policy: Path) -> None:
+def test_report_shows_the_gates_verdicts_and_the_champion_beside_the_policy(
+    project: Project, perturbed_policy: Path
+) -> None:
     """With the gates section the report shows each check as the gate steps will judge it (same function, same
     metrics); with a registered champion, its score, gates, run, commit and data beside this policy's, and whether
     this policy would replace it."""
@@ -184,14 +206,25 @@ def test_report_shows_the_gates_verdicts_and_the_champion_beside_the_policy(proj
 
     client = project.client()
     client.create_registered_model("judged-policy")
-    tags = {"rlhf.score_metric": "rm_score", "rlhf.score": "-1000.0", "rlhf.gates": "passed",
-            "rlhf.training_run_id": "run-of-the-champion", "rlhf.git_commit": "0123456789abcdef",
-            "rlhf.data.eval_prompts": "f" * 64}
+    tags = {
+        "rlhf.score_metric": "rm_score",
+        "rlhf.score": "-1000.0",
+        "rlhf.gates": "passed",
+        "rlhf.training_run_id": "run-of-the-champion",
+        "rlhf.git_commit": "0123456789abcdef",
+        "rlhf.data.eval_prompts": "f" * 64,
+    }
     champion = client.create_model_version("judged-policy", source=str(project.sft), tags=tags)
     client.set_registered_model_alias("judged-policy", "champion", champion.version)
     thresholds = ("gates.min_rm_accuracy=0.0", "gates.max_kl=1e-9")  # KL > 0 fails; every other check is off
-    result = project.evaluate(perturbed_policy, "reports/decided", "evaluate.gold_annotator=none",
-                              "registry.policy_name=judged-policy", *thresholds, gates=True)
+    result = project.evaluate(
+        perturbed_policy,
+        "reports/decided",
+        "evaluate.gold_annotator=none",
+        "registry.policy_name=judged-policy",
+        *thresholds,
+        gates=True,
+    )
 
     gates = project.params(*thresholds).gates
     assert judge("evaluation", gates, result.metrics)["failed_checks"] == ["max_kl"]
@@ -200,20 +233,25 @@ def test_report_shows_the_gates_verdicts_and_the_champion_beside_the_policy(proj
     assert f"| evaluation | max_kl | policy/kl | {result.metrics['policy/kl']:.4g} | &lt;= 1e-09 | FAIL |" in verdicts
     assert "| reward | min_rm_accuracy | eval_accuracy |" in verdicts and "PASS" in verdicts
     assert report.index("## Gate verdicts") < report.index("## Against the champion") < report.index("## Per model")
-    assert (f"## Against the champion: judged-policy v{champion.version}; this policy would not replace it: rm_score "
-            f"{result.metrics['policy/rm_score']:.4g} > champion v{champion.version}'s -1000; and its gates fail"
-            in report)
+    assert (
+        f"## Against the champion: judged-policy v{champion.version}; this policy would not replace it: rm_score "
+        f"{result.metrics['policy/rm_score']:.4g} > champion v{champion.version}'s -1000; and its gates fail" in report
+    )
     side_by_side = report.split("## Against the champion", 1)[1].split("##", 1)[0]
-    for row in (f"| score (rm_score) | -1000 | {result.metrics['policy/rm_score']:.4g} |",
-                "| gates | passed | failed |", "| trained in MLflow run | run-of-the-champion |",
-                "| commit | 0123456789ab |", "| data (sha256) | eval_prompts ffffffffffff |"):
+    for row in (
+        f"| score (rm_score) | -1000 | {result.metrics['policy/rm_score']:.4g} |",
+        "| gates | passed | failed |",
+        "| trained in MLflow run | run-of-the-champion |",
+        "| commit | 0123456789ab |",
+        "| data (sha256) | eval_prompts ffffffffffff |",
+    ):
         assert row in side_by_side, row
 
 
 @slow
-def test_rm_accuracy_is_measured_on_the_reward_stage_held_out_pairs(project: Project, same_policy: Any,
-                                                                   reward_trained: Trained,
-                                                                   session_project: Path) -> None:
+def test_rm_accuracy_is_measured_on_the_reward_stage_held_out_pairs(
+    project: Project, same_policy: Any, reward_trained: Trained, session_project: Path
+) -> None:
     """The evaluation recomputes the reward model's accuracy on exactly the pairs the reward stage held out."""
     import torch
     from mlflow import MlflowClient
@@ -225,11 +263,16 @@ def test_rm_accuracy_is_measured_on_the_reward_stage_held_out_pairs(project: Pro
     # The same rows: the evaluate run's preference input has the fingerprint of the reward run's evaluation input.
     def preference_inputs(client, folder: Path, context: str) -> list[str]:
         run = client.get_run(json.loads((folder / "rlhf_run.json").read_text())["mlflow_run_id"])
-        return [item.dataset.digest for item in run.inputs.dataset_inputs if item.dataset.name == "preferences"
-                and {tag.key: tag.value for tag in item.tags}.get("mlflow.data.context") == context]
+        return [
+            item.dataset.digest
+            for item in run.inputs.dataset_inputs
+            if item.dataset.name == "preferences"
+            and {tag.key: tag.value for tag in item.tags}.get("mlflow.data.context") == context
+        ]
 
-    reward_held_out = preference_inputs(MlflowClient(f"sqlite:///{session_project / 'mlflow.db'}"),
-                                        reward_trained.output, "evaluation")
+    reward_held_out = preference_inputs(
+        MlflowClient(f"sqlite:///{session_project / 'mlflow.db'}"), reward_trained.output, "evaluation"
+    )
     evaluated = preference_inputs(project.client(), project.root / "reports" / "same", "evaluation")
     assert len(reward_held_out) == 1 and evaluated == reward_held_out
 
@@ -248,12 +291,12 @@ def test_rm_accuracy_is_measured_on_the_reward_stage_held_out_pairs(project: Pro
         with torch.no_grad():
             return model(**tokenizer(prompt + answer + tokenizer.eos_token, return_tensors="pt")).logits.item()
 
-    correct = sum(reward(pair["prompt"], pair["chosen"]) > reward(pair["prompt"], pair["rejected"])
-                  for pair in held_out)
+    correct = sum(
+        reward(pair["prompt"], pair["chosen"]) > reward(pair["prompt"], pair["rejected"]) for pair in held_out
+    )
     assert same_policy.metrics["rm_accuracy"] == pytest.approx(correct / len(held_out))
     # ... and the reward stage's own evaluation (TRL's) counted the same.
-    assert same_policy.metrics["rm_accuracy"] == pytest.approx(reward_trained.result.metrics["eval_accuracy"],
-                                                               abs=1e-6)
+    assert same_policy.metrics["rm_accuracy"] == pytest.approx(reward_trained.result.metrics["eval_accuracy"], abs=1e-6)
 
 
 # --------------------------------------------------------------------------------------- a policy that differs
@@ -276,6 +319,7 @@ def test_different_policy_answers_differently_with_kl(project: Project, differen
 @slow
 def test_sft_answers_do_not_depend_on_the_policy(project: Project, same_policy: Any, different_policy: Any) -> None:
     """The baseline is sampled under the same seed whatever it is compared with."""
+
     def sft_answers(folder: str) -> list[str]:
         rows = read_jsonl(project.root / "reports" / folder / "answers.jsonl")
         return [row["response"] for row in rows if row["model"] == "sft"]
@@ -305,13 +349,14 @@ def test_best_of_n_keeps_the_sft_sample_the_reward_model_prefers(project: Projec
     assert {"best_of_n/gold_score", "best_of_n/gold_gain", "best_of_n/gold_gain_ci_low"} <= set(best)
     # The PPO side and the SFT side are untouched by the extra samples.
     assert {key: value for key, value in best.items() if not key.startswith("best_of_n/")} == pytest.approx(
-        {key: value for key, value in same_policy.metrics.items()})
+        {key: value for key, value in same_policy.metrics.items()}
+    )
     report = (project.root / "reports" / "best" / "report.md").read_text(encoding="utf-8")
     assert "SFT best of 3 by RM" in report and "best_of_n/gold_gain" in report
 
 
 def test_best_of_one_is_a_config_error(workdir: Path) -> None:
-    with pytest.raises(ConfigError, match="best_of_n: .*1 is the SFT model itself"):
+    with pytest.raises(ConfigError, match=r"best_of_n: .*1 is the SFT model itself"):
         load_params("params.yaml", ["evaluate.best_of_n=1"])
 
 
@@ -326,8 +371,9 @@ def test_evaluating_on_training_pairs_is_a_config_error(workdir: Path, override:
 
 
 def test_other_split_of_another_preferences_file_is_fine(workdir: Path) -> None:
-    params = load_params(overrides=["evaluate.preferences=data/other_preferences.jsonl",
-                                    "evaluate.preferences_eval_fraction=0.3"])
+    params = load_params(
+        overrides=["evaluate.preferences=data/other_preferences.jsonl", "evaluate.preferences_eval_fraction=0.3"]
+    )
     assert params.evaluate.preferences_eval_fraction == 0.3
 
 
@@ -351,7 +397,7 @@ def test_sft_model_with_another_tokenizer_is_a_config_error(project: Project, tm
     tokenizer.save_pretrained(str(other))
     runs_before = len(project.runs("evaluate"))
 
-    with pytest.raises(ConfigError, match="sft_model.*tokenizer"):
+    with pytest.raises(ConfigError, match=r"sft_model.*tokenizer"):
         project.evaluate(project.sft, "reports/tokenizer", f"evaluate.sft_model={other}")
     assert not (project.root / "reports" / "tokenizer").exists()
     assert len(project.runs("evaluate")) == runs_before
@@ -373,7 +419,8 @@ def test_unknown_gold_annotator_fails_before_writing(project: Project) -> None:
 def exploding_annotator(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     """A gold annotator that loads but raises when it scores (module named per test, so never cached)."""
     (tmp_path / "exploding_annotator.py").write_text(
-        "def score(texts):\n    raise RuntimeError('annotator service unavailable')\n")
+        "def score(texts):\n    raise RuntimeError('annotator service unavailable')\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     return "exploding_annotator:score"
 
@@ -392,8 +439,9 @@ def test_failure_midway_leaves_no_report_and_a_failed_run(project: Project, expl
 
 
 @slow
-def test_failure_while_writing_keeps_the_previous_report(project: Project, same_policy: Any,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failure_while_writing_keeps_the_previous_report(
+    project: Project, same_policy: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A crash halfway through writing the report leaves the last complete report in place, untouched."""
     import rlhf.stages.evaluate as evaluate_stage
 
@@ -408,8 +456,11 @@ def test_failure_while_writing_keeps_the_previous_report(project: Project, same_
     monkeypatch.setattr(evaluate_stage, "write_report", crash_after_writing)
     from rlhf.s3 import StorageError
 
-    with pytest.raises(StorageError, match=r"reports/same: not written \(disk full\); the previous contents are "
-                                           "unchanged"):
+    with pytest.raises(
+        StorageError,
+        match=r"reports/same: not written \(disk full\); the previous contents are "
+        "unchanged",
+    ):
         project.evaluate(project.sft, "reports/same")
     after = {path.relative_to(output): path.read_bytes() for path in output.rglob("*") if path.is_file()}
     assert after == before

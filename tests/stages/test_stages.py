@@ -15,12 +15,11 @@ from typing import Any
 
 import pytest
 import torch
+from stage_helpers import Trained, state_dict
 
 from rlhf.config import load_params
 from rlhf.s3 import StorageError
 from rlhf.tracking import read_provenance
-
-from stage_helpers import Trained, state_dict
 
 pytestmark = pytest.mark.slow
 
@@ -69,7 +68,10 @@ def test_pretrain_from_scratch(pretrained: Trained, stage_params: dict[str, Any]
     arch = stage_params["pretrain"]["architecture"]
     config = model.config
     assert (config.n_layer, config.n_head, config.n_embd, config.n_positions) == (
-        arch["n_layer"], arch["n_head"], arch["n_embd"], arch["n_positions"]
+        arch["n_layer"],
+        arch["n_head"],
+        arch["n_embd"],
+        arch["n_positions"],
     )
     assert config.vocab_size == len(tokenizer)
     assert config.eos_token_id == tokenizer.eos_token_id
@@ -98,15 +100,22 @@ def test_continued_pretraining_from_base_model(workdir: Path, pretrained: Traine
 
     from rlhf.stages import pretrain
 
-    cfg = load_params(overrides=[f"pretrain.base_model={pretrained.output}", "pretrain.output_dir=models/continued",
-                                 "pretrain.max_steps=4"]).pretrain
+    cfg = load_params(
+        overrides=[
+            f"pretrain.base_model={pretrained.output}",
+            "pretrain.output_dir=models/continued",
+            "pretrain.max_steps=4",
+        ]
+    ).pretrain
     result = pretrain.run(cfg)
 
     output = workdir / "models" / "continued"
     assert result.output_dir == "models/continued"
     # The base tokenizer is reused, not retrained on this corpus.
-    assert AutoTokenizer.from_pretrained(str(output)).get_vocab() == AutoTokenizer.from_pretrained(
-        str(pretrained.output)).get_vocab()
+    assert (
+        AutoTokenizer.from_pretrained(str(output)).get_vocab()
+        == AutoTokenizer.from_pretrained(str(pretrained.output)).get_vocab()
+    )
     _, unchanged = changed_and_unchanged(state_dict(pretrained.output), state_dict(output))
     trainable = trainable_names(output)
     assert trainable & unchanged == set(), f"not trained further: {sorted(trainable & unchanged)}"
@@ -121,8 +130,13 @@ def test_pretrain_with_untied_embeddings_trains_and_keeps_both_matrices(workdir:
 
     from rlhf.stages import pretrain
 
-    cfg = load_params(overrides=["pretrain.architecture.tie_word_embeddings=false", "pretrain.max_steps=3",
-                                 "pretrain.output_dir=models/untied"]).pretrain
+    cfg = load_params(
+        overrides=[
+            "pretrain.architecture.tie_word_embeddings=false",
+            "pretrain.max_steps=3",
+            "pretrain.output_dir=models/untied",
+        ]
+    ).pretrain
     pretrain.run(cfg)
     model = AutoModelForCausalLM.from_pretrained(str(workdir / "models" / "untied"))
     assert model.config.tie_word_embeddings is False
@@ -159,8 +173,10 @@ def test_pretrain_disabled_saves_base_unchanged(workdir: Path, pretrained: Train
     assert all(torch.equal(before[name], after[name]) for name in before)
     parameters = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(str(output)).parameters())
     assert result.metrics == {"skipped": 1.0, "parameters": float(parameters)}
-    assert AutoTokenizer.from_pretrained(str(output)).get_vocab() == AutoTokenizer.from_pretrained(
-        str(pretrained.output)).get_vocab()
+    assert (
+        AutoTokenizer.from_pretrained(str(output)).get_vocab()
+        == AutoTokenizer.from_pretrained(str(pretrained.output)).get_vocab()
+    )
     assert not (workdir / "checkpoints").exists() or not list((workdir / "checkpoints").iterdir())
 
 
@@ -189,8 +205,9 @@ def test_sft_loss_covers_completion_tokens_only(sft_trained: Trained, session_pr
     tokenizer = trainer.processing_class
     eos = tokenizer.eos_token
     cfg = load_params(session_project / "params.yaml").sft
-    train, _ = split(load_dataset(str(session_project / cfg.dataset), "sft")[0], cfg.eval_fraction, cfg.seed,
-                     cfg.dataset)
+    train, _ = split(
+        load_dataset(str(session_project / cfg.dataset), "sft")[0], cfg.eval_fraction, cfg.seed, cfg.dataset
+    )
 
     for dataset in (trainer.train_dataset, trainer.eval_dataset):
         assert "labels" in dataset.column_names
@@ -261,8 +278,12 @@ def test_conversational_sft_and_reward(workdir: Path, pretrained: Trained, monke
     from rlhf.stages import reward, sft
 
     chats = [
-        {"messages": [{"role": "user", "content": r["prompt"]},
-                      {"role": "assistant", "content": r["completion"].strip()}]}
+        {
+            "messages": [
+                {"role": "user", "content": r["prompt"]},
+                {"role": "assistant", "content": r["completion"].strip()},
+            ]
+        }
         for r in read_jsonl(workdir / "data" / "sft.jsonl")
     ]
     (workdir / "data" / "chat_sft.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
@@ -284,11 +305,17 @@ def test_conversational_sft_and_reward(workdir: Path, pretrained: Trained, monke
             trainers.append(self)
 
     monkeypatch.setattr(trl, "SFTTrainer", Recording)
-    params = load_params(overrides=[
-        f"sft.model={pretrained.output}", "sft.dataset=data/chat_sft.jsonl", "sft.output_dir=models/chat-sft",
-        "sft.max_steps=3", "reward.base_model=models/chat-sft", "reward.dataset=data/chat_preferences.jsonl",
-        "reward.max_steps=3",
-    ])
+    params = load_params(
+        overrides=[
+            f"sft.model={pretrained.output}",
+            "sft.dataset=data/chat_sft.jsonl",
+            "sft.output_dir=models/chat-sft",
+            "sft.max_steps=3",
+            "reward.base_model=models/chat-sft",
+            "reward.dataset=data/chat_preferences.jsonl",
+            "reward.max_steps=3",
+        ]
+    )
     sft_result = sft.run(params.sft)
     assert math.isfinite(sft_result.metrics["eval_loss"])
 
@@ -366,16 +393,23 @@ def test_reward_model_with_lora_saves_merged_adapters_and_a_trained_head(workdir
     from rlhf.modeling import load_tokenizer
     from rlhf.stages import reward
 
-    cfg = load_params(overrides=[f"reward.base_model={sft_trained.output}", "reward.lora.enabled=true",
-                                 "reward.lora.r=4", "reward.learning_rate=0.01"]).reward
+    cfg = load_params(
+        overrides=[
+            f"reward.base_model={sft_trained.output}",
+            "reward.lora.enabled=true",
+            "reward.lora.r=4",
+            "reward.learning_rate=0.01",
+        ]
+    ).reward
     result = reward.run(cfg)
 
     output = workdir / "models" / "reward"
     saved = AutoModelForSequenceClassification.from_pretrained(str(output)).eval()
     assert not any("lora_" in name or "modules_to_save" in name for name, _ in saved.named_parameters())
     sft = state_dict(sft_trained.output)
-    changed = [name for name, tensor in saved.state_dict().items()
-               if name in sft and not torch.equal(tensor, sft[name])]
+    changed = [
+        name for name, tensor in saved.state_dict().items() if name in sft and not torch.equal(tensor, sft[name])
+    ]
     assert changed and all(name.endswith(".weight") for name in changed)  # adapters merged into the linear layers
     assert saved.score.weight.abs().sum() > 0
 
@@ -449,13 +483,16 @@ def test_stage_failing_while_saving_keeps_previous_output(
     def save_then_fail(self: Any, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
         original(self, save_directory, *args, **kwargs)
         if ".sft.tmp-" in str(save_directory):  # the stage output, not the trainer's own checkpoints
-            # What a full disk raises from safetensors: no path in it (issue 15, finding 7).
+            # What a full disk raises from safetensors: no path in it.
             raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(PreTrainedModel, "save_pretrained", save_then_fail)
     # One line naming the output, and that it is as it was.
-    with pytest.raises(StorageError, match=r"^models/sft: not written \(No space left on device\); the previous "
-                                           r"contents are unchanged$"):
+    with pytest.raises(
+        StorageError,
+        match=r"^models/sft: not written \(No space left on device\); the previous "
+        r"contents are unchanged$",
+    ):
         sft.run(load_params(overrides=[f"sft.model={pretrained.output}", "sft.max_steps=1"]).sft)
 
     assert sorted((p.name, p.read_bytes()) for p in previous.iterdir()) == before
@@ -465,7 +502,7 @@ def test_stage_failing_while_saving_keeps_previous_output(
 def test_a_stage_failing_before_its_first_checkpoint_leaves_no_checkpoints_folder(
     workdir: Path, pretrained: Trained, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Issue 15, finding 10: failed stages left empty `checkpoints/<stage>-…` folders."""
+    """A failed stage leaves no empty `checkpoints/<stage>-…` folder behind."""
     from transformers import Trainer
 
     from rlhf.stages import sft
@@ -484,9 +521,9 @@ def test_a_stage_failing_before_its_first_checkpoint_leaves_no_checkpoints_folde
 def test_a_resumed_stage_writes_the_metrics_of_an_uninterrupted_one(
     stage: str, workdir: Path, pretrained: Trained, sft_trained: Trained, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Issue 15, finding 4: a resumed SFT run reported another train_loss (4.796 against 4.905) for the same
-    training, so DVC showed a change that was not one. Killed after its first checkpoint and run again, each
-    trainer stage writes the metrics file an uninterrupted run writes, byte for byte."""
+    """A resumed run reports the train_loss of the whole training (not of its last leg), so DVC sees no change that
+    is not one: killed after its first checkpoint and run again, each trainer stage writes the metrics file an
+    uninterrupted run writes, byte for byte."""
     from transformers import Trainer
 
     from rlhf import cli
@@ -518,8 +555,11 @@ def test_a_resumed_stage_writes_the_metrics_of_an_uninterrupted_one(
     assert metrics.read_text() == uninterrupted
 
 
-@pytest.mark.parametrize("trainer_state", [None, "", '{"best_global_step": null, "best_metric'],
-                         ids=["state-missing", "state-empty", "state-cut-short"])
+@pytest.mark.parametrize(
+    "trainer_state",
+    [None, "", '{"best_global_step": null, "best_metric'],
+    ids=["state-missing", "state-empty", "state-cut-short"],
+)
 def test_resume_skips_a_half_written_checkpoint(
     workdir: Path, pretrained: Trained, monkeypatch: pytest.MonkeyPatch, trainer_state: str | None
 ) -> None:

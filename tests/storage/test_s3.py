@@ -25,8 +25,11 @@ def _uri(name: str) -> str:
 
 
 def _tree(folder: Path) -> dict[str, str]:
-    return {path.relative_to(folder).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
-            for path in sorted(folder.rglob("*")) if path.is_file()}
+    return {
+        path.relative_to(folder).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
 
 
 def _model_folder(folder: Path, big_mib: int = 0) -> Path:
@@ -87,10 +90,9 @@ def test_a_single_file_and_an_atomic_file_round_trip(s3, tmp_path):
 
 def test_a_failed_block_uploads_nothing(s3, tmp_path):
     uri = _uri("failed")
-    with pytest.raises(RuntimeError, match="training diverged"):
-        with atomic_dir(uri) as staging:
-            (staging / "config.json").write_text("{}")
-            raise RuntimeError("training diverged")
+    with pytest.raises(RuntimeError, match="training diverged"), atomic_dir(uri) as staging:
+        (staging / "config.json").write_text("{}")
+        raise RuntimeError("training diverged")
     assert storage_s3.list_objects(uri) == {}
 
 
@@ -130,7 +132,7 @@ def test_a_corrupted_object_fails_its_checksum(s3, tmp_path):
     bucket, prefix = storage_s3.split(uri)
     # Another writer replaces the weights behind the manifest's back.
     s3.client().put_object(Bucket=bucket, Key=f"{prefix}/model.safetensors", Body=os.urandom(MIB))
-    with pytest.raises(StorageError, match="model.safetensors: checksum mismatch"):
+    with pytest.raises(StorageError, match=r"model\.safetensors: checksum mismatch"):
         fetch(uri)
 
 
@@ -157,9 +159,11 @@ def test_a_dataset_on_s3_reports_bad_lines_by_its_s3_location(s3, tmp_path):
 
 @pytest.mark.parametrize("case", ["missing bucket", "missing key", "missing folder"])
 def test_missing_locations_are_one_line_errors(s3, case):
-    uri = {"missing bucket": "s3://no-such-bucket/data/sft.jsonl",
-           "missing key": f"s3://{DATA_BUCKET}/nothing-here/sft.jsonl",
-           "missing folder": f"s3://{DATA_BUCKET}/nothing-here/models/sft"}[case]
+    uri = {
+        "missing bucket": "s3://no-such-bucket/data/sft.jsonl",
+        "missing key": f"s3://{DATA_BUCKET}/nothing-here/sft.jsonl",
+        "missing folder": f"s3://{DATA_BUCKET}/nothing-here/models/sft",
+    }[case]
     expected = "bucket 'no-such-bucket' does not exist" if case == "missing bucket" else "no such object or folder"
     with pytest.raises(StorageError) as raised:
         fetch(uri)
@@ -171,12 +175,17 @@ def test_denied_access_is_a_one_line_error(s3, monkeypatch):
     import boto3
     from moto import settings
 
-    iam = boto3.client("iam", endpoint_url=s3.url, aws_access_key_id="x", aws_secret_access_key="x",
-                       region_name="us-east-1")
+    iam = boto3.client(
+        "iam", endpoint_url=s3.url, aws_access_key_id="x", aws_secret_access_key="x", region_name="us-east-1"
+    )
     user = f"reader-{uuid.uuid4().hex[:6]}"
     iam.create_user(UserName=user)
-    policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*",
-                                                       "Resource": ["arn:aws:s3:::other", "arn:aws:s3:::other/*"]}]}
+    policy = {
+        "Version": "2012-10-17",
+        "Statement": [
+            {"Effect": "Allow", "Action": "s3:*", "Resource": ["arn:aws:s3:::other", "arn:aws:s3:::other/*"]}
+        ],
+    }
     iam.put_user_policy(UserName=user, PolicyName="other-only", PolicyDocument=json.dumps(policy))
     key = iam.create_access_key(UserName=user)["AccessKey"]
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
@@ -192,8 +201,12 @@ def test_an_unreachable_endpoint_is_a_one_line_error(monkeypatch):
     from servers import free_port
 
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    for key, value in {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x",
-                       "AWS_MAX_ATTEMPTS": "2"}.items():
+    for key, value in {
+        "AWS_ENDPOINT_URL": url,
+        "AWS_ACCESS_KEY_ID": "x",
+        "AWS_SECRET_ACCESS_KEY": "x",
+        "AWS_MAX_ATTEMPTS": "2",
+    }.items():
         monkeypatch.setenv(key, value)
     with pytest.raises(StorageError) as raised:
         fetch("s3://bucket/models/sft")

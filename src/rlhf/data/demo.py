@@ -30,18 +30,58 @@ from rlhf.data.io import write_jsonl
 from rlhf.storage import atomic_dir
 
 TITLE_WORDS = (
-    ["Silent", "Crimson", "Last", "Hidden", "Broken", "Golden", "Distant", "Frozen", "Secret", "Wild", "Electric",
-     "Midnight", "Paper", "Iron", "Velvet"],
-    ["River", "Empire", "Garden", "Signal", "Harbor", "Mountain", "Letter", "Kingdom", "Station", "Orchard",
-     "Mirror", "Voyage", "Lantern", "Circus", "Frontier"],
+    [
+        "Silent",
+        "Crimson",
+        "Last",
+        "Hidden",
+        "Broken",
+        "Golden",
+        "Distant",
+        "Frozen",
+        "Secret",
+        "Wild",
+        "Electric",
+        "Midnight",
+        "Paper",
+        "Iron",
+        "Velvet",
+    ],
+    [
+        "River",
+        "Empire",
+        "Garden",
+        "Signal",
+        "Harbor",
+        "Mountain",
+        "Letter",
+        "Kingdom",
+        "Station",
+        "Orchard",
+        "Mirror",
+        "Voyage",
+        "Lantern",
+        "Circus",
+        "Frontier",
+    ],
 )
-OPENINGS = ["{title} is a {genre}.", "I watched {title}, a {genre}.", "{title} is a new {genre}.",
-            "Last night I saw {title}, a {genre}."]
-ASPECT_SENTENCES = ["The {aspect} is {adj}.", "I found the {aspect} {adj}.", "Its {aspect} feels {adj}.",
-                    "The {aspect} was {adj}."]
-PAIR_SENTENCES = ["The {aspect} is {adj} and the {aspect2} is {adj2}.",
-                  "I found the {aspect} {adj}, but the {aspect2} was {adj2}.",
-                  "Its {aspect} is {adj}, while the {aspect2} feels {adj2}."]
+OPENINGS = [
+    "{title} is a {genre}.",
+    "I watched {title}, a {genre}.",
+    "{title} is a new {genre}.",
+    "Last night I saw {title}, a {genre}.",
+]
+ASPECT_SENTENCES = [
+    "The {aspect} is {adj}.",
+    "I found the {aspect} {adj}.",
+    "Its {aspect} feels {adj}.",
+    "The {aspect} was {adj}.",
+]
+PAIR_SENTENCES = [
+    "The {aspect} is {adj} and the {aspect2} is {adj2}.",
+    "I found the {aspect} {adj}, but the {aspect2} was {adj2}.",
+    "Its {aspect} is {adj}, while the {aspect2} feels {adj2}.",
+]
 # The faithful task's defects, each spoiling one part of a summary that the rubric checks.
 DEFECTS = ("flipped_tone", "wrong_adjective", "wrong_genre", "invented_aspect", "dropped_aspect")
 
@@ -188,16 +228,24 @@ def _sentiment(cfg: DemoConfig) -> dict[str, list[dict[str, str]]]:
 
 def _faithful(cfg: DemoConfig) -> dict[str, list[dict[str, str]]]:
     rng = random.Random(cfg.seed)
-    sizes = {"corpus": cfg.corpus_size, "sft": cfg.sft_size, "preferences": cfg.preference_size,
-             "prompts": cfg.rl_prompts, "eval_prompts": cfg.eval_prompts}
+    sizes = {
+        "corpus": cfg.corpus_size,
+        "sft": cfg.sft_size,
+        "preferences": cfg.preference_size,
+        "prompts": cfg.rl_prompts,
+        "eval_prompts": cfg.eval_prompts,
+    }
     pool, splits = iter(_unique_reviews(rng, sum(sizes.values()))), {}
     for name, size in sizes.items():
         splits[name] = [next(pool) for _ in range(size)]
     return {
-        "corpus.jsonl": [{"text": f"{r.prompt} {_faithful_or_defective(r, rng, cfg.corpus_defect_share)}"}
-                         for r in splits["corpus"]],
-        "sft.jsonl": [{"prompt": r.prompt, "completion": f" {_faithful_or_defective(r, rng, cfg.sft_defect_share)}"}
-                      for r in splits["sft"]],
+        "corpus.jsonl": [
+            {"text": f"{r.prompt} {_faithful_or_defective(r, rng, cfg.corpus_defect_share)}"} for r in splits["corpus"]
+        ],
+        "sft.jsonl": [
+            {"prompt": r.prompt, "completion": f" {_faithful_or_defective(r, rng, cfg.sft_defect_share)}"}
+            for r in splits["sft"]
+        ],
         "preferences.jsonl": [_contrastive_pair(r, rng, cfg.label_noise) for r in splits["preferences"]],
         "prompts.jsonl": [{"prompt": r.prompt} for r in splits["prompts"]],
         "eval_prompts.jsonl": [{"prompt": r.prompt} for r in splits["eval_prompts"]],

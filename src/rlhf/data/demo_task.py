@@ -15,15 +15,48 @@ from dataclasses import dataclass
 
 from rlhf.measures import repetition
 
-GENRES = ["drama", "comedy", "thriller", "horror film", "western", "romance", "documentary", "musical",
-          "science fiction film", "animated film", "war film", "mystery"]
-ASPECTS = ["plot", "acting", "soundtrack", "editing", "ending", "pacing", "dialogue", "cast", "script",
-           "cinematography", "humour", "direction"]
+GENRES = [
+    "drama",
+    "comedy",
+    "thriller",
+    "horror film",
+    "western",
+    "romance",
+    "documentary",
+    "musical",
+    "science fiction film",
+    "animated film",
+    "war film",
+    "mystery",
+]
+ASPECTS = [
+    "plot",
+    "acting",
+    "soundtrack",
+    "editing",
+    "ending",
+    "pacing",
+    "dialogue",
+    "cast",
+    "script",
+    "cinematography",
+    "humour",
+    "direction",
+]
 ADJECTIVES = {
-    "positive": ["brilliant", "wonderful", "superb", "delightful", "beautiful", "excellent", "charming", "lovely",
-                 "clever", "great"],
-    "negative": ["terrible", "awful", "dull", "boring", "horrible", "weak", "painful", "bad", "messy",
-                 "disappointing"],
+    "positive": [
+        "brilliant",
+        "wonderful",
+        "superb",
+        "delightful",
+        "beautiful",
+        "excellent",
+        "charming",
+        "lovely",
+        "clever",
+        "great",
+    ],
+    "negative": ["terrible", "awful", "dull", "boring", "horrible", "weak", "painful", "bad", "messy", "disappointing"],
     "neutral": ["ordinary", "conventional", "simple", "quiet", "predictable", "long", "modest", "familiar"],
 }
 OVERALL = {
@@ -66,8 +99,11 @@ def parse_review(prompt: str) -> Review | None:
     aspects = []
     for i, word in enumerate(words):
         if word in ASPECTS:  # "a dull plot", or "the plot is dull"
-            adjective = words[i - 1] if i and words[i - 1] in TONE_OF else next(
-                (w for w in words[i + 1 :] if w in TONE_OF or w in ASPECTS), None)
+            adjective = (
+                words[i - 1]
+                if i and words[i - 1] in TONE_OF
+                else next((w for w in words[i + 1 :] if w in TONE_OF or w in ASPECTS), None)
+            )
             if adjective in TONE_OF:
                 aspects.append((word, TONE_OF[adjective], adjective))
     if not genres or not aspects:

@@ -60,9 +60,7 @@ def record_problem(record: dict[str, Any], kind: Kind) -> str | None:
                 problem = "'messages' has no assistant turn to learn from"
             return problem
         conversational = isinstance(record.get("prompt"), list)
-        return _field_problem(record, "prompt", conversational) or _field_problem(
-            record, "completion", conversational
-        )
+        return _field_problem(record, "prompt", conversational) or _field_problem(record, "completion", conversational)
     if kind == "preference":
         conversational = isinstance(record.get("chosen"), list)
         for field in ("prompt", "chosen", "rejected"):
@@ -105,13 +103,16 @@ def load_dataset(source: str, kind: Kind) -> tuple[datasets.Dataset, str]:
     return datasets.Dataset.from_list(records), fingerprint(records)
 
 
-def split(dataset: datasets.Dataset, eval_fraction: float, seed: int,
-          source: str) -> tuple[datasets.Dataset, datasets.Dataset]:
+def split(
+    dataset: datasets.Dataset, eval_fraction: float, seed: int, source: str
+) -> tuple[datasets.Dataset, datasets.Dataset]:
     """A seeded, deterministic train/eval split (the same rows on every run with the same seed) of the records read
     from `source`; at least one record on each side."""
     if len(dataset) < 2:
-        raise DataError(f"{source}: {len(dataset)} record{'s' if len(dataset) != 1 else ''}; at least 2 are needed "
-                        "to split off an evaluation set")
+        raise DataError(
+            f"{source}: {len(dataset)} record{'s' if len(dataset) != 1 else ''}; at least 2 are needed "
+            "to split off an evaluation set"
+        )
     held_out = min(len(dataset) - 1, max(1, math.ceil(eval_fraction * len(dataset))))
     parts = dataset.train_test_split(test_size=held_out, seed=seed, shuffle=True)
     return parts["train"], parts["test"]

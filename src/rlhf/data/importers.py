@@ -70,8 +70,15 @@ def _string_field(record: dict[str, Any], name: str, origin: str, *, optional: b
     return value
 
 
-def _finish(importer: str, source: str, output: str, total: int, kept: list[dict[str, str]],
-            dropped: dict[str, int], adjusted: dict[str, int] | None = None) -> ImportReport:
+def _finish(
+    importer: str,
+    source: str,
+    output: str,
+    total: int,
+    kept: list[dict[str, str]],
+    dropped: dict[str, int],
+    adjusted: dict[str, int] | None = None,
+) -> ImportReport:
     if not kept:
         reasons = ", ".join(f"{reason}={count}" for reason, count in sorted(dropped.items())) or "it holds no rows"
         raise DataError(f"{source}: no usable rows to import ({reasons}); nothing written to {output}")
@@ -245,14 +252,25 @@ class ChatDataReport:
     def summary(self) -> str:
         lines = [f"hh-chat: {self.source}: read {self.pairs_read} pairs"]
         lines += [f"  dropped {count}: {reason}" for reason, count in sorted(self.pairs_dropped.items())]
-        lines += [f"  {name}: {count} rows, fingerprint {self.fingerprints[name][:16]}"
-                  for name, count in self.written.items()]
+        lines += [
+            f"  {name}: {count} rows, fingerprint {self.fingerprints[name][:16]}"
+            for name, count in self.written.items()
+        ]
         return "\n".join(lines)
 
 
-def build_hh_chat(source: str, output_dir: str, *, alpaca: str | None = None, sft_rows: int = 512,
-                  hh_sft_prompts: int = 0, rl_prompts: int = 256, eval_prompts: int = 128,
-                  pairs: int | None = None, seed: int = 0) -> ChatDataReport:
+def build_hh_chat(
+    source: str,
+    output_dir: str,
+    *,
+    alpaca: str | None = None,
+    sft_rows: int = 512,
+    hh_sft_prompts: int = 0,
+    rl_prompts: int = 256,
+    eval_prompts: int = 128,
+    pairs: int | None = None,
+    seed: int = 0,
+) -> ChatDataReport:
     """The datasets a chat model's RLHF run needs, from raw HH-RLHF (plus Alpaca for SFT), in chat form:
 
     - `preferences.jsonl`: {"prompt": [messages], "chosen": [assistant], "rejected": [assistant]}, every pair of
@@ -280,22 +298,29 @@ def build_hh_chat(source: str, output_dir: str, *, alpaca: str | None = None, sf
             continue
         prompt = hh_messages(pair["prompt"])
         by_prompt.setdefault(json.dumps(prompt), []).append(
-            {"prompt": prompt, "chosen": [{"role": "assistant", "content": pair["chosen"].strip()}],
-             "rejected": [{"role": "assistant", "content": pair["rejected"].strip()}]})
+            {
+                "prompt": prompt,
+                "chosen": [{"role": "assistant", "content": pair["chosen"].strip()}],
+                "rejected": [{"role": "assistant", "content": pair["rejected"].strip()}],
+            }
+        )
     prompts = sorted(by_prompt)
     random.Random(seed).shuffle(prompts)
     wanted = eval_prompts + rl_prompts + hh_sft_prompts
     if len(prompts) - wanted < 2:
-        raise DataError(f"{source}: {len(prompts)} distinct prompts, too few for {eval_prompts} evaluation, "
-                        f"{rl_prompts} RL and {hh_sft_prompts} SFT prompts plus preference pairs")
-    evaluation, rl = prompts[:eval_prompts], prompts[eval_prompts:eval_prompts + rl_prompts]
-    hh_sft, preference = prompts[eval_prompts + rl_prompts:wanted], prompts[wanted:][:pairs]
+        raise DataError(
+            f"{source}: {len(prompts)} distinct prompts, too few for {eval_prompts} evaluation, "
+            f"{rl_prompts} RL and {hh_sft_prompts} SFT prompts plus preference pairs"
+        )
+    evaluation, rl = prompts[:eval_prompts], prompts[eval_prompts : eval_prompts + rl_prompts]
+    hh_sft, preference = prompts[eval_prompts + rl_prompts : wanted], prompts[wanted:][:pairs]
 
     sft: list[dict[str, Any]] = []
     if alpaca:
         alpaca_rows = read_rows(alpaca)
-        converted = [_alpaca_messages(record, origin) for record, origin in zip(alpaca_rows.records,
-                                                                                alpaca_rows.origins)]
+        converted = [
+            _alpaca_messages(record, origin) for record, origin in zip(alpaca_rows.records, alpaca_rows.origins)
+        ]
         usable = [messages for messages in converted if messages is not None]
         random.Random(seed).shuffle(usable)
         sft += [{"messages": messages} for messages in usable[:sft_rows]]
@@ -312,5 +337,10 @@ def build_hh_chat(source: str, output_dir: str, *, alpaca: str | None = None, sf
     with atomic_dir(output_dir) as staging:
         for name, records in files.items():
             write_jsonl(staging / name, records)
-    return ChatDataReport(str(source), len(rows), dropped, {name: len(records) for name, records in files.items()},
-                          {name: fingerprint(records) for name, records in files.items()})
+    return ChatDataReport(
+        str(source),
+        len(rows),
+        dropped,
+        {name: len(records) for name, records in files.items()},
+        {name: fingerprint(records) for name, records in files.items()},
+    )

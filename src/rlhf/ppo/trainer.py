@@ -28,9 +28,22 @@ from rlhf.storage import mirror_checkpoint, restore_checkpoint
 
 # TRL's PPO metric names, so users of TRL (and of the seed tutorial) recognise them.
 STEP_METRICS = (
-    "objective/kl", "objective/entropy", "objective/non_score_reward", "objective/rlhf_reward", "objective/scores",
-    "policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg", "loss/value_avg", "val/clipfrac_avg",
-    "policy/entropy_avg", "val/ratio", "val/ratio_var", "val/num_eos_tokens", "lr", "episode",
+    "objective/kl",
+    "objective/entropy",
+    "objective/non_score_reward",
+    "objective/rlhf_reward",
+    "objective/scores",
+    "policy/approxkl_avg",
+    "policy/clipfrac_avg",
+    "loss/policy_avg",
+    "loss/value_avg",
+    "val/clipfrac_avg",
+    "policy/entropy_avg",
+    "val/ratio",
+    "val/ratio_var",
+    "val/num_eos_tokens",
+    "lr",
+    "episode",
 )
 
 
@@ -51,8 +64,19 @@ class Progress:
 
 
 class PPOTrainer:
-    def __init__(self, cfg: PPOConfig, policy, reference, critic, reward_model, tokenizer, reward_tokenizer,
-                 prompts: list[Prompt], checkpoint_dir: Path, accelerator) -> None:
+    def __init__(
+        self,
+        cfg: PPOConfig,
+        policy,
+        reference,
+        critic,
+        reward_model,
+        tokenizer,
+        reward_tokenizer,
+        prompts: list[Prompt],
+        checkpoint_dir: Path,
+        accelerator,
+    ) -> None:
         from transformers import get_scheduler
 
         cfg = with_model_sampling(cfg, policy)  # null temperature/top_k/top_p: the policy's generation_config
@@ -71,13 +95,17 @@ class PPOTrainer:
             policy.gradient_checkpointing_enable()
         model = PolicyAndValue(policy, critic)
         disable_dropout_in_model(model)  # rollout (eval mode) and update (train mode) must give the same log-probs
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
-                                      eps=1e-5)
+        optimizer = torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate, eps=1e-5
+        )
         updates_per_step = cfg.ppo_epochs * (cfg.rollout_batch_size // cfg.mini_batch_size)
         # Stepped once per optimiser step by hand (not prepared), so its length does not depend on the process count.
-        self.scheduler = get_scheduler(cfg.lr_scheduler, optimizer,
-                                       num_warmup_steps=int(cfg.warmup_ratio * self.num_steps * updates_per_step),
-                                       num_training_steps=self.num_steps * updates_per_step)
+        self.scheduler = get_scheduler(
+            cfg.lr_scheduler,
+            optimizer,
+            num_warmup_steps=int(cfg.warmup_ratio * self.num_steps * updates_per_step),
+            num_training_steps=self.num_steps * updates_per_step,
+        )
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         device = accelerator.device
         self.reference = reference.to(device).eval() if reference is not None else None
@@ -110,8 +138,7 @@ class PPOTrainer:
 
     def reference_logits(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
         if self.reference is not None:
-            return self.reference(input_ids=input_ids, attention_mask=attention_mask,
-                                  position_ids=position_ids).logits
+            return self.reference(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
         with self.policy.disable_adapter():  # LoRA: the reference is the same network with its adapters off
             return self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
 
@@ -125,9 +152,19 @@ class PPOTrainer:
         """Answers, log-probs, values and scores for these prompts; scores carry the missing-EOS penalty."""
         cfg = self.cfg
         self.model.eval()
-        batch = rollout(self.policy, self.model, self.reference_logits, self.tokenizer,
-                        [self.queries[i] for i in indices], [self.prompts[i] for i in indices], self.reward_model,
-                        self.reward_tokenizer, cfg, self.accelerator.device, self.stop_ids)
+        batch = rollout(
+            self.policy,
+            self.model,
+            self.reference_logits,
+            self.tokenizer,
+            [self.queries[i] for i in indices],
+            [self.prompts[i] for i in indices],
+            self.reward_model,
+            self.reward_tokenizer,
+            cfg,
+            self.accelerator.device,
+            self.stop_ids,
+        )
         if cfg.missing_eos_penalty is None:
             return batch
         missing_eos = (~batch.samples.ends_with_eos).float()
@@ -159,14 +196,17 @@ class PPOTrainer:
                     index = order[micro_start : micro_start + micro]
                     with accelerator.accumulate(self.model), accelerator.autocast():
                         logits, values = self.model(input_ids[index], attention_mask[index], position_ids[index])
-                        logits, logprobs = sequence_logprobs(logits, batch.context, samples.responses[index],
-                                                             cfg.temperature)
+                        logits, logprobs = sequence_logprobs(
+                            logits, batch.context, samples.responses[index], cfg.temperature
+                        )
                         values = values[:, batch.context - 1 : -1].float()
                         m = mask[index]
-                        policy = core.policy_loss(logprobs.float(), batch.logprobs[index], advantages[index], m,
-                                                  cfg.cliprange)
-                        value_loss, value_clipfrac = core.value_loss(values, batch.values[index],
-                                                                     returns[index], m, cfg.cliprange_value)
+                        policy = core.policy_loss(
+                            logprobs.float(), batch.logprobs[index], advantages[index], m, cfg.cliprange
+                        )
+                        value_loss, value_clipfrac = core.value_loss(
+                            values, batch.values[index], returns[index], m, cfg.cliprange_value
+                        )
                         accelerator.backward(policy.loss + cfg.vf_coef * value_loss)
                         if accelerator.sync_gradients:
                             accelerator.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
@@ -176,10 +216,15 @@ class PPOTrainer:
                             self.scheduler.step()
                     with torch.no_grad():
                         entropy = core.masked_mean(entropy_from_logits(logits.float()), m)
-                    for key, value in (("policy/approxkl_avg", policy.approxkl), ("policy/clipfrac_avg",
-                                       policy.clipfrac), ("loss/policy_avg", policy.loss), ("loss/value_avg",
-                                       value_loss), ("val/clipfrac_avg", value_clipfrac), ("policy/entropy_avg",
-                                       entropy), ("val/ratio", policy.ratio)):
+                    for key, value in (
+                        ("policy/approxkl_avg", policy.approxkl),
+                        ("policy/clipfrac_avg", policy.clipfrac),
+                        ("loss/policy_avg", policy.loss),
+                        ("loss/value_avg", value_loss),
+                        ("val/clipfrac_avg", value_clipfrac),
+                        ("policy/entropy_avg", entropy),
+                        ("val/ratio", policy.ratio),
+                    ):
                         stats[key].append(value.detach().float())
         update_seconds = time.perf_counter() - started
 
@@ -240,13 +285,17 @@ class PPOTrainer:
 
     # -- the loop -------------------------------------------------------------------------------------------------
 
-    def train(self, on_step: Callable[[int, dict[str, float], "PPOTrainer"], None]) -> list[dict[str, float]]:
+    def train(self, on_step: Callable[[int, dict[str, float], PPOTrainer], None]) -> list[dict[str, float]]:
         from tqdm.auto import tqdm
 
         self.resume()
         # In a local pipeline run the console shows progress records instead of the bar (rlhf.console).
-        bar = tqdm(total=self.num_steps, initial=self.progress.step, desc="ppo",
-                   disable=not self.accelerator.is_main_process or progress_as_lines())
+        bar = tqdm(
+            total=self.num_steps,
+            initial=self.progress.step,
+            desc="ppo",
+            disable=not self.accelerator.is_main_process or progress_as_lines(),
+        )
         while self.progress.step < self.num_steps:
             metrics = self.step(self._prompt_batch(self.progress.step))
             self.progress.history.append({"step": self.progress.step, **metrics})
@@ -254,10 +303,14 @@ class PPOTrainer:
             bar.update(1)
             bar.set_postfix(score=f"{metrics['objective/scores']:.2f}", kl=f"{metrics['objective/kl']:.2f}")
             if progress_as_lines() and self.accelerator.is_main_process:
-                report_progress("ppo", self.progress.step, self.num_steps, score=metrics["objective/scores"],
-                                kl=metrics["objective/kl"])
+                report_progress(
+                    "ppo",
+                    self.progress.step,
+                    self.num_steps,
+                    score=metrics["objective/scores"],
+                    kl=metrics["objective/kl"],
+                )
             if self.progress.step % self.cfg.save_steps == 0 and self.progress.step < self.num_steps:
                 self.save_checkpoint()
         bar.close()
         return self.progress.history
-

@@ -33,7 +33,8 @@ class Step:
     def module(self) -> str:
         """The module that does the step's work (DVC's deps on the code follow its imports)."""
         return {"data": "rlhf.data.demo", "gate": "rlhf.gates", "register": "rlhf.registry"}.get(
-            self.kind, f"rlhf.stages.{self.name}")
+            self.kind, f"rlhf.stages.{self.name}"
+        )
 
     def run(self, config, **sections) -> Any:
         """A stage's `rlhf.stages.<name>.run(config, **sections)`, config being its validated params section (with
@@ -47,13 +48,25 @@ STEPS = (
     Step("data", "demo", "data"),
     Step("pretrain", "pretrain", "stage", headline=("eval_loss",), knobs=("base_model",)),
     Step("sft", "sft", "stage", registers="sft", headline=("eval_loss",), knobs=("learning_rate", "epochs")),
-    Step("reward", "reward", "stage", registers="reward", headline=("eval_accuracy",),
-         knobs=("learning_rate", "epochs")),
+    Step(
+        "reward", "reward", "stage", registers="reward", headline=("eval_accuracy",), knobs=("learning_rate", "epochs")
+    ),
     Step("gate_reward", "gates", "gate", gate="reward"),
-    Step("ppo", "ppo", "stage", registers="policy", headline=("objective/scores", "objective/kl"),
-         knobs=("learning_rate", "kl_coef", "total_episodes")),
-    Step("evaluate", "evaluate", "stage", headline=("win_rate/rm", "win_rate/gold", "gold_gain", "policy/kl",
-                                                    "rm_accuracy"), also_reads=("gates", "registry")),
+    Step(
+        "ppo",
+        "ppo",
+        "stage",
+        registers="policy",
+        headline=("objective/scores", "objective/kl"),
+        knobs=("learning_rate", "kl_coef", "total_episodes"),
+    ),
+    Step(
+        "evaluate",
+        "evaluate",
+        "stage",
+        headline=("win_rate/rm", "win_rate/gold", "gold_gain", "policy/kl", "rm_accuracy"),
+        also_reads=("gates", "registry"),
+    ),
     Step("gate_evaluation", "gates", "gate", gate="evaluation"),
     Step("register", "registry", "register"),
 )

@@ -71,8 +71,13 @@ def lora_config(lora: LoraParams, task_type: str = "CAUSAL_LM"):
         return None
     from peft import LoraConfig
 
-    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                      target_modules=lora.target_modules, task_type=task_type)
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        task_type=task_type,
+    )
 
 
 def training_arguments(cfg: TrainingParams, checkpoints: Path, stage: str) -> dict[str, Any]:
@@ -220,8 +225,9 @@ def report_dropped_examples(trainer, rows: int) -> dict[str, float]:
     return {"train_examples": float(rows), "train_examples_used": float(used)}
 
 
-def save_model(model, tokenizer, output_dir: str, provenance: dict[str, Any],
-               extra_json: dict[str, Any] | None = None) -> None:
+def save_model(
+    model, tokenizer, output_dir: str, provenance: dict[str, Any], extra_json: dict[str, Any] | None = None
+) -> None:
     """Saves model and tokenizer with `save_pretrained`, its provenance and any extra JSON files, into a temporary
     folder renamed into place (or uploaded, for an s3:// output) and logged to the stage's MLflow run."""
     if not tracking.is_main_process():

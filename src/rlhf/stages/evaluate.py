@@ -41,8 +41,7 @@ from rlhf.storage import atomic_dir, fetch, write_json
 from rlhf.tracking import HISTORY_FILE
 
 
-def run(cfg: EvaluateConfig, gates: GatesConfig | None = None,
-        registry: RegistryConfig | None = None) -> StageResult:
+def run(cfg: EvaluateConfig, gates: GatesConfig | None = None, registry: RegistryConfig | None = None) -> StageResult:
     """`gates`: the thresholds whose verdicts the report shows (the gate steps judge the same metrics the same way);
     `registry`: where the champion this policy would replace is registered (registry.policy_name)."""
     eval_prompts, prompts_fingerprint = load_dataset(cfg.eval_prompts, "prompts")
@@ -51,8 +50,13 @@ def run(cfg: EvaluateConfig, gates: GatesConfig | None = None,
     annotator = get_annotator(cfg.gold_annotator)
     # Models that are not here, too short a context window, or a causal LM given as the reward model, fail now:
     # before any model loads.
-    require_context(cfg.policy_model, "evaluate.policy_model", cfg.max_new_tokens + 1, "evaluate.max_new_tokens",
-                    cfg.trust_remote_code)
+    require_context(
+        cfg.policy_model,
+        "evaluate.policy_model",
+        cfg.max_new_tokens + 1,
+        "evaluate.max_new_tokens",
+        cfg.trust_remote_code,
+    )
     resolve(cfg.sft_model, "evaluate.sft_model")
     require_reward_model(cfg.reward_model, "evaluate.reward_model", cfg.trust_remote_code)
     import torch
@@ -69,8 +73,9 @@ def run(cfg: EvaluateConfig, gates: GatesConfig | None = None,
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     policy = load_causal_lm(cfg.policy_model, tokenizer, "evaluate.policy_model", **loading).to(device).eval()
     sft = load_causal_lm(cfg.sft_model, tokenizer, "evaluate.sft_model", **loading).to(device).eval()
-    reward_model = load_reward_model(cfg.reward_model, reward_tokenizer, "evaluate.reward_model",
-                                     **loading).to(device).eval()
+    reward_model = (
+        load_reward_model(cfg.reward_model, reward_tokenizer, "evaluate.reward_model", **loading).to(device).eval()
+    )
     history_file = Path(fetch(cfg.policy_model)) / HISTORY_FILE
     history = json.loads(history_file.read_text()) if history_file.is_file() else []
 
@@ -80,8 +85,18 @@ def run(cfg: EvaluateConfig, gates: GatesConfig | None = None,
     prompts = eval_prompts["prompt"]
 
     def answers(model, seed: int = cfg.seed) -> list[dict]:
-        return sample_and_score(model, sft_logits, tokenizer, reward_model, reward_tokenizer, prompts,
-                                cfg.model_copy(update={"seed": seed}), cfg.batch_size, annotator, device)
+        return sample_and_score(
+            model,
+            sft_logits,
+            tokenizer,
+            reward_model,
+            reward_tokenizer,
+            prompts,
+            cfg.model_copy(update={"seed": seed}),
+            cfg.batch_size,
+            annotator,
+            device,
+        )
 
     with tracking.stage_run("evaluate", flatten(cfg, "evaluate")):
         tracking.log_dataset(eval_prompts, "eval_prompts", cfg.eval_prompts, prompts_fingerprint, "evaluation")
@@ -91,14 +106,20 @@ def run(cfg: EvaluateConfig, gates: GatesConfig | None = None,
         if cfg.best_of_n:  # SFT's own sample is one of the n
             samples = [sft_rows, *(answers(sft, cfg.seed + k) for k in range(1, cfg.best_of_n))]
             metrics |= best_of_n_metrics(best_of_n(samples), sft_rows, cfg.best_of_n)
-        metrics["rm_accuracy"] = pairwise_accuracy(reward_model, reward_tokenizer, held_out_pairs, cfg.batch_size,
-                                                   device)
+        metrics["rm_accuracy"] = pairwise_accuracy(
+            reward_model, reward_tokenizer, held_out_pairs, cfg.batch_size, device
+        )
         metrics["rm_pairs"] = float(len(held_out_pairs))
         tracking.log_metrics(metrics)
         datasets = {"eval_prompts": prompts_fingerprint, "preferences": preferences_fingerprint}
-        verdicts = [] if gates is None else [
-            judge("reward", gates, {"eval_accuracy": metrics["rm_accuracy"], "eval_pairs": metrics["rm_pairs"]}),
-            judge("evaluation", gates, metrics)]
+        verdicts = (
+            []
+            if gates is None
+            else [
+                judge("reward", gates, {"eval_accuracy": metrics["rm_accuracy"], "eval_pairs": metrics["rm_pairs"]}),
+                judge("evaluation", gates, metrics),
+            ]
+        )
         decision = Decision(verdicts, _identities(cfg, datasets), *_champion(cfg, registry, metrics, verdicts))
         with atomic_dir(cfg.output_dir) as staging:
             write_report(staging, metrics, policy_rows, sft_rows, history, cfg.sample_rows, decision)
@@ -109,18 +130,24 @@ def run(cfg: EvaluateConfig, gates: GatesConfig | None = None,
             provenance = tracking.provenance("evaluate", config_hash(cfg), datasets)
             write_json(staging / tracking.PROVENANCE_FILE, provenance)
             tracking.log_artifacts(staging, "evaluation")
-        tracking.log_table({"prompt": [row["prompt"] for row in sft_rows],
-                            "sft": [row["response"] for row in sft_rows],
-                            "sft_rm_score": [row["rm_score"] for row in sft_rows],
-                            "ppo": [row["response"] for row in policy_rows],
-                            "ppo_rm_score": [row["rm_score"] for row in policy_rows]}, "evaluation/answers.json")
+        tracking.log_table(
+            {
+                "prompt": [row["prompt"] for row in sft_rows],
+                "sft": [row["response"] for row in sft_rows],
+                "sft_rm_score": [row["rm_score"] for row in sft_rows],
+                "ppo": [row["response"] for row in policy_rows],
+                "ppo_rm_score": [row["rm_score"] for row in policy_rows],
+            },
+            "evaluation/answers.json",
+        )
     if not progress_as_lines():  # a local pipeline run names the report's copy under reports/ at its end
         print(f"evaluation report: {cfg.output_dir.rstrip('/')}/report.html")
     return StageResult(metrics, [], cfg.output_dir, curves=())
 
 
-def _champion(cfg: EvaluateConfig, registry: RegistryConfig | None, metrics: dict[str, float],
-              verdicts: list[dict]) -> tuple[str, list[list[str]]]:
+def _champion(
+    cfg: EvaluateConfig, registry: RegistryConfig | None, metrics: dict[str, float], verdicts: list[dict]
+) -> tuple[str, list[list[str]]]:
     """The registered champion beside this policy (version, score, gates, run, commit, data) and whether this policy
     would replace it: the registry crowns a policy whose gates passed and whose score beats the champion's."""
     if registry is None:
@@ -128,22 +155,36 @@ def _champion(cfg: EvaluateConfig, registry: RegistryConfig | None, metrics: dic
     seen = champion_report(registry.policy_name, metrics)
     gates_passed = all(verdict["passed"] for verdict in verdicts)
     if seen["version"] is None:
-        return (f"none yet (models:/{registry.policy_name}@champion): the first policy registered with its gates "
-                "passed becomes champion"), []
+        return (
+            f"none yet (models:/{registry.policy_name}@champion): the first policy registered with its gates "
+            "passed becomes champion"
+        ), []
     would = seen["replaces"] and gates_passed
-    note = (f"{registry.policy_name} v{seen['version']}; this policy would {'replace' if would else 'not replace'} "
-            f"it: {seen['reason']}" + ("" if gates_passed or not verdicts else "; and its gates fail"))
+    note = (
+        f"{registry.policy_name} v{seen['version']}; this policy would {'replace' if would else 'not replace'} "
+        f"it: {seen['reason']}" + ("" if gates_passed or not verdicts else "; and its gates fail")
+    )
     tags, mine = seen["tags"], tracking.read_provenance(cfg.policy_model)
     theirs, score = tags.get("score"), seen["score"]
     rows = [
-        [f"score ({seen['metric']})", "–" if theirs is None else f"{float(theirs):.4g}",
-         "–" if score is None else f"{score:.4g}"],
+        [
+            f"score ({seen['metric']})",
+            "–" if theirs is None else f"{float(theirs):.4g}",
+            "–" if score is None else f"{score:.4g}",
+        ],
         ["gates", tags.get("gates", "–"), ("passed" if gates_passed else "failed") if verdicts else "–"],
         ["trained in MLflow run", tags.get("training_run_id", "–"), mine.get("mlflow_run_id") or "–"],
         ["commit", tags.get("git_commit", "–")[:12], (mine.get("git_commit") or "–")[:12]],
-        ["data (sha256)", ", ".join(f"{key.removeprefix('data.')} {value[:12]}" for key, value in sorted(tags.items())
-                                    if key.startswith("data.")) or "–",
-         ", ".join(f"{name} {fp[:12]}" for name, fp in sorted(mine.get("datasets", {}).items())) or "–"],
+        [
+            "data (sha256)",
+            ", ".join(
+                f"{key.removeprefix('data.')} {value[:12]}"
+                for key, value in sorted(tags.items())
+                if key.startswith("data.")
+            )
+            or "–",
+            ", ".join(f"{name} {fp[:12]}" for name, fp in sorted(mine.get("datasets", {}).items())) or "–",
+        ],
     ]
     return note, rows
 
@@ -153,10 +194,23 @@ def _identities(cfg: EvaluateConfig, datasets: dict[str, str]) -> list[dict[str,
     rows = []
     for model, folder in (("PPO policy", cfg.policy_model), ("SFT", cfg.sft_model), ("reward model", cfg.reward_model)):
         provenance = tracking.read_provenance(folder)
-        rows.append({"model": f"{model}: {folder}", "mlflow": provenance.get("mlflow_run_id") or "–",
-                     "commit": (provenance.get("git_commit") or "–")[:12],
-                     "data": ", ".join(f"{name} {fingerprint[:12]}"
-                                       for name, fingerprint in provenance.get("datasets", {}).items()) or "–"})
-    rows.append({"model": "this evaluation", "mlflow": "–", "commit": (tracking.git_commit() or "–")[:12],
-                 "data": ", ".join(f"{name} {fingerprint[:12]}" for name, fingerprint in datasets.items())})
+        rows.append(
+            {
+                "model": f"{model}: {folder}",
+                "mlflow": provenance.get("mlflow_run_id") or "–",
+                "commit": (provenance.get("git_commit") or "–")[:12],
+                "data": ", ".join(
+                    f"{name} {fingerprint[:12]}" for name, fingerprint in provenance.get("datasets", {}).items()
+                )
+                or "–",
+            }
+        )
+    rows.append(
+        {
+            "model": "this evaluation",
+            "mlflow": "–",
+            "commit": (tracking.git_commit() or "–")[:12],
+            "data": ", ".join(f"{name} {fingerprint[:12]}" for name, fingerprint in datasets.items()),
+        }
+    )
     return rows

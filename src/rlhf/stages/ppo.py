@@ -36,16 +36,18 @@ def run(cfg: PPOConfig) -> StageResult:
     get_annotator(cfg.gold_annotator)  # fail now, not after training, on a scorer that cannot be loaded
     # Models that are not here, or a causal LM given as the reward model, fail now: before the heavy imports.
     # max_new_tokens and at least one prompt token must fit the policy's context window.
-    require_context(cfg.policy_model, "ppo.policy_model", cfg.max_new_tokens + 1, "ppo.max_new_tokens",
-                    cfg.trust_remote_code)
+    require_context(
+        cfg.policy_model, "ppo.policy_model", cfg.max_new_tokens + 1, "ppo.max_new_tokens", cfg.trust_remote_code
+    )
     require_reward_model(cfg.reward_model, "ppo.reward_model", cfg.trust_remote_code)
     from accelerate import Accelerator
     from transformers import set_seed
 
     from rlhf.ppo.trainer import PPOTrainer
 
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                              mixed_precision="bf16" if cfg.bf16 else "no")
+    accelerator = Accelerator(
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps, mixed_precision="bf16" if cfg.bf16 else "no"
+    )
     set_seed(cfg.seed)
     loading = {"dtype": cfg.dtype, "trust_remote_code": cfg.trust_remote_code}
     tokenizer = load_tokenizer(cfg.policy_model, "ppo.policy_model", cfg.trust_remote_code)
@@ -53,8 +55,9 @@ def run(cfg: PPOConfig) -> StageResult:
     reward_tokenizer = load_tokenizer(cfg.reward_model, "ppo.reward_model", cfg.trust_remote_code)
     reward_tokenizer.padding_side = "right"
     if cfg.value_model == "reward" and tokenizer.get_vocab() != reward_tokenizer.get_vocab():
-        raise ConfigError("ppo.value_model: 'reward' needs the reward model to share the policy's tokenizer; "
-                          "use 'policy_head'")
+        raise ConfigError(
+            "ppo.value_model: 'reward' needs the reward model to share the policy's tokenizer; use 'policy_head'"
+        )
 
     policy = load_causal_lm(cfg.policy_model, tokenizer, "ppo.policy_model", **loading)
     reference = None if cfg.lora.enabled else reference_model(policy)
@@ -62,16 +65,27 @@ def run(cfg: PPOConfig) -> StageResult:
         from peft import get_peft_model
 
         policy = get_peft_model(policy, lora_config(cfg.lora))
-    reward_model = load_reward_model(cfg.reward_model, reward_tokenizer, "ppo.reward_model",
-                                     **loading).requires_grad_(False)
+    reward_model = load_reward_model(cfg.reward_model, reward_tokenizer, "ppo.reward_model", **loading).requires_grad_(
+        False
+    )
     critic = _critic(cfg, reward_tokenizer, loading) if cfg.value_model == "reward" else None
     checkpoints = checkpoint_dir("ppo", cfg, prompts_fingerprint, cfg.policy_model, cfg.reward_model)
 
     with tracking.stage_run("ppo", flatten(cfg, "ppo"), checkpoints):
         tracking.log_dataset(prompts, "prompts", cfg.prompts, prompts_fingerprint, context="training")
         tracking.log_dataset(eval_prompts, "eval_prompts", cfg.eval_prompts, eval_fingerprint, context="evaluation")
-        trainer = PPOTrainer(cfg, policy, reference, critic, reward_model, tokenizer, reward_tokenizer,
-                             prompts["prompt"], checkpoints, accelerator)
+        trainer = PPOTrainer(
+            cfg,
+            policy,
+            reference,
+            critic,
+            reward_model,
+            tokenizer,
+            reward_tokenizer,
+            prompts["prompt"],
+            checkpoints,
+            accelerator,
+        )
 
         held_out = _HeldOut(cfg, trainer, tokenizer, reward_tokenizer, eval_prompts["prompt"], accelerator.device)
 
@@ -88,8 +102,10 @@ def run(cfg: PPOConfig) -> StageResult:
                 if not progress_as_lines():  # a local pipeline run's console keeps to progress
                     for query, response, value in rows[:3]:
                         print(f"[step {step}] {value:+.2f} {query[-60:]!r} -> {response!r}")
-                tracking.log_table({"query": [r[0] for r in rows], "response": [r[1] for r in rows],
-                                    "score": [r[2] for r in rows]}, f"samples/step_{step:05d}.json")
+                tracking.log_table(
+                    {"query": [r[0] for r in rows], "response": [r[1] for r in rows], "score": [r[2] for r in rows]},
+                    f"samples/step_{step:05d}.json",
+                )
 
         history = trainer.train(on_step)
         # The final step's metrics, less the timings: they differ run to run and would churn dvc.lock for nothing
@@ -103,8 +119,13 @@ def run(cfg: PPOConfig) -> StageResult:
         policy = trainer.policy.merge_and_unload() if cfg.lora.enabled else trainer.policy
         datasets = {"prompts": prompts_fingerprint, "eval_prompts": eval_fingerprint}
         # The training curves travel with the policy: the evaluation report plots them.
-        save_model(policy, tokenizer, cfg.output_dir, tracking.provenance("ppo", config_hash(cfg), datasets),
-                   extra_json={HISTORY_FILE: history})
+        save_model(
+            policy,
+            tokenizer,
+            cfg.output_dir,
+            tracking.provenance("ppo", config_hash(cfg), datasets),
+            extra_json={HISTORY_FILE: history},
+        )
     finish(checkpoints)
     curves = (("scores", "objective/scores"), ("kl", "objective/kl"))
     return StageResult(metrics, history, cfg.output_dir, curves)
@@ -136,9 +157,18 @@ class _HeldOut:
 
         training = model.training
         with torch.random.fork_rng(devices=[]):  # the training run's random stream stays as it was
-            rows = sample_and_score(model.eval(), self.trainer.reference_logits, self.tokenizer,
-                                    self.trainer.reward_model, self.reward_tokenizer, self.prompts, self.trainer.cfg,
-                                    self.cfg.eval_batch_size, self.annotator, self.device)
+            rows = sample_and_score(
+                model.eval(),
+                self.trainer.reference_logits,
+                self.tokenizer,
+                self.trainer.reward_model,
+                self.reward_tokenizer,
+                self.prompts,
+                self.trainer.cfg,
+                self.cfg.eval_batch_size,
+                self.annotator,
+                self.device,
+            )
         model.train(training)
         return rows
 

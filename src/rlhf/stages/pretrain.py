@@ -36,8 +36,9 @@ from rlhf.stages.common import (
 def run(cfg: PretrainConfig) -> StageResult:
     if cfg.base_model:
         # A model that is not here, or too short a context for max_length, fails now: not after the imports.
-        require_context(cfg.base_model, "pretrain.base_model", cfg.max_length, "pretrain.max_length",
-                        cfg.trust_remote_code)
+        require_context(
+            cfg.base_model, "pretrain.base_model", cfg.max_length, "pretrain.max_length", cfg.trust_remote_code
+        )
     from transformers import set_seed
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
@@ -82,7 +83,11 @@ def run(cfg: PretrainConfig) -> StageResult:
             "parameters": float(count_parameters(model)),
         }
         tracking.log_metrics(metrics)
-        save_model(trainer.model, tokenizer, cfg.output_dir,
-                   tracking.provenance("pretrain", config_hash(cfg), {"corpus": fingerprint}))
+        save_model(
+            trainer.model,
+            tokenizer,
+            cfg.output_dir,
+            tracking.provenance("pretrain", config_hash(cfg), {"corpus": fingerprint}),
+        )
     finish(checkpoints)
     return StageResult(metrics, loss_history(trainer), cfg.output_dir)

@@ -3,8 +3,9 @@
 The model is `AutoModelForSequenceClassification` with one label, initialised from the SFT model by default (it
 already knows the domain) or from `reward.base_model`: a causal LM's backbone (GPT-2, Llama, Qwen...) with a new
 scoring head, or an existing reward model to train further. A chat model sees the pairs through its own chat
-template (`rlhf.chat`); with `lora.enabled` the backbone trains adapters and the head trains in full. Held-out pairwise accuracy (how often the chosen answer scores
-higher) and the mean margin are the metrics the gate after this stage reads.
+template (`rlhf.chat`); with `lora.enabled` the backbone trains adapters and the head trains in full. Held-out
+pairwise accuracy (how often the chosen answer scores higher) and the mean margin are the metrics the gate after
+this stage reads.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from rlhf.stages.common import (
     finish,
     lora_config,
     loss_history,
-    save_model,
     report_dropped_examples,
+    save_model,
     train_resuming,
     training_arguments,
 )
@@ -39,8 +40,9 @@ def run(cfg: RewardConfig) -> StageResult:
 
     set_seed(cfg.seed)  # before loading: a new scoring head is initialised randomly
     tokenizer = load_tokenizer(cfg.base_model, "reward.base_model", cfg.trust_remote_code)
-    model = load_reward_model(cfg.base_model, tokenizer, "reward.base_model", cfg.dtype, cfg.trust_remote_code,
-                              new_head=True)
+    model = load_reward_model(
+        cfg.base_model, tokenizer, "reward.base_model", cfg.dtype, cfg.trust_remote_code, new_head=True
+    )
     checkpoints = checkpoint_dir("reward", cfg, fingerprint, cfg.base_model)
 
     with tracking.stage_run("reward", flatten(cfg, "reward"), checkpoints):

@@ -21,8 +21,8 @@ from rlhf.stages.common import (
     lora_config,
     loss_history,
     perplexity,
-    save_model,
     report_dropped_examples,
+    save_model,
     train_resuming,
     training_arguments,
 )

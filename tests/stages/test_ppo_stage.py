@@ -31,8 +31,12 @@ def _supervised_once(tmp_path_factory: pytest.TempPathFactory, tiny_demo_data: P
     project = tmp_path_factory.mktemp("supervised")
     shutil.copytree(tiny_demo_data, project / "data")
     (project / "params.yaml").write_text(yaml.safe_dump(tiny_params, sort_keys=False))
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "HF_HUB_OFFLINE": "1",
+    }
     for stage in ("pretrain", "sft", "reward"):
         subprocess.run(["rlhf", stage], cwd=project, env=env, check=True, capture_output=True)
     return project
@@ -57,7 +61,7 @@ def test_ppo_stage_writes_policy_metrics_and_curves(supervised: Path) -> None:
     scores = json.loads((supervised / "plots" / "ppo" / "scores.json").read_text())
     assert [row["step"] for row in scores] == [1, 2, 3]
     assert not list((supervised / "checkpoints").glob("ppo-*"))
-    # The held-out curve (issue 16): the SFT model at step 0, every eval_steps (2), and the final policy (3); the
+    # The held-out curve: the SFT model at step 0, every eval_steps (2), and the final policy (3); the
     # first and last are the closing comparison's own numbers.
     history = json.loads((supervised / "models" / "ppo" / "training_history.json").read_text())
     curve = [row for row in history if "heldout/gold_score" in row]
@@ -85,8 +89,7 @@ def _ppo_runs(project: Path) -> list:
 
 @pytest.mark.slow
 def test_sigterm_ends_the_run_as_failed_and_leaves_no_model(supervised: Path) -> None:
-    process = subprocess.Popen(["rlhf", "ppo"], cwd=supervised, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(["rlhf", "ppo"], cwd=supervised, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while not list(supervised.glob("checkpoints/ppo-*/step-*/COMPLETE")):
         assert process.poll() is None and time.monotonic() < deadline, "no checkpoint before the run ended"
@@ -101,8 +104,9 @@ def test_sigterm_ends_the_run_as_failed_and_leaves_no_model(supervised: Path) ->
 @pytest.mark.slow
 def test_killed_ppo_resumes_from_its_checkpoint(supervised: Path) -> None:
     env = {**os.environ}
-    process = subprocess.Popen(["rlhf", "ppo"], cwd=supervised, env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        ["rlhf", "ppo"], cwd=supervised, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + 120
     while not list(supervised.glob("checkpoints/ppo-*/step-*/COMPLETE")):
         assert process.poll() is None and time.monotonic() < deadline, "no checkpoint before the run ended"
@@ -117,12 +121,12 @@ def test_killed_ppo_resumes_from_its_checkpoint(supervised: Path) -> None:
     steps = [row["step"] for row in json.loads((supervised / "plots" / "ppo" / "scores.json").read_text())]
     assert steps == [1, 2, 3, 4, 5, 6]
     assert (supervised / "models" / "ppo" / "model.safetensors").exists()
-    # Issue 15, finding 9: the killed attempt's MLflow run stayed RUNNING; the resumed one closes it.
+    # The killed attempt's MLflow run does not stay RUNNING: the resumed one closes it.
     killed, finished = _ppo_runs(supervised)
     assert (killed.info.status, finished.info.status) == ("KILLED", "FINISHED")
     assert killed.data.tags["rlhf.superseded_by"] == finished.info.run_id
 
-    # Issue 15, resume: the metrics file is the one an uninterrupted run writes (DVC sees no change).
+    # Resumed, the metrics file is the one an uninterrupted run writes (DVC sees no change).
     resumed_metrics = (supervised / "metrics" / "ppo.json").read_text()
     _rlhf(supervised, "ppo")
     assert (supervised / "metrics" / "ppo.json").read_text() == resumed_metrics
@@ -142,8 +146,16 @@ def test_ppo_under_accelerate_launch_with_two_processes(supervised: Path, launch
 @pytest.mark.slow
 def test_ppo_with_bf16_autocast_and_gradient_checkpointing(supervised: Path) -> None:
     # The GPU settings, exercised on the CPU (autocast to bfloat16 works there too): the run completes and learns.
-    _rlhf(supervised, "ppo", "--set", "ppo.total_episodes=16", "--set", "ppo.bf16=true",
-          "--set", "ppo.gradient_checkpointing=true")
+    _rlhf(
+        supervised,
+        "ppo",
+        "--set",
+        "ppo.total_episodes=16",
+        "--set",
+        "ppo.bf16=true",
+        "--set",
+        "ppo.gradient_checkpointing=true",
+    )
     metrics = json.loads((supervised / "metrics" / "ppo.json").read_text())
     assert metrics["loss/value_avg"] == metrics["loss/value_avg"]  # not NaN
     assert (supervised / "models" / "ppo" / "model.safetensors").exists()

@@ -86,8 +86,10 @@ def _summarise(params: dict[str, Any], metrics: dict[str, float]) -> None:
     now = int(time.time() * 1000)
     try:
         tracking.client().log_batch(
-            parent, metrics=[Metric(key, float(value), now, 0) for key, value in metrics.items()],
-            params=[Param(key, str(value)) for key, value in tracking.describe_params(params).items()])
+            parent,
+            metrics=[Metric(key, float(value), now, 0) for key, value in metrics.items()],
+            params=[Param(key, str(value)) for key, value in tracking.describe_params(params).items()],
+        )
     except MlflowException as exc:  # a summary that cannot be written (a param logged before with another value)
         print(f"warning: the pipeline's MLflow run did not take this step's summary: {str(exc).splitlines()[0]}")
 
@@ -121,31 +123,65 @@ def pretrain(section, data_dir, model_dir, metrics_artifact, kfp_run_id, **knobs
 
 
 def sft(section, data_dir, base_dir, model_dir, metrics_artifact, kfp_run_id, **knobs) -> None:
-    cfg = _configure("sft", section, model=base_dir, dataset=_in(data_dir, section["dataset"]),
-                     output_dir=model_dir, **knobs)
+    cfg = _configure(
+        "sft", section, model=base_dir, dataset=_in(data_dir, section["dataset"]), output_dir=model_dir, **knobs
+    )
     _train("sft", cfg, metrics_artifact, kfp_run_id)
 
 
 def reward(section, data_dir, base_dir, model_dir, metrics_artifact, kfp_run_id, **knobs) -> None:
-    cfg = _configure("reward", section, base_model=base_dir, dataset=_in(data_dir, section["dataset"]),
-                     output_dir=model_dir, **knobs)
+    cfg = _configure(
+        "reward", section, base_model=base_dir, dataset=_in(data_dir, section["dataset"]), output_dir=model_dir, **knobs
+    )
     _train("reward", cfg, metrics_artifact, kfp_run_id)
 
 
 def ppo(section, data_dir, sft_dir, reward_dir, model_dir, metrics_artifact, kfp_run_id, **knobs) -> None:
-    cfg = _configure("ppo", section, policy_model=sft_dir, reward_model=reward_dir,
-                     prompts=_in(data_dir, section["prompts"]), eval_prompts=_in(data_dir, section["eval_prompts"]),
-                     output_dir=model_dir, **knobs)
+    cfg = _configure(
+        "ppo",
+        section,
+        policy_model=sft_dir,
+        reward_model=reward_dir,
+        prompts=_in(data_dir, section["prompts"]),
+        eval_prompts=_in(data_dir, section["eval_prompts"]),
+        output_dir=model_dir,
+        **knobs,
+    )
     _train("ppo", cfg, metrics_artifact, kfp_run_id)
 
 
-def evaluate(section, gates_section, registry_section, data_dir, policy_dir, sft_dir, reward_dir, report_dir,
-             metrics_artifact, markdown_path, html_path, kfp_run_id) -> None:
-    cfg = _configure("evaluate", section, policy_model=policy_dir, sft_model=sft_dir, reward_model=reward_dir,
-                     eval_prompts=_in(data_dir, section["eval_prompts"]),
-                     preferences=_in(data_dir, section["preferences"]), output_dir=report_dir)
-    _train("evaluate", cfg, metrics_artifact, kfp_run_id, gates=_configure("gate_evaluation", gates_section),
-           registry=_configure("register", registry_section))
+def evaluate(
+    section,
+    gates_section,
+    registry_section,
+    data_dir,
+    policy_dir,
+    sft_dir,
+    reward_dir,
+    report_dir,
+    metrics_artifact,
+    markdown_path,
+    html_path,
+    kfp_run_id,
+) -> None:
+    cfg = _configure(
+        "evaluate",
+        section,
+        policy_model=policy_dir,
+        sft_model=sft_dir,
+        reward_model=reward_dir,
+        eval_prompts=_in(data_dir, section["eval_prompts"]),
+        preferences=_in(data_dir, section["preferences"]),
+        output_dir=report_dir,
+    )
+    _train(
+        "evaluate",
+        cfg,
+        metrics_artifact,
+        kfp_run_id,
+        gates=_configure("gate_evaluation", gates_section),
+        registry=_configure("register", registry_section),
+    )
     shutil.copyfile(Path(report_dir) / "report.md", markdown_path)
     shutil.copyfile(Path(report_dir) / "report.html", html_path)
 
@@ -154,8 +190,10 @@ def gate(name: str, section, metrics_path: str, judged_dir: str, verdict_path: s
     """Returns "passed" or "failed" for the pipeline's `dsl.If`; the verdict JSON becomes an artifact."""
     from rlhf.gates import evaluate_gate
 
-    paths = {"reward": {"reward_metrics": metrics_path, "reward_model": judged_dir},
-             "evaluation": {"evaluation_metrics": metrics_path, "evaluation_report": judged_dir}}[name]
+    paths = {
+        "reward": {"reward_metrics": metrics_path, "reward_model": judged_dir},
+        "evaluation": {"evaluation_metrics": metrics_path, "evaluation_report": judged_dir},
+    }[name]
     _join_pipeline_run(kfp_run_id)
     with scratch_dir() as scratch:
         cfg = _configure(gate_step(name).name, section, output_dir=str(scratch), **paths)
@@ -166,15 +204,31 @@ def gate(name: str, section, metrics_path: str, judged_dir: str, verdict_path: s
     return "passed" if verdict["passed"] else "failed"
 
 
-def register(section, sft_dir, reward_dir, policy_dir, evaluation_metrics_path, reward_verdict_path,
-             evaluation_verdict_path, registered_path, kfp_run_id) -> None:
+def register(
+    section,
+    sft_dir,
+    reward_dir,
+    policy_dir,
+    evaluation_metrics_path,
+    reward_verdict_path,
+    evaluation_verdict_path,
+    registered_path,
+    kfp_run_id,
+) -> None:
     from rlhf.registry import register as register_models
 
     _join_pipeline_run(kfp_run_id)
     with scratch_dir() as gates_dir:
         shutil.copyfile(reward_verdict_path, gates_dir / "reward.json")
         shutil.copyfile(evaluation_verdict_path, gates_dir / "evaluation.json")
-        cfg = _configure("register", section, sft_model=sft_dir, reward_model=reward_dir,
-                         policy_model=policy_dir, evaluation_metrics=evaluation_metrics_path,
-                         gates_dir=str(gates_dir), output=registered_path)
+        cfg = _configure(
+            "register",
+            section,
+            sft_model=sft_dir,
+            reward_model=reward_dir,
+            policy_model=policy_dir,
+            evaluation_metrics=evaluation_metrics_path,
+            gates_dir=str(gates_dir),
+            output=registered_path,
+        )
         register_models(cfg)

@@ -21,15 +21,21 @@ from rlhf.stages import SECTIONS, STEP_NAMES, STEPS
 
 def knob_arguments(params: Params) -> dict[str, Any]:
     """The typed run parameters, `<step>_<key>` for each of a step's knobs, from `params` (a null as "")."""
-    return {f"{step.name}_{key}": "" if value is None else value
-            for step in STEPS for key in step.knobs
-            for value in [getattr(getattr(params, step.section), key)]}
+    return {
+        f"{step.name}_{key}": "" if value is None else value
+        for step in STEPS
+        for key in step.knobs
+        for value in [getattr(getattr(params, step.section), key)]
+    }
 
 
 def pipeline_arguments(params: Params) -> dict[str, Any]:
     """The pipeline's run arguments: each params.yaml section as a dict, the data source and the typed knobs."""
-    return {section: to_kfp(getattr(params, section).model_dump(mode="json")) for section in SECTIONS} | {
-        "data_source": params.kubeflow.data_source} | knob_arguments(params)
+    return (
+        {section: to_kfp(getattr(params, section).model_dump(mode="json")) for section in SECTIONS}
+        | {"data_source": params.kubeflow.data_source}
+        | knob_arguments(params)
+    )
 
 
 def reward_base_step(params: Params) -> str:
@@ -38,9 +44,11 @@ def reward_base_step(params: Params) -> str:
     bases = {Path(params.pretrain.output_dir): "pretrain", Path(params.sft.output_dir): "sft"}
     base = bases.get(Path(params.reward.base_model))
     if base is None:
-        raise ConfigError(f"reward.base_model: a pipeline trains the reward model from the pretrain or the sft "
-                          f"step's model ({params.pretrain.output_dir} or {params.sft.output_dir}), not "
-                          f"{params.reward.base_model!r}; to start from a hub model, set pretrain.base_model")
+        raise ConfigError(
+            f"reward.base_model: a pipeline trains the reward model from the pretrain or the sft "
+            f"step's model ({params.pretrain.output_dir} or {params.sft.output_dir}), not "
+            f"{params.reward.base_model!r}; to start from a hub model, set pretrain.base_model"
+        )
     return base
 
 
@@ -89,22 +97,31 @@ def build_pipeline(params: Params, local: bool = False) -> Callable:
         task = ops[settings.step_image(name)][name](kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, **inputs)
         return _configure(task, name, settings, cached, local)
 
-    @dsl.pipeline(name=settings.pipeline_name, pipeline_root=settings.pipeline_root,
-                  description="RLHF: pretrain, SFT, reward model, PPO, evaluation, gated registration in MLflow")
+    @dsl.pipeline(
+        name=settings.pipeline_name,
+        pipeline_root=settings.pipeline_root,
+        description="RLHF: pretrain, SFT, reward model, PPO, evaluation, gated registration in MLflow",
+    )
     # The knobs first: the run form lists them before the whole sections they override.
-    def rlhf_pipeline(pretrain_base_model: str = defaults["pretrain_base_model"],
-                      sft_learning_rate: float = defaults["sft_learning_rate"],
-                      sft_epochs: float = defaults["sft_epochs"],
-                      reward_learning_rate: float = defaults["reward_learning_rate"],
-                      reward_epochs: float = defaults["reward_epochs"],
-                      ppo_learning_rate: float = defaults["ppo_learning_rate"],
-                      ppo_kl_coef: float = defaults["ppo_kl_coef"],
-                      ppo_total_episodes: int = defaults["ppo_total_episodes"],
-                      data_source: str = defaults["data_source"],
-                      demo: dict = defaults["demo"], pretrain: dict = defaults["pretrain"],
-                      sft: dict = defaults["sft"], reward: dict = defaults["reward"], ppo: dict = defaults["ppo"],
-                      evaluate: dict = defaults["evaluate"], gates: dict = defaults["gates"],
-                      registry: dict = defaults["registry"]):
+    def rlhf_pipeline(
+        pretrain_base_model: str = defaults["pretrain_base_model"],
+        sft_learning_rate: float = defaults["sft_learning_rate"],
+        sft_epochs: float = defaults["sft_epochs"],
+        reward_learning_rate: float = defaults["reward_learning_rate"],
+        reward_epochs: float = defaults["reward_epochs"],
+        ppo_learning_rate: float = defaults["ppo_learning_rate"],
+        ppo_kl_coef: float = defaults["ppo_kl_coef"],
+        ppo_total_episodes: int = defaults["ppo_total_episodes"],
+        data_source: str = defaults["data_source"],
+        demo: dict = defaults["demo"],
+        pretrain: dict = defaults["pretrain"],
+        sft: dict = defaults["sft"],
+        reward: dict = defaults["reward"],
+        ppo: dict = defaults["ppo"],
+        evaluate: dict = defaults["evaluate"],
+        gates: dict = defaults["gates"],
+        registry: dict = defaults["registry"],
+    ):
         """RLHF: pretrain, SFT, reward model, PPO, evaluation, gated registration in MLflow.
 
         Args:
@@ -133,29 +150,67 @@ def build_pipeline(params: Params, local: bool = False) -> Callable:
             data = step("data", demo=demo, source=data_source)
             dataset = data.outputs["dataset"]
             pretrained = step("pretrain", params=pretrain, base_model=pretrain_base_model, dataset=dataset)
-            tuned = step("sft", params=sft, learning_rate=sft_learning_rate, epochs=sft_epochs, dataset=dataset,
-                         base_model=pretrained.outputs["model"])
+            tuned = step(
+                "sft",
+                params=sft,
+                learning_rate=sft_learning_rate,
+                epochs=sft_epochs,
+                dataset=dataset,
+                base_model=pretrained.outputs["model"],
+            )
             reward_base_model = {"pretrain": pretrained, "sft": tuned}[reward_base].outputs["model"]
-            scorer = step("reward", params=reward, learning_rate=reward_learning_rate, epochs=reward_epochs,
-                          dataset=dataset, base_model=reward_base_model)
-            reward_gate = step("gate_reward", params=gates, reward_metrics=scorer.outputs["metrics"],
-                               reward_model=scorer.outputs["model"])
+            scorer = step(
+                "reward",
+                params=reward,
+                learning_rate=reward_learning_rate,
+                epochs=reward_epochs,
+                dataset=dataset,
+                base_model=reward_base_model,
+            )
+            reward_gate = step(
+                "gate_reward",
+                params=gates,
+                reward_metrics=scorer.outputs["metrics"],
+                reward_model=scorer.outputs["model"],
+            )
             with dsl.If(reward_gate.outputs["Output"] == "passed", name="reward-model-passed"):
-                policy = step("ppo", params=ppo, learning_rate=ppo_learning_rate, kl_coef=ppo_kl_coef,
-                              total_episodes=ppo_total_episodes, dataset=dataset, sft_model=tuned.outputs["model"],
-                              reward_model=scorer.outputs["model"])
-                evaluation = step("evaluate", params=evaluate, gates=gates, registry=registry, dataset=dataset,
-                                  policy_model=policy.outputs["model"], sft_model=tuned.outputs["model"],
-                                  reward_model=scorer.outputs["model"])
-                evaluation_gate = step("gate_evaluation", params=gates,
-                                       evaluation_metrics=evaluation.outputs["metrics"],
-                                       report=evaluation.outputs["report"])
+                policy = step(
+                    "ppo",
+                    params=ppo,
+                    learning_rate=ppo_learning_rate,
+                    kl_coef=ppo_kl_coef,
+                    total_episodes=ppo_total_episodes,
+                    dataset=dataset,
+                    sft_model=tuned.outputs["model"],
+                    reward_model=scorer.outputs["model"],
+                )
+                evaluation = step(
+                    "evaluate",
+                    params=evaluate,
+                    gates=gates,
+                    registry=registry,
+                    dataset=dataset,
+                    policy_model=policy.outputs["model"],
+                    sft_model=tuned.outputs["model"],
+                    reward_model=scorer.outputs["model"],
+                )
+                evaluation_gate = step(
+                    "gate_evaluation",
+                    params=gates,
+                    evaluation_metrics=evaluation.outputs["metrics"],
+                    report=evaluation.outputs["report"],
+                )
                 with dsl.If(evaluation_gate.outputs["Output"] == "passed", name="policy-passed"):
-                    step("register", params=registry, sft_model=tuned.outputs["model"],
-                         reward_model=scorer.outputs["model"], policy_model=policy.outputs["model"],
-                         evaluation_metrics=evaluation.outputs["metrics"],
-                         reward_verdict=reward_gate.outputs["verdict"],
-                         evaluation_verdict=evaluation_gate.outputs["verdict"])
+                    step(
+                        "register",
+                        params=registry,
+                        sft_model=tuned.outputs["model"],
+                        reward_model=scorer.outputs["model"],
+                        policy_model=policy.outputs["model"],
+                        evaluation_metrics=evaluation.outputs["metrics"],
+                        reward_verdict=reward_gate.outputs["verdict"],
+                        evaluation_verdict=evaluation_gate.outputs["verdict"],
+                    )
 
     return rlhf_pipeline
 
@@ -165,15 +220,19 @@ def check_cluster_settings(settings: KubeflowConfig) -> list[str]:
     returns warnings (the unpublished default image)."""
     problem = settings.tracking_problem()
     if problem:
-        raise ConfigError(f"kubeflow: {problem}; set kubeflow.secret (with MLFLOW_TRACKING_URI), "
-                          "kubeflow.env.MLFLOW_TRACKING_URI or kubeflow.mlflow_integration: true, or allow it with "
-                          "--allow-local-tracking")
+        raise ConfigError(
+            f"kubeflow: {problem}; set kubeflow.secret (with MLFLOW_TRACKING_URI), "
+            "kubeflow.env.MLFLOW_TRACKING_URI or kubeflow.mlflow_integration: true, or allow it with "
+            "--allow-local-tracking"
+        )
     unpublished_name = UNPUBLISHED_IMAGE.split(":")[0]
-    return [f"kubeflow.{key} is {image}, which no registry has: build and push the image (rlhf image build "
-            f"{'--variant cuda ' if key == 'cuda_image' else ''}--tag REGISTRY/rlhf-pipeline:TAG --push) and set "
-            f"kubeflow.{key}"
-            for key, image in (("image", settings.image), ("cuda_image", settings.cuda_image))
-            if image and image.split(":")[0] == unpublished_name]
+    return [
+        f"kubeflow.{key} is {image}, which no registry has: build and push the image (rlhf image build "
+        f"{'--variant cuda ' if key == 'cuda_image' else ''}--tag REGISTRY/rlhf-pipeline:TAG --push) and set "
+        f"kubeflow.{key}"
+        for key, image in (("image", settings.image), ("cuda_image", settings.cuda_image))
+        if image and image.split(":")[0] == unpublished_name
+    ]
 
 
 def compile_pipeline(params: Params, package_path: str | Path) -> list[str]:

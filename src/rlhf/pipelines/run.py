@@ -46,8 +46,11 @@ NOT_FORWARDED = {"AWS_CA_BUNDLE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FIL
 
 
 def _container_environment() -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items()
-           if (key.startswith(FORWARDED_PREFIXES) or key in FORWARDED) and key not in NOT_FORWARDED}
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if (key.startswith(FORWARDED_PREFIXES) or key in FORWARDED) and key not in NOT_FORWARDED
+    }
     # HOME: the step runs as this machine's user, who may have no home in the image.
     return env | {"HOME": "/tmp", "RLHF_GIT_COMMIT": tracking.git_commit() or ""}
 
@@ -62,8 +65,9 @@ def _docker_runner():
     folders = {str(project_root()), str(Path.cwd().resolve())}
     outermost = [folder for folder in folders if not any(folder.startswith(other + "/") for other in folders)]
     mounts = [docker.types.Mount(target=folder, source=folder, type="bind") for folder in sorted(outermost)]
-    return local.DockerRunner(network_mode="host", mounts=mounts, working_dir=str(Path.cwd().resolve()),
-                              user=f"{os.getuid()}:{os.getgid()}")
+    return local.DockerRunner(
+        network_mode="host", mounts=mounts, working_dir=str(Path.cwd().resolve()), user=f"{os.getuid()}:{os.getgid()}"
+    )
 
 
 def _unfinished_steps(run_folder: Path, verdicts: dict[str, Any]) -> list[str]:
@@ -83,8 +87,9 @@ def _task_name(step: str) -> str:
     return step.replace("_", "-")
 
 
-def run_local(params: Params, pipeline_root: str | Path = "kfp-local", image: str | None = None,
-              verbose: bool = False) -> dict[str, Any]:
+def run_local(
+    params: Params, pipeline_root: str | Path = "kfp-local", image: str | None = None, verbose: bool = False
+) -> dict[str, Any]:
     """Runs the whole DAG here, each step a subprocess of this Python or, with `image`, a container of that image
     (podman or docker); returns the run folder, the gate verdicts, what was registered, the pipeline's MLflow run
     and the evaluation report's copy under reports/. The console shows one line per step and the progress of the
@@ -103,9 +108,13 @@ def run_local(params: Params, pipeline_root: str | Path = "kfp-local", image: st
     progress = {} if verbose else {PROGRESS_ENV: "lines"}
     if image:
         # Locally every step runs the one image, GPU steps included.
-        kubeflow = params.kubeflow.model_copy(update={"image": image, "cuda_image": image,
-                                                      "env": params.kubeflow.env | _container_environment()
-                                                      | progress})
+        kubeflow = params.kubeflow.model_copy(
+            update={
+                "image": image,
+                "cuda_image": image,
+                "env": params.kubeflow.env | _container_environment() | progress,
+            }
+        )
         params = params.model_copy(update={"kubeflow": kubeflow})
     started = time.time()
     console = None if verbose else PipelineConsole(sys.stdout)
@@ -143,9 +152,13 @@ def run_local(params: Params, pipeline_root: str | Path = "kfp-local", image: st
     if failure:
         raise PipelineError(failure)
     registered = _task_output(run_folder, "register", "registered")
-    return {"run_folder": str(run_folder), "verdicts": verdicts,
-            "registered": json.loads(registered.read_text()) if registered else None,
-            "mlflow_run": _pipeline_mlflow_run(started), "report": _copy_report(run_folder)}
+    return {
+        "run_folder": str(run_folder),
+        "verdicts": verdicts,
+        "registered": json.loads(registered.read_text()) if registered else None,
+        "mlflow_run": _pipeline_mlflow_run(started),
+        "report": _copy_report(run_folder),
+    }
 
 
 def _pipeline_mlflow_run(started: float) -> dict[str, str] | None:
@@ -158,8 +171,11 @@ def _pipeline_mlflow_run(started: float) -> dict[str, str] | None:
     try:
         experiment = client.get_experiment_by_name(tracking.experiment_name())
         found = experiment and client.search_runs(
-            [experiment.experiment_id], f"tags.`rlhf.stage` = 'pipeline' and attributes.start_time >= "
-            f"{int(started * 1000)}", order_by=["attributes.start_time DESC"], max_results=1)
+            [experiment.experiment_id],
+            f"tags.`rlhf.stage` = 'pipeline' and attributes.start_time >= {int(started * 1000)}",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
     except MlflowException:
         return None
     return {"run_id": found[0].info.run_id, "experiment_id": experiment.experiment_id} if found else None
@@ -181,14 +197,24 @@ def _describe_server_error(exc: Exception, host: str) -> str:
     """One line for what the Kubeflow Pipelines API answered, or why it could not be reached."""
     status = getattr(exc, "status", None)
     if status in (401, 403):
-        return (f"{host}: {status} {getattr(exc, 'reason', '')}: not authorised "
-                "(a token or cookie for this Kubeflow cluster is needed)").strip()
+        return (
+            f"{host}: {status} {getattr(exc, 'reason', '')}: not authorised "
+            "(a token or cookie for this Kubeflow cluster is needed)"
+        ).strip()
     if status:
         body = " ".join(str(getattr(exc, "body", "") or "").split())[:300]
         return f"{host}: the Kubeflow Pipelines API answered {status} {getattr(exc, 'reason', '')}: {body}".strip()
     message = " ".join(str(exc).split())
-    if any(word in message for word in ("Connection refused", "Max retries", "Failed to establish", "timed out",
-                                        "Name or service not known")):
+    if any(
+        word in message
+        for word in (
+            "Connection refused",
+            "Max retries",
+            "Failed to establish",
+            "timed out",
+            "Name or service not known",
+        )
+    ):
         return f"{host}: cannot reach the Kubeflow Pipelines API (…{message[-160:]})"
     return f"{host}: {type(exc).__name__}: {message[:300]}"
 
@@ -208,8 +234,9 @@ def _client(host: str, namespace: str | None):
         return OneHealthCheckClient(host=host, namespace=namespace)
 
 
-def submit(params: Params, host: str, experiment: str | None = None, namespace: str | None = None,
-           run_name: str | None = None) -> str:
+def submit(
+    params: Params, host: str, experiment: str | None = None, namespace: str | None = None, run_name: str | None = None
+) -> str:
     """Compiles the pipeline, files a run on the cluster at `host`, and returns the run's URL."""
     run_name = run_name or f"{params.kubeflow.pipeline_name} {datetime.now():%Y-%m-%d %H-%M-%S}"
     with scratch_dir() as folder:
@@ -220,8 +247,12 @@ def submit(params: Params, host: str, experiment: str | None = None, namespace: 
             try:
                 client = _client(host, namespace)
                 result = client.create_run_from_pipeline_package(
-                    str(package), arguments=pipeline_arguments(params), run_name=run_name,
-                    experiment_name=experiment or params.kubeflow.experiment, namespace=namespace)
-            except Exception as exc:  # noqa: BLE001 - the client raises many kinds; each becomes one line
+                    str(package),
+                    arguments=pipeline_arguments(params),
+                    run_name=run_name,
+                    experiment_name=experiment or params.kubeflow.experiment,
+                    namespace=namespace,
+                )
+            except Exception as exc:
                 raise PipelineError(_describe_server_error(exc, host)) from None
     return f"{host.rstrip('/')}/#/runs/details/{result.run_id}"

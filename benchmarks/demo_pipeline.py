@@ -37,7 +37,7 @@ from pathlib import Path
 
 import yaml
 
-from rlhf.stages import STEPS
+from rlhf.steps import STEPS
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = tuple(step.name for step in STEPS if step.kind != "data")  # dvc.yaml's stages, in order

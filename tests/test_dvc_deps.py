@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 from code_graph import closure, import_graph, module_files
 
-from rlhf.stages import STEPS
+from rlhf.steps import STEPS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -20,7 +20,8 @@ NOT_STAGE_CODE = frozenset(
         "rlhf",
         "rlhf.data",
         "rlhf.ppo",
-        "rlhf.stages",  # package markers; rlhf.stages lists the steps by name
+        "rlhf.stages",  # package markers
+        "rlhf.steps",  # the list of steps, by name
         "rlhf.tracking",  # MLflow runs, lineage tags
         "rlhf.console",  # what the console shows of progress
         "rlhf.storage",

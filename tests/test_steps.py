@@ -1,4 +1,4 @@
-"""The one list of steps (rlhf.stages.STEPS) agrees with what reads it: the params sections, the stage modules, the
+"""The one list of steps (rlhf.steps.STEPS) agrees with what reads it: the params sections, the stage modules, the
 Kubeflow components, the CLI's commands and the registry's roles."""
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ import pytest
 
 from rlhf import cli
 from rlhf.config import Params
-from rlhf.stages import GATES, ROLES, STAGES, STEPS, step
+from rlhf.stages.dispatch import run_stage
+from rlhf.steps import GATES, ROLES, STAGES, STEPS, step
 
 
 def test_every_step_reads_a_params_section_and_has_a_module() -> None:
@@ -18,6 +19,18 @@ def test_every_step_reads_a_params_section_and_has_a_module() -> None:
         module = importlib.import_module(candidate.module)
         if candidate.kind == "stage":
             assert callable(module.run), candidate.module
+
+
+@pytest.mark.parametrize("name", STAGES)
+def test_a_stage_runs_the_module_its_step_names(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    module = importlib.import_module(step(name).module)
+    monkeypatch.setattr(module, "run", lambda config, **sections: (module.__name__, config, sections))
+    assert run_stage(name, "cfg", gates="g") == (step(name).module, "cfg", {"gates": "g"})
+
+
+def test_only_stages_run_as_stages() -> None:
+    with pytest.raises(ValueError, match="gate_reward is not a stage"):
+        run_stage("gate_reward", None)
 
 
 def test_every_step_is_a_kubeflow_component_of_the_same_name() -> None:
@@ -44,8 +57,6 @@ def test_roles_follow_the_stages_that_train_them() -> None:
     assert [candidate.name for candidate in STEPS if candidate.registers] == ["sft", "reward", "ppo"]
 
 
-def test_only_stages_run_and_unknown_steps_name_the_known_ones() -> None:
-    with pytest.raises(ValueError, match="gate step"):
-        step("gate_reward").run(None)
+def test_unknown_steps_name_the_known_ones() -> None:
     with pytest.raises(KeyError, match="steps are data, pretrain"):
         step("dpo")

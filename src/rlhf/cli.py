@@ -17,7 +17,7 @@ from pathlib import Path
 
 from rlhf.config import ConfigError, load_params
 from rlhf.data.io import DataError
-from rlhf.stages import GATES, ROLES, STAGES, STEPS, step
+from rlhf.steps import GATES, ROLES, STAGES, STEPS, step
 
 # The params sections a pipeline run reads (the data step's `demo` only for the demo data, which has its own).
 PIPELINE_SECTIONS = tuple(dict.fromkeys(step.section for step in STEPS if step.kind != "data"))
@@ -60,6 +60,7 @@ def _params(args: argparse.Namespace, *sections: str):
 
 
 def _cmd_stage(args: argparse.Namespace) -> None:
+    from rlhf.stages.dispatch import run_stage
     from rlhf.storage import write_json
     from rlhf.tracking import is_main_process, require_store
 
@@ -67,7 +68,8 @@ def _cmd_stage(args: argparse.Namespace) -> None:
     loaded = _params(args, stage.section, *stage.also_reads)
     if is_main_process():
         require_store()  # a tracking store that cannot be used fails now: not after the models have loaded
-    result = stage.run(getattr(loaded, stage.section), **{name: getattr(loaded, name) for name in stage.also_reads})
+    sections = {name: getattr(loaded, name) for name in stage.also_reads}
+    result = run_stage(stage.name, getattr(loaded, stage.section), **sections)
     if not is_main_process():  # under `accelerate launch`, rank 0 writes the files DVC reads
         return
     metrics_file = args.metrics or f"metrics/{args.command}.json"

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from rlhf.stages import STEP_NAMES
+from rlhf.steps import STEP_NAMES
 
 
 class ConfigError(ValueError):

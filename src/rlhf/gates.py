@@ -16,7 +16,7 @@ from typing import Any, Literal
 from rlhf import tracking
 from rlhf.config import ConfigError, GatesConfig
 from rlhf.measures import wilson_interval
-from rlhf.stages import GATES
+from rlhf.steps import GATES
 from rlhf.storage import write_json
 
 # Absent without a gold annotator (or, for over-optimisation, without PPO's held-out curve): those checks are skipped.

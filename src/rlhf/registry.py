@@ -26,7 +26,7 @@ from rlhf.config import ConfigError, RegistryConfig, flatten
 from rlhf.gates import read_verdicts
 from rlhf.modeling import require_causal_lm, require_reward_model
 from rlhf.s3 import hash_file
-from rlhf.stages import ROLES
+from rlhf.steps import ROLES
 from rlhf.storage import fetch, lock, write_json
 
 CANDIDATE, CHAMPION, PREVIOUS = "candidate", "champion", "previous"

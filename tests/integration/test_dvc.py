@@ -19,7 +19,7 @@ import yaml
 from _support import PROJECT, base_env, git, make_project, run, tree_hashes
 from servers import DATA_BUCKET
 
-from rlhf.stages import step
+from rlhf.steps import step
 
 pytestmark = pytest.mark.slow
 

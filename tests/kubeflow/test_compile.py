@@ -28,7 +28,7 @@ from kubeflow_helpers import (
 
 from rlhf import cli
 from rlhf.config import KFP_NULL, ConfigError, Params, load_params, to_kfp
-from rlhf.stages import SECTIONS, STEPS
+from rlhf.steps import SECTIONS, STEPS
 
 KNOBS = {f"{step.name}_{key}": (step.name, step.section, key) for step in STEPS for key in step.knobs}
 PIPELINE_INPUTS = {*SECTIONS, "data_source", *KNOBS}

@@ -8,7 +8,7 @@ import pytest
 from kfp import components
 
 from rlhf.pipelines.rlhf_pipeline import COMPONENTS_DIR, PIPELINES_DIR, export
-from rlhf.stages import SECTIONS, STEP_NAMES, STEPS
+from rlhf.steps import SECTIONS, STEP_NAMES, STEPS
 
 KNOBS = {f"{step.name}_{key}" for step in STEPS for key in step.knobs}
 

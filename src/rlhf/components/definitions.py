@@ -10,7 +10,7 @@ import annotations`: kfp reads the annotations as types.)
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Output
 
-from rlhf.stages import STEPS
+from rlhf.steps import STEPS
 
 
 def data(demo: dict, source: str, kfp_run_id: str, dataset: Output[Dataset]):
@@ -193,7 +193,7 @@ def close_pipeline_run(kfp_run_id: str, status: dsl.PipelineTaskFinalStatus):
 
 
 def build_components(image: str) -> dict:
-    """The components, by name, on the project's image: one per step of `rlhf.stages.STEPS` (the function of the
+    """The components, by name, on the project's image: one per step of `rlhf.steps.STEPS` (the function of the
     same name above) and the exit handler. kfp is not installed into the image at run time: the image already has
     the pinned kfp (and local runs use this environment, offline)."""
     functions = [globals()[step.name] for step in STEPS] + [close_pipeline_run]

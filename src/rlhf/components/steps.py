@@ -16,7 +16,8 @@ from typing import Any
 from rlhf import tracking
 from rlhf.config import Params, flatten, from_kfp
 from rlhf.console import quiet_progress_bars
-from rlhf.stages import gate_step, step
+from rlhf.stages.dispatch import run_stage
+from rlhf.steps import gate_step, step
 from rlhf.storage import atomic_dir, fetch, scratch_dir, write_json
 
 KFP_RUN_TAG = "kfp.run_id"
@@ -97,7 +98,7 @@ def _summarise(params: dict[str, Any], metrics: dict[str, float]) -> None:
 def _train(stage: str, cfg, metrics_artifact, kfp_run_id: str, **sections) -> None:
     """Runs the stage, as the CLI does, and reports its metrics."""
     _join_pipeline_run(kfp_run_id)
-    result = step(stage).run(cfg, **sections)
+    result = run_stage(stage, cfg, **sections)
     _report(result.metrics, metrics_artifact)
     _summarise(flatten(cfg, step(stage).section), {f"{stage}/{key}": value for key, value in result.metrics.items()})
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf.config import UNPUBLISHED_IMAGE, ConfigError, KubeflowConfig, Params, to_kfp
-from rlhf.stages import SECTIONS, STEP_NAMES, STEPS
+from rlhf.steps import SECTIONS, STEP_NAMES, STEPS
 
 
 def knob_arguments(params: Params) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from rlhf import tracking
 from rlhf.config import Params
 from rlhf.console import PROGRESS_ENV, PipelineConsole
 from rlhf.pipelines.rlhf_pipeline import build_pipeline, compile_pipeline, pipeline_arguments
-from rlhf.stages import GATES, STEPS, gate_step
+from rlhf.steps import GATES, STEPS, gate_step
 from rlhf.storage import atomic_dir, project_root, scratch_dir
 
 

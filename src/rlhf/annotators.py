@@ -14,35 +14,21 @@ uses to flag unfaithful answers.
 
 from __future__ import annotations
 
-import functools
 import importlib
 import inspect
 from collections.abc import Callable, Sequence
 
 from rlhf.config import ConfigError
+from rlhf.data.demo_task import rubric, vader
 
 # (prompts, responses) -> one dict per response with at least "score"
 Annotator = Callable[[Sequence[str], Sequence[str]], list[dict[str, float]]]
-
-
-@functools.cache
-def _vader():
-    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
-
-    return SentimentIntensityAnalyzer()
-
-
-def vader(texts: Sequence[str]) -> list[float]:
-    analyzer = _vader()
-    return [analyzer.polarity_scores(text)["compound"] for text in texts]
 
 
 def _load(name: str) -> Callable:
     if name == "vader":
         return vader
     if name == "rubric":
-        from rlhf.data.demo_task import rubric
-
         return rubric
     module_name, sep, attribute = name.partition(":")
     if not sep:

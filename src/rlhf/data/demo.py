@@ -23,9 +23,8 @@ import random
 from collections.abc import Sequence
 from pathlib import Path
 
-from rlhf.annotators import vader
 from rlhf.config import DemoConfig
-from rlhf.data.demo_task import ADJECTIVES, ASPECTS, GENRES, OVERALL, TONES, Review, rubric_components
+from rlhf.data.demo_task import ADJECTIVES, ASPECTS, GENRES, OVERALL, TONES, Review, rubric_components, vader
 from rlhf.data.io import write_jsonl
 from rlhf.storage import atomic_dir
 

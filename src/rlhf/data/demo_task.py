@@ -4,11 +4,13 @@ rubric that reads a review's structure back from its text and measures a summary
 The grammar is closed, so `rubric` knows exactly what each review says: its genre and, for each aspect, its tone. It
 scores a summary's components — `genre` (the right one and no other), `tone` (the overall adjective and each named
 aspect's adjective in the review's tone), `invented` aspects, `aspect_recall`, `repetition` — and an overall `score`
-in [0, 1] where faithfulness weighs most. `rlhf.data.demo` generates the files from this grammar.
+in [0, 1] where faithfulness weighs most. `vader` is the sentiment task's annotator: VADER's compound score.
+`rlhf.data.demo` generates the files from this grammar.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -147,3 +149,15 @@ def rubric(prompts: Sequence[str], responses: Sequence[str]) -> list[dict[str, f
         review = parse_review(prompt)
         scores.append(rubric_components(review, response) if review else {"score": 0.0})
     return scores
+
+
+@functools.cache
+def _vader():
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    return SentimentIntensityAnalyzer()
+
+
+def vader(texts: Sequence[str]) -> list[float]:
+    analyzer = _vader()
+    return [analyzer.polarity_scores(text)["compound"] for text in texts]

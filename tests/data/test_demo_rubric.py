@@ -8,6 +8,7 @@ faithful task's defects are those kinds: each spoils its own component, and a pr
 
 from __future__ import annotations
 
+import collections
 import difflib
 import json
 import random
@@ -15,13 +16,14 @@ import re
 import statistics
 import sys
 from pathlib import Path
+from typing import get_args
 
 import pytest
 
 from rlhf.annotators import get_annotator
-from rlhf.config import ConfigError, DemoConfig
+from rlhf.config import ConfigError, DemoConfig, PairDefect
 from rlhf.data.demo import DEFECTS, _unique_reviews, faithful_summary, generate, summarise
-from rlhf.data.demo_task import parse_review, rubric
+from rlhf.data.demo_task import parse_review, rubric, rubric_components
 
 
 @pytest.fixture(scope="module")
@@ -85,11 +87,12 @@ DEFECT_SEEN = {
     "wrong_genre": lambda c: c["genre"] == 0 and c["tone"] == 1 and c["invented"] == 0,
     "invented_aspect": lambda c: c["invented"] == 1 and c["tone"] == 1 and c["genre"] == 1 and c["aspect_recall"] == 1,
     "dropped_aspect": lambda c: c["aspect_recall"] == 0.5 and c["invented"] == 0 and c["tone"] == 1,
+    "swapped_aspect": lambda c: c["aspect_recall"] == 0.5 and c["invented"] == 1 and c["genre"] == 1,
 }
 
 
 def test_each_defect_spoils_its_own_part_of_a_faithful_summary(reviews) -> None:
-    assert set(DEFECT_SEEN) == set(DEFECTS)
+    assert set(DEFECT_SEEN) == set(get_args(PairDefect)) > set(DEFECTS)
     two_aspects = [review for review in reviews if len(review.aspects) == 2][:300]
     prompts = [review.prompt for review in two_aspects]
     faithful = rubric(prompts, [" " + faithful_summary(r, random.Random(i)) for i, r in enumerate(two_aspects)])
@@ -182,3 +185,24 @@ def test_annotators_take_prompts_and_responses_or_responses_alone(
     with pytest.raises(ConfigError, match="expected 'rubric', 'vader', 'none' or 'module:function'"):
         get_annotator("gold")
     sys.modules.pop("my_scorers", None)
+
+
+def _pair_defect(pair: dict) -> str:
+    """Which defect a near-minimal pair's worse summary carries, read back by the rubric."""
+    review = parse_review(pair["prompt"])
+    first, second = (rubric_components(review, pair[side]) for side in ("chosen", "rejected"))
+    good, bad = (first, second) if first["score"] > second["score"] else (second, first)
+    if bad["genre"] < good["genre"]:
+        return "genre"
+    if bad["invented"]:
+        return "swapped" if bad["aspect_recall"] < good["aspect_recall"] else "invented"
+    return "dropped" if bad["aspect_recall"] < good["aspect_recall"] else "tone"
+
+
+def test_pair_defects_weigh_the_kinds_of_defect_in_the_preference_pairs(tmp_path: Path) -> None:
+    sizes = {"corpus_size": 10, "sft_size": 10, "preference_size": 3000, "rl_prompts": 10, "eval_prompts": 10}
+    weights = {"wrong_genre": 3.0, "swapped_aspect": 1.0, "flipped_tone": 0.0}
+    generate(DemoConfig(task="faithful", pair_defects=weights, **sizes), tmp_path)
+    kinds = collections.Counter(_pair_defect(pair) for pair in _rows(tmp_path, "preferences"))
+    assert set(kinds) == {"genre", "swapped"}  # a kind of weight 0, or left out, never appears
+    assert 0.72 < kinds["genre"] / kinds.total() < 0.78

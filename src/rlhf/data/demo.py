@@ -8,10 +8,11 @@ review's sentiment. Two tasks share the reviews (`demo.task`):
   one and pairs closer than a margin are dropped. A policy can please it by being positive, faithful or not.
 - `faithful`: a share of the corpus and SFT summaries carry one defect (`DEFECTS`: the overall tone flipped, an
   aspect's adjective in the wrong tone, the wrong genre, an invented or a dropped aspect), and preference pairs are
-  near-minimal: a faithful summary and the same summary, drawn with the same random choices, with one defect. The
-  rubric (`rlhf.data.demo_task.rubric`) labels them, and a share `demo.label_noise` of labels is flipped, as
-  annotators disagree. Pairs of two arbitrary summaries differ in many ways at once and taught a reward model little
-  (held-out accuracy 0.55 against 0.81 for near-minimal pairs, when the task was designed).
+  near-minimal: a faithful summary and the same summary, drawn with the same random choices, with one defect
+  (weighted by `demo.pair_defects`, towards the ones a reward model learns slowest). The rubric
+  (`rlhf.data.demo_task.rubric`) labels them, and a share `demo.label_noise` of labels is flipped, as annotators
+  disagree. Pairs of two arbitrary summaries differ in many ways at once and taught a reward model little (held-out
+  accuracy 0.55 against 0.81 for near-minimal pairs, when the task was designed).
 
 Everything is drawn from one seeded `random.Random`, so the files are byte-identical on every run, and no review is
 shared between the splits. The vocabulary and `Review` live in `rlhf.data.demo_task`, with the rubric.
@@ -81,7 +82,9 @@ PAIR_SENTENCES = [
     "I found the {aspect} {adj}, but the {aspect2} was {adj2}.",
     "Its {aspect} is {adj}, while the {aspect2} feels {adj2}.",
 ]
-# The faithful task's defects, each spoiling one part of a summary that the rubric checks.
+# The defects of the faithful task's SFT and corpus summaries, each spoiling one part of a summary that the rubric
+# checks. Preference pairs draw theirs by `demo.pair_defects`, which adds `swapped_aspect` (one named aspect replaced
+# by one the review does not have: the model's own commonest copying error).
 DEFECTS = ("flipped_tone", "wrong_adjective", "wrong_genre", "invented_aspect", "dropped_aspect")
 
 
@@ -145,6 +148,9 @@ def faithful_summary(review: Review, rng: random.Random, defect: str | None = No
     elif defect == "invented_aspect":
         invented = _other(rng, ASPECTS, *(aspect for aspect, _, _ in review.aspects))
         phrases.insert(rng.randint(0, len(phrases)), [rng.choice(ADJECTIVES[rng.choice(TONES)]), invented])
+    elif defect == "swapped_aspect":
+        index = rng.randrange(len(phrases))
+        phrases[index][1] = _other(rng, ASPECTS, *(aspect for aspect, _, _ in review.aspects))
     elif defect == "dropped_aspect" and len(phrases) == 2:
         phrases.pop(rng.randrange(2))
     elif defect is not None:
@@ -161,10 +167,14 @@ def _faithful_or_defective(review: Review, rng: random.Random, defect_share: flo
     return faithful_summary(review, rng, _defect(review, rng) if rng.random() < defect_share else None)
 
 
-def _contrastive_pair(review: Review, rng: random.Random, label_noise: float) -> dict[str, str]:
-    """A faithful summary and the same summary with one defect, labelled by the rubric; a share `label_noise` of
-    labels flipped."""
-    seed, defect = rng.getrandbits(64), _defect(review, rng)
+def _contrastive_pair(
+    review: Review, rng: random.Random, label_noise: float, defects: dict[str, float]
+) -> dict[str, str]:
+    """A faithful summary and the same summary with one defect (drawn by the weights `defects`), labelled by the
+    rubric; a share `label_noise` of labels flipped."""
+    kinds = [kind for kind in defects if kind != "dropped_aspect" or len(review.aspects) >= 2]
+    defect = rng.choices(kinds, [defects[kind] for kind in kinds])[0]
+    seed = rng.getrandbits(64)
     faithful = f" {faithful_summary(review, random.Random(seed))}"
     defective = f" {faithful_summary(review, random.Random(seed), defect)}"
     if rubric_components(review, faithful)["score"] <= rubric_components(review, defective)["score"]:
@@ -245,7 +255,9 @@ def _faithful(cfg: DemoConfig) -> dict[str, list[dict[str, str]]]:
             {"prompt": r.prompt, "completion": f" {_faithful_or_defective(r, rng, cfg.sft_defect_share)}"}
             for r in splits["sft"]
         ],
-        "preferences.jsonl": [_contrastive_pair(r, rng, cfg.label_noise) for r in splits["preferences"]],
+        "preferences.jsonl": [
+            _contrastive_pair(r, rng, cfg.label_noise, cfg.pair_defects) for r in splits["preferences"]
+        ],
         "prompts.jsonl": [{"prompt": r.prompt} for r in splits["prompts"]],
         "eval_prompts.jsonl": [{"prompt": r.prompt} for r in splits["eval_prompts"]],
     }

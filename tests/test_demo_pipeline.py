@@ -215,6 +215,9 @@ def test_mlflow_pages_tell_what_the_pipeline_did(clone: Clone, mlflow_ui: str) -
         assert source_tags["rlhf.stage"] == stage, (name, source_tags)
         assert source["info"]["status"] == "FINISHED"
         assert "**Gates**" in version["description"] and "trained in MLflow run" in version["description"]
+        # The pipeline passes the Kubeflow run's id to the register step by name.
+        version_tags = {tag["key"]: tag["value"] for tag in version["tags"]}
+        assert version_tags["rlhf.pipeline_run_id"].startswith("kfp-"), version_tags
 
     OUTPUT.mkdir(parents=True, exist_ok=True)
     # MLflow 3.17's UI opens in its GenAI view unless the page asks for the model-training one.

@@ -77,3 +77,20 @@ def test_no_step_imports_the_module_of_a_later_step() -> None:
         if last.get(module, -1) > position
     }
     assert late == KNOWN_UPWARD
+
+
+def test_production_code_patches_nothing() -> None:
+    """`unittest.mock` belongs to tests: in src/ it hid a step's environment behind a patch."""
+    graph_modules = module_files()
+    patched = [name for name, path in graph_modules.items() if "unittest" in _top_level_imports(path)]
+    assert not patched, patched
+
+
+def _top_level_imports(path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module.split(".")[0])
+    return names

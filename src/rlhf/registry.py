@@ -334,8 +334,9 @@ def _place(
     return f"new version; candidate only ({why})"
 
 
-def register(cfg: RegistryConfig) -> dict[str, Any]:
+def register(cfg: RegistryConfig, pipeline_run_id: str | None = None) -> dict[str, Any]:
     """Registers the three models of one pipeline run; returns, per role, the version and what happened to it.
+    `pipeline_run_id` names the run (Kubeflow passes its own); by default the three models' content names it.
 
     In three steps, so that a failure (a lost storage endpoint, say) leaves the registry as it was or consistent:
     every new model is uploaded first (the slow part); then each version is created with all its tags in one call;
@@ -365,11 +366,7 @@ def register(cfg: RegistryConfig) -> dict[str, Any]:
         check = require_reward_model if role == "reward" else require_causal_lm
         check(folder, f"registry.{role}_model", cfg.trust_remote_code)
     hashes = {role: content_hash(folder) for role, folder in folders.items()}
-    # Kubeflow passes its run id; elsewhere the three models' content identifies the run.
-    pipeline_run_id = (
-        os.environ.get("RLHF_PIPELINE_RUN_ID")
-        or "local-" + hashlib.sha256("".join(hashes.values()).encode()).hexdigest()[:16]
-    )
+    pipeline_run_id = pipeline_run_id or "local-" + hashlib.sha256("".join(hashes.values()).encode()).hexdigest()[:16]
     client = tracking.client()
     with (
         _registration_lock(),

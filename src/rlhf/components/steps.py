@@ -38,13 +38,11 @@ def _parent_run(kfp_run_id: str) -> str:
 
 
 def _join_pipeline_run(kfp_run_id: str) -> None:
-    """This step's MLflow runs nest under the pipeline's run; registered versions carry the Kubeflow run id.
-    Where Kubeflow's MLflow integration made the task's run (MLFLOW_RUN_ID), that run is already nested under the
-    pipeline's, and the stage logs into it."""
+    """This step's MLflow runs nest under the pipeline's run. Where Kubeflow's MLflow integration made the task's run
+    (MLFLOW_RUN_ID), that run is already nested under the pipeline's, and the stage logs into it."""
     quiet_progress_bars()
     if not tracking.injected_run():
         os.environ[tracking.PARENT_RUN_ENV] = _parent_run(kfp_run_id)
-    os.environ["RLHF_PIPELINE_RUN_ID"] = f"kfp-{kfp_run_id}"
 
 
 def close_pipeline_run(kfp_run_id: str, state: str) -> None:
@@ -232,4 +230,4 @@ def register(
             gates_dir=str(gates_dir),
             output=registered_path,
         )
-        register_models(cfg)
+        register_models(cfg, pipeline_run_id=f"kfp-{kfp_run_id}")  # registered versions carry the Kubeflow run

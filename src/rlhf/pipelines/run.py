@@ -15,10 +15,10 @@ import shutil
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 from rlhf import tracking
 from rlhf.config import Params
@@ -87,6 +87,21 @@ def _task_name(step: str) -> str:
     return step.replace("_", "-")
 
 
+@contextlib.contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """`values` in os.environ while the local runner's step processes (which inherit it) run, restored after."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def run_local(
     params: Params, pipeline_root: str | Path = "kfp-local", image: str | None = None, verbose: bool = False
 ) -> dict[str, Any]:
@@ -126,7 +141,7 @@ def run_local(
             stack.callback(console.close_bar)
         runner = _docker_runner() if image else local.SubprocessRunner(use_venv=False)
         local.init(runner=runner, pipeline_root=str(root), raise_on_error=True)
-        stack.enter_context(mock.patch.dict(os.environ, progress))  # set for the steps, restored after
+        stack.enter_context(_environment(progress))
         pipeline = build_pipeline(params, local=True)
         failure = None
         with warnings.catch_warnings():

@@ -126,8 +126,10 @@ class DemoConfig(Section):
     @field_validator("pair_defects")
     @classmethod
     def _some_defect_weighs(cls, weights: dict[str, float]) -> dict[str, float]:
-        if any(weight < 0 for weight in weights.values()) or not any(weights.values()):
-            raise ValueError("weights are >= 0 and at least one is > 0")
+        if any(weight < 0 for weight in weights.values()):
+            raise ValueError("weights are >= 0")
+        if not any(weight > 0 for kind, weight in weights.items() if kind != "dropped_aspect"):
+            raise ValueError("a kind other than dropped_aspect (which a one-aspect review cannot take) must weigh > 0")
         return weights
 
 

@@ -206,3 +206,6 @@ def test_pair_defects_weigh_the_kinds_of_defect_in_the_preference_pairs(tmp_path
     kinds = collections.Counter(_pair_defect(pair) for pair in _rows(tmp_path, "preferences"))
     assert set(kinds) == {"genre", "swapped"}  # a kind of weight 0, or left out, never appears
     assert 0.72 < kinds["genre"] / kinds.total() < 0.78
+    for weights, error in (({"dropped_aspect": 1.0}, "other than dropped_aspect"), ({"wrong_genre": -1.0}, ">= 0")):
+        with pytest.raises(ValueError, match=error):
+            DemoConfig(task="faithful", pair_defects=weights)

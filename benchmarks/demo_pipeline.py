@@ -11,11 +11,12 @@ The targets depend on the recipe's task (`demo.task`):
 - sentiment (params.yaml): pretrain + sft + reward <= 6 min, reward held-out accuracy >= 0.85, PPO <= 5 min, the
   policy's RM score above SFT's by >= 1 SFT std and its gold (VADER) score by +0.3 within the KL budget, EOS >= 0.9,
   both gates passed and a champion registered;
-- faithful: the demo model can do the task — SFT trained on faithful summaries (the same recipe with
-  `demo.sft_defect_share=0`, from the same pretrained model) recalls >= 0.85 of a review's main aspects — and the
-  reward model is a proxy of the rubric, not a copy: held-out accuracy in [0.75, 0.95]. PPO's gain over SFT by the
-  rubric (interval above 0, genre and tone not below SFT, invented aspects not above, EOS >= 0.95) is reported as
-  the next aim, not yet a target.
+- faithful (recipes/demo-faithful.yaml): the demo model can do the task — SFT trained on faithful summaries (the
+  same recipe with `demo.sft_defect_share=0`, from the same pretrained model) recalls >= 0.85 of a review's main
+  aspects; the reward model is a proxy of the rubric, not a copy (held-out accuracy in [0.75, 0.95]); PPO beats SFT
+  by the rubric (the gain's 95% interval above 0; genre and tone not below SFT, invented aspects not above; KL within
+  budget, EOS >= 0.95); both gates pass and a champion is registered; the stages take <= 10 minutes, the main job's
+  budget once this task is the default. A gain of +0.05 is the aim.
 
 Prints tables, writes JSON (benchmarks/results/demo_pipeline.json, or demo_pipeline-<recipe>.json), exits non-zero
 if a target is missed.
@@ -146,15 +147,16 @@ def _sentiment_checks(costs: dict[str, dict[str, float]], metrics: dict[str, dic
     }
 
 
-def _faithful_checks(metrics: dict[str, dict], clean: dict[str, float]) -> tuple[dict, dict]:
-    """The targets of the faithful recipe (issue 31, step 1) and the aims of the next step, reported."""
+def _faithful_checks(
+    costs: dict[str, dict[str, float]], metrics: dict[str, dict], clean: dict[str, float], kl_budget: float
+) -> tuple[dict, dict]:
+    """The targets of the faithful demo (issue 31, steps 1 and 2) and the aim still open."""
     accuracy, recall = metrics["reward"]["eval_accuracy"], clean["policy/gold/aspect_recall"]
+    seconds = sum(cost["seconds"] for cost in costs.values())
+    e, policy = metrics["evaluate"], metrics["registry"].get("versions", {}).get("policy", {})
     targets = {
         f"SFT on faithful data: aspect recall {recall:.3f} >= 0.85": recall >= 0.85,
         f"reward held-out accuracy {accuracy:.3f} in [0.75, 0.95]": 0.75 <= accuracy <= 0.95,
-    }
-    e = metrics["evaluate"]
-    aims = {
         f"PPO rubric gain {e['gold_gain']:+.3f}, 95% interval low {e['gold_gain_ci_low']:+.3f} > 0": e[
             "gold_gain_ci_low"
         ]
@@ -165,9 +167,15 @@ def _faithful_checks(metrics: dict[str, dict], clean: dict[str, float]) -> tuple
         >= e["sft/gold/tone"],
         f"invented {e['policy/gold/invented']:.3f} <= SFT {e['sft/gold/invented']:.3f}": e["policy/gold/invented"]
         <= e["sft/gold/invented"],
+        f"KL {e['policy/kl']:.2f} <= budget {kl_budget}": e["policy/kl"] <= kl_budget,
         f"EOS rate {e['policy/eos_rate']:.3f} >= 0.95": e["policy/eos_rate"] >= 0.95,
-        f"rubric gain {e['gold_gain']:+.3f} >= +0.05 (the aim)": e["gold_gain"] >= 0.05,
+        f"both gates passed, champion rlhf-policy v{policy.get('version')} registered": metrics["registry"][
+            "gates_passed"
+        ]
+        and "champion" in policy.get("outcome", ""),
+        f"the stages {seconds:.0f} s <= 600 s": seconds <= 600,
     }
+    aims = {f"rubric gain {e['gold_gain']:+.3f} >= +0.05": e["gold_gain"] >= 0.05}
     return targets, aims
 
 
@@ -232,7 +240,7 @@ def main() -> int:
         clean, extra = _clean_sft(project) if faithful else ({}, {})
 
     if faithful:
-        targets, aims = _faithful_checks(metrics, clean)
+        targets, aims = _faithful_checks(costs, metrics, clean, params["ppo"]["kl_budget"])
     else:
         targets, aims = _sentiment_checks(costs, metrics, params["ppo"]["kl_budget"]), {}
     result = {

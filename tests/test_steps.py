@@ -60,3 +60,28 @@ def test_roles_follow_the_stages_that_train_them() -> None:
 def test_unknown_steps_name_the_known_ones() -> None:
     with pytest.raises(KeyError, match="steps are data, pretrain"):
         step("dpo")
+
+
+def test_component_bodies_hand_their_artifacts_to_the_steps_by_name() -> None:
+    """Adding an artifact to a step cannot shift another into its place: each component body calls
+    `rlhf.components.steps` with keyword arguments only, and those functions take keyword-only arguments."""
+    import ast
+    import inspect
+
+    from rlhf.components import definitions, steps
+
+    calls = [
+        node
+        for node in ast.walk(ast.parse(inspect.getsource(definitions)))
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and isinstance(node.func.value, ast.Name)
+        and node.func.value.id == "steps"
+    ]
+    called = {call.func.attr for call in calls}
+    assert called >= {"prepare_data", "pretrain", "sft", "reward", "ppo", "evaluate", "gate", "register"}
+    for call in calls:
+        assert not call.args, f"definitions.py:{call.lineno}: steps.{call.func.attr} called with positional arguments"
+    for name in called:
+        kinds = {parameter.kind for parameter in inspect.signature(getattr(steps, name)).parameters.values()}
+        assert kinds <= {inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.VAR_KEYWORD}, name

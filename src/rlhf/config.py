@@ -71,6 +71,9 @@ class TrainingParams(ModelLoading):
     eval_fraction: float = Field(0.1, gt=0, lt=1)
     logging_steps: int = Field(10, ge=1)
     save_steps: int = Field(100, ge=1, description="checkpoint every N steps, for resume after an interruption")
+    eval_steps: int | None = Field(
+        None, ge=1, description="held-out loss (and accuracy) every N steps, and at the end; null: every save_steps"
+    )
     gradient_checkpointing: bool = False
     bf16: bool = False
 

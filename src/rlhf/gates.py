@@ -10,6 +10,7 @@ on the returned verdict instead.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,18 +24,42 @@ from rlhf.storage import write_json
 _GOLD_METRICS = ("win_rate/gold", "gold_gain", "gold_drop_while_rm_rose")
 GateName = Literal["reward", "evaluation"]
 
-# (threshold key, metric key, direction, sample-size key for a proportion's confidence bound or None)
-_CHECKS: dict[str, tuple[tuple[str, str, str, str | None], ...]] = {
-    "reward": (("min_rm_accuracy", "eval_accuracy", ">=", "eval_pairs"),),
-    "evaluation": (
-        ("min_win_rate_rm", "win_rate/rm", ">=", "prompts"),
-        ("min_win_rate_gold", "win_rate/gold", ">=", "prompts"),
-        ("min_rm_gain", "rm_gain_in_sft_std", ">=", None),
-        ("min_gold_gain", "gold_gain", ">=", None),
-        ("max_kl", "policy/kl", "<=", None),
-        ("min_eos_rate", "policy/eos_rate", ">=", None),
-        ("max_repetition", "policy/repetition", "<=", None),
-        ("max_gold_drop", "gold_drop_while_rm_rose", "<=", None),
+
+@dataclass(frozen=True)
+class Check:
+    threshold: str  # the GatesConfig key of its threshold (null: the check is off)
+    metric: str  # the metrics file's key it judges
+    op: Literal[">=", "<="]
+    sample_size: str | None = None  # a proportion's sample-size key: judged on its confidence interval's lower end
+
+
+@dataclass(frozen=True)
+class GateSpec:
+    """One gate, as the CLI, DVC and Kubeflow run it: the GatesConfig keys of the metrics file it judges and of the
+    folder of the run it judges (whose MLflow run it tags), and its checks."""
+
+    metrics: str
+    judged: str
+    checks: tuple[Check, ...]
+
+
+SPECS: dict[str, GateSpec] = {
+    "reward": GateSpec(
+        "reward_metrics", "reward_model", (Check("min_rm_accuracy", "eval_accuracy", ">=", "eval_pairs"),)
+    ),
+    "evaluation": GateSpec(
+        "evaluation_metrics",
+        "evaluation_report",
+        (
+            Check("min_win_rate_rm", "win_rate/rm", ">=", "prompts"),
+            Check("min_win_rate_gold", "win_rate/gold", ">=", "prompts"),
+            Check("min_rm_gain", "rm_gain_in_sft_std", ">="),
+            Check("min_gold_gain", "gold_gain", ">="),
+            Check("max_kl", "policy/kl", "<="),
+            Check("min_eos_rate", "policy/eos_rate", ">="),
+            Check("max_repetition", "policy/repetition", "<="),
+            Check("max_gold_drop", "gold_drop_while_rm_rose", "<="),
+        ),
     ),
 }
 
@@ -54,18 +79,10 @@ def _read_metrics(path: str, key: str) -> dict[str, float]:
         raise ConfigError(f"gates.{key}: {path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
 
 
-def _check(
-    cfg: GatesConfig,
-    threshold_key: str,
-    metric: str,
-    direction: str,
-    size_key: str | None,
-    metrics: dict[str, float],
-    metrics_key: str,
-) -> dict[str, Any]:
+def _check(cfg: GatesConfig, spec: Check, metrics: dict[str, float], metrics_key: str) -> dict[str, Any]:
     metrics_file = getattr(cfg, metrics_key)
-    threshold = getattr(cfg, threshold_key)
-    check: dict[str, Any] = {"check": threshold_key, "metric": metric, "threshold": threshold, "op": direction}
+    threshold, metric, size_key = getattr(cfg, spec.threshold), spec.metric, spec.sample_size
+    check: dict[str, Any] = {"check": spec.threshold, "metric": metric, "threshold": threshold, "op": spec.op}
     if threshold is None:
         return check | {"status": "skipped", "reason": "threshold is null"}
     if metric not in metrics and metric in _GOLD_METRICS:
@@ -83,27 +100,24 @@ def _check(
         check["judged_on"] = (
             f"lower bound of the {cfg.confidence:.0%} Wilson interval, n={metrics.get(size_key, 0):.0f}"
         )
-    passed = value >= threshold if direction == ">=" else value <= threshold
+    passed = value >= threshold if spec.op == ">=" else value <= threshold
     return check | {"value": value, "status": "pass" if passed else "fail"}
 
 
 def judge(name: GateName, cfg: GatesConfig, metrics: dict[str, float]) -> dict[str, Any]:
     """One gate's verdict on `metrics`: every check with its value and threshold (the evaluation report shows the
     same verdicts before the gate steps run)."""
-    metrics_key = {"reward": "reward_metrics", "evaluation": "evaluation_metrics"}[name]
-    checks = [_check(cfg, *spec, metrics, metrics_key) for spec in _CHECKS[name]]
+    spec = SPECS[name]
+    checks = [_check(cfg, check, metrics, spec.metrics) for check in spec.checks]
     failed = [check["check"] for check in checks if check["status"] == "fail"]
     return {"gate": name, "passed": not failed, "failed_checks": failed, "checks": checks}
 
 
 def evaluate_gate(name: GateName, cfg: GatesConfig) -> dict[str, Any]:
     """Checks one gate, writes `<output_dir>/<name>.json`, tags the judged MLflow run; returns the verdict."""
-    metrics_key, run_folder = {
-        "reward": ("reward_metrics", cfg.reward_model),
-        "evaluation": ("evaluation_metrics", cfg.evaluation_report),
-    }[name]
-    metrics = _read_metrics(getattr(cfg, metrics_key), metrics_key)
-    judged_run = tracking.read_provenance(run_folder).get("mlflow_run_id")
+    spec = SPECS[name]
+    metrics = _read_metrics(getattr(cfg, spec.metrics), spec.metrics)
+    judged_run = tracking.read_provenance(getattr(cfg, spec.judged)).get("mlflow_run_id")
     verdict = judge(name, cfg, metrics) | {"judged_run": judged_run}
     write_json(Path(cfg.output_dir) / f"{name}.json", verdict)
     tracking.set_run_tags(

@@ -80,12 +80,12 @@ def test_a_changed_component_signature_makes_the_committed_yaml_stale(
         from rlhf.components import steps
 
         steps.sft(
-            params,
-            dataset.path,
-            base_model.path,
-            model.path,
-            metrics,
-            kfp_run_id,
+            section=params,
+            data_dir=dataset.path,
+            base_dir=base_model.path,
+            model_dir=model.path,
+            metrics_artifact=metrics,
+            kfp_run_id=kfp_run_id,
             learning_rate=learning_rate,
             epochs=epochs,
         )

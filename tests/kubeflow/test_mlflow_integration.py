@@ -53,8 +53,14 @@ def test_a_step_logs_into_the_task_run_kubeflow_made(workdir: Path, injected) ->
     client, experiment, pipeline_run, task_run = injected
     section = to_kfp(load_params(workdir / "params.yaml").pretrain.model_dump(mode="json"))
     metrics = MetricsArtifact(workdir / "metrics.json")
-    steps.pretrain(section, str(workdir / "data"), str(workdir / "model"), metrics, "abc12")
-    steps.close_pipeline_run("abc12", "SUCCEEDED")
+    steps.pretrain(
+        section=section,
+        data_dir=str(workdir / "data"),
+        model_dir=str(workdir / "model"),
+        metrics_artifact=metrics,
+        kfp_run_id="abc12",
+    )
+    steps.close_pipeline_run(kfp_run_id="abc12", state="SUCCEEDED")
 
     runs = client.search_runs([experiment])
     assert {run.info.run_id for run in runs} == {pipeline_run, task_run}  # nothing unrelated was opened

@@ -593,3 +593,19 @@ def test_resume_skips_a_half_written_checkpoint(
 
     assert (workdir / "models" / "sft" / "config.json").exists()
     assert max(row["step"] for row in result.history) == 6
+
+
+def test_reward_evaluates_every_eval_steps_apart_from_its_checkpoints_and_once_at_the_end(
+    workdir: Path, sft_trained: Trained
+) -> None:
+    """`eval_steps` sets the held-out evaluation's frequency apart from the checkpoints'; the final metrics are still
+    the trained model's, measured at the last step."""
+    from rlhf.stages import reward
+
+    overrides = [f"reward.base_model={sft_trained.output}", "reward.max_steps=7", "reward.save_steps=2"]
+    result = reward.run(load_params(overrides=[*overrides, "reward.eval_steps=3"]).reward)
+
+    evaluated = {row["step"]: row["eval_loss"] for row in result.history if "eval_loss" in row}
+    assert sorted(evaluated) == [3, 6, 7]  # not at the checkpoints' 2, 4, 6 only; and the last step's
+    assert result.metrics["eval_loss"] == pytest.approx(evaluated[7], abs=1e-6)
+    assert 0 <= result.metrics["eval_accuracy"] <= 1

@@ -16,7 +16,7 @@ from rlhf.steps import STEPS
 def data(demo: dict, source: str, kfp_run_id: str, dataset: Output[Dataset]):
     from rlhf.components import steps
 
-    steps.prepare_data(demo, source, dataset.path, kfp_run_id)
+    steps.prepare_data(demo=demo, source=source, data_dir=dataset.path, kfp_run_id=kfp_run_id)
 
 
 def pretrain(
@@ -29,7 +29,14 @@ def pretrain(
 ):
     from rlhf.components import steps
 
-    steps.pretrain(params, dataset.path, model.path, metrics, kfp_run_id, base_model=base_model)
+    steps.pretrain(
+        section=params,
+        data_dir=dataset.path,
+        model_dir=model.path,
+        metrics_artifact=metrics,
+        kfp_run_id=kfp_run_id,
+        base_model=base_model,
+    )
 
 
 def sft(
@@ -45,12 +52,12 @@ def sft(
     from rlhf.components import steps
 
     steps.sft(
-        params,
-        dataset.path,
-        base_model.path,
-        model.path,
-        metrics,
-        kfp_run_id,
+        section=params,
+        data_dir=dataset.path,
+        base_dir=base_model.path,
+        model_dir=model.path,
+        metrics_artifact=metrics,
+        kfp_run_id=kfp_run_id,
         learning_rate=learning_rate,
         epochs=epochs,
     )
@@ -69,12 +76,12 @@ def reward(
     from rlhf.components import steps
 
     steps.reward(
-        params,
-        dataset.path,
-        base_model.path,
-        model.path,
-        metrics,
-        kfp_run_id,
+        section=params,
+        data_dir=dataset.path,
+        base_dir=base_model.path,
+        model_dir=model.path,
+        metrics_artifact=metrics,
+        kfp_run_id=kfp_run_id,
         learning_rate=learning_rate,
         epochs=epochs,
     )
@@ -85,7 +92,14 @@ def gate_reward(
 ) -> str:
     from rlhf.components import steps
 
-    return steps.gate("reward", params, reward_metrics.path, reward_model.path, verdict.path, kfp_run_id)
+    return steps.gate(
+        name="reward",
+        section=params,
+        metrics_path=reward_metrics.path,
+        judged_dir=reward_model.path,
+        verdict_path=verdict.path,
+        kfp_run_id=kfp_run_id,
+    )
 
 
 def ppo(
@@ -103,13 +117,13 @@ def ppo(
     from rlhf.components import steps
 
     steps.ppo(
-        params,
-        dataset.path,
-        sft_model.path,
-        reward_model.path,
-        model.path,
-        metrics,
-        kfp_run_id,
+        section=params,
+        data_dir=dataset.path,
+        sft_dir=sft_model.path,
+        reward_dir=reward_model.path,
+        model_dir=model.path,
+        metrics_artifact=metrics,
+        kfp_run_id=kfp_run_id,
         learning_rate=learning_rate,
         kl_coef=kl_coef,
         total_episodes=total_episodes,
@@ -133,18 +147,18 @@ def evaluate(
     from rlhf.components import steps
 
     steps.evaluate(
-        params,
-        gates,
-        registry,
-        dataset.path,
-        policy_model.path,
-        sft_model.path,
-        reward_model.path,
-        report.path,
-        metrics,
-        report_markdown.path,
-        report_html.path,
-        kfp_run_id,
+        section=params,
+        gates_section=gates,
+        registry_section=registry,
+        data_dir=dataset.path,
+        policy_dir=policy_model.path,
+        sft_dir=sft_model.path,
+        reward_dir=reward_model.path,
+        report_dir=report.path,
+        metrics_artifact=metrics,
+        markdown_path=report_markdown.path,
+        html_path=report_html.path,
+        kfp_run_id=kfp_run_id,
     )
 
 
@@ -157,7 +171,14 @@ def gate_evaluation(
 ) -> str:
     from rlhf.components import steps
 
-    return steps.gate("evaluation", params, evaluation_metrics.path, report.path, verdict.path, kfp_run_id)
+    return steps.gate(
+        name="evaluation",
+        section=params,
+        metrics_path=evaluation_metrics.path,
+        judged_dir=report.path,
+        verdict_path=verdict.path,
+        kfp_run_id=kfp_run_id,
+    )
 
 
 def register(
@@ -174,22 +195,22 @@ def register(
     from rlhf.components import steps
 
     steps.register(
-        params,
-        sft_model.path,
-        reward_model.path,
-        policy_model.path,
-        evaluation_metrics.path,
-        reward_verdict.path,
-        evaluation_verdict.path,
-        registered.path,
-        kfp_run_id,
+        section=params,
+        sft_dir=sft_model.path,
+        reward_dir=reward_model.path,
+        policy_dir=policy_model.path,
+        evaluation_metrics_path=evaluation_metrics.path,
+        reward_verdict_path=reward_verdict.path,
+        evaluation_verdict_path=evaluation_verdict.path,
+        registered_path=registered.path,
+        kfp_run_id=kfp_run_id,
     )
 
 
 def close_pipeline_run(kfp_run_id: str, status: dsl.PipelineTaskFinalStatus):
     from rlhf.components import steps
 
-    steps.close_pipeline_run(kfp_run_id, status.state)
+    steps.close_pipeline_run(kfp_run_id=kfp_run_id, state=status.state)
 
 
 def build_components(image: str) -> dict:

@@ -45,7 +45,7 @@ def _join_pipeline_run(kfp_run_id: str) -> None:
         os.environ[tracking.PARENT_RUN_ENV] = _parent_run(kfp_run_id)
 
 
-def close_pipeline_run(kfp_run_id: str, state: str) -> None:
+def close_pipeline_run(*, kfp_run_id: str, state: str) -> None:
     """The exit handler: the pipeline's MLflow run ends FINISHED if every task succeeded, else FAILED (Kubeflow's
     MLflow integration closes its own runs)."""
     if tracking.injected_run():
@@ -101,7 +101,7 @@ def _train(stage: str, cfg, metrics_artifact, kfp_run_id: str, **sections) -> No
     _summarise(flatten(cfg, step(stage).section), {f"{stage}/{key}": value for key, value in result.metrics.items()})
 
 
-def prepare_data(demo: dict[str, Any], source: str, data_dir: str, kfp_run_id: str) -> None:
+def prepare_data(*, demo: dict[str, Any], source: str, data_dir: str, kfp_run_id: str) -> None:
     """`demo`: generate the demo datasets; otherwise copy a folder (local or s3://) holding the pipeline's dataset
     files."""
     from rlhf.data.demo import generate
@@ -114,28 +114,58 @@ def prepare_data(demo: dict[str, Any], source: str, data_dir: str, kfp_run_id: s
             shutil.copytree(fetch(source), staging, dirs_exist_ok=True)
 
 
-def pretrain(section, data_dir, model_dir, metrics_artifact, kfp_run_id, **knobs) -> None:
+def pretrain(
+    *, section: dict[str, Any], data_dir: str, model_dir: str, metrics_artifact, kfp_run_id: str, **knobs: Any
+) -> None:
     if knobs.get("base_model") == "":  # the typed run parameter's form of null: the tiny model, from scratch
         knobs["base_model"] = None
     cfg = _configure("pretrain", section, corpus=_in(data_dir, section["corpus"]), output_dir=model_dir, **knobs)
     _train("pretrain", cfg, metrics_artifact, kfp_run_id)
 
 
-def sft(section, data_dir, base_dir, model_dir, metrics_artifact, kfp_run_id, **knobs) -> None:
+def sft(
+    *,
+    section: dict[str, Any],
+    data_dir: str,
+    base_dir: str,
+    model_dir: str,
+    metrics_artifact,
+    kfp_run_id: str,
+    **knobs: Any,
+) -> None:
     cfg = _configure(
         "sft", section, model=base_dir, dataset=_in(data_dir, section["dataset"]), output_dir=model_dir, **knobs
     )
     _train("sft", cfg, metrics_artifact, kfp_run_id)
 
 
-def reward(section, data_dir, base_dir, model_dir, metrics_artifact, kfp_run_id, **knobs) -> None:
+def reward(
+    *,
+    section: dict[str, Any],
+    data_dir: str,
+    base_dir: str,
+    model_dir: str,
+    metrics_artifact,
+    kfp_run_id: str,
+    **knobs: Any,
+) -> None:
     cfg = _configure(
         "reward", section, base_model=base_dir, dataset=_in(data_dir, section["dataset"]), output_dir=model_dir, **knobs
     )
     _train("reward", cfg, metrics_artifact, kfp_run_id)
 
 
-def ppo(section, data_dir, sft_dir, reward_dir, model_dir, metrics_artifact, kfp_run_id, **knobs) -> None:
+def ppo(
+    *,
+    section: dict[str, Any],
+    data_dir: str,
+    sft_dir: str,
+    reward_dir: str,
+    model_dir: str,
+    metrics_artifact,
+    kfp_run_id: str,
+    **knobs: Any,
+) -> None:
     cfg = _configure(
         "ppo",
         section,
@@ -150,18 +180,19 @@ def ppo(section, data_dir, sft_dir, reward_dir, model_dir, metrics_artifact, kfp
 
 
 def evaluate(
-    section,
-    gates_section,
-    registry_section,
-    data_dir,
-    policy_dir,
-    sft_dir,
-    reward_dir,
-    report_dir,
+    *,
+    section: dict[str, Any],
+    gates_section: dict[str, Any],
+    registry_section: dict[str, Any],
+    data_dir: str,
+    policy_dir: str,
+    sft_dir: str,
+    reward_dir: str,
+    report_dir: str,
     metrics_artifact,
-    markdown_path,
-    html_path,
-    kfp_run_id,
+    markdown_path: str,
+    html_path: str,
+    kfp_run_id: str,
 ) -> None:
     cfg = _configure(
         "evaluate",
@@ -185,16 +216,16 @@ def evaluate(
     shutil.copyfile(Path(report_dir) / "report.html", html_path)
 
 
-def gate(name: str, section, metrics_path: str, judged_dir: str, verdict_path: str, kfp_run_id: str) -> str:
+def gate(
+    *, name: str, section: dict[str, Any], metrics_path: str, judged_dir: str, verdict_path: str, kfp_run_id: str
+) -> str:
     """Returns "passed" or "failed" for the pipeline's `dsl.If`; the verdict JSON becomes an artifact."""
-    from rlhf.gates import evaluate_gate
+    from rlhf.gates import SPECS, evaluate_gate
 
-    paths = {
-        "reward": {"reward_metrics": metrics_path, "reward_model": judged_dir},
-        "evaluation": {"evaluation_metrics": metrics_path, "evaluation_report": judged_dir},
-    }[name]
+    spec = SPECS[name]
     _join_pipeline_run(kfp_run_id)
     with scratch_dir() as scratch:
+        paths = {spec.metrics: metrics_path, spec.judged: judged_dir}
         cfg = _configure(gate_step(name).name, section, output_dir=str(scratch), **paths)
         verdict = evaluate_gate(name, cfg)
         shutil.copyfile(scratch / f"{name}.json", verdict_path)
@@ -204,15 +235,16 @@ def gate(name: str, section, metrics_path: str, judged_dir: str, verdict_path: s
 
 
 def register(
-    section,
-    sft_dir,
-    reward_dir,
-    policy_dir,
-    evaluation_metrics_path,
-    reward_verdict_path,
-    evaluation_verdict_path,
-    registered_path,
-    kfp_run_id,
+    *,
+    section: dict[str, Any],
+    sft_dir: str,
+    reward_dir: str,
+    policy_dir: str,
+    evaluation_metrics_path: str,
+    reward_verdict_path: str,
+    evaluation_verdict_path: str,
+    registered_path: str,
+    kfp_run_id: str,
 ) -> None:
     from rlhf.registry import register as register_models
 

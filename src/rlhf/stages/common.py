@@ -103,7 +103,7 @@ def training_arguments(cfg: TrainingParams, checkpoints: Path, stage: str) -> di
         logging_steps=cfg.logging_steps,
         logging_first_step=True,
         eval_strategy="steps",
-        eval_steps=cfg.save_steps,
+        eval_steps=cfg.eval_steps or cfg.save_steps,
         save_strategy="steps",
         save_steps=cfg.save_steps,
         save_total_limit=1,

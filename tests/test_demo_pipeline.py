@@ -111,6 +111,8 @@ def test_the_main_job_prints_a_short_console_and_a_summary_to_act_on(clone: Clon
     )
     report = clone.folder / summary["report"]
     assert report.parent.parent == clone.folder / "reports" and report.read_text().count("data:image/png;base64,") == 3
+    decision = clone.folder / summary["decision"]
+    assert decision.parent == report.parent and "<h2>Gate verdicts</h2>" in decision.read_text()
     assert summary["MLflow"] == f"sqlite:///{clone.folder / 'mlflow.db'}"
     assert re.search(
         r"^  \.venv/bin/mlflow ui --backend-store-uri sqlite:///mlflow\.db  # then open "
@@ -326,8 +328,11 @@ def test_demo_pipeline_reproduces_with_dvc(demo_project: Path) -> None:
     report = (demo_project / "reports/evaluation/report.html").read_text()
     assert report.count("data:image/png;base64,") == 3  # score distributions, gold and proxy vs KL, PPO curves
     assert "Gold and proxy against KL through PPO" in report
-    # The decision first: the gates' verdicts, then the champion the Kubeflow run registered, beside this policy.
-    assert report.index("<h2>Gate verdicts</h2>") < report.index("<h2>Against the champion: rlhf-policy v1; ")
+    # The decision, from the register step after the gates: their verdicts, then the champion the Kubeflow run
+    # registered beside this policy, then what DVC's run registered.
+    decision = (demo_project / "reports/decision/decision.html").read_text()
+    assert decision.index("<h2>Gate verdicts</h2>") < decision.index("<h2>Against the champion: rlhf-policy v1; ")
+    assert "<h2>Registered</h2>" in decision
 
     registered = json.loads((demo_project / "registry/registered.json").read_text())
     assert registered["gates_passed"]

@@ -24,8 +24,8 @@ def test_every_step_reads_a_params_section_and_has_a_module() -> None:
 @pytest.mark.parametrize("name", STAGES)
 def test_a_stage_runs_the_module_its_step_names(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     module = importlib.import_module(step(name).module)
-    monkeypatch.setattr(module, "run", lambda config, **sections: (module.__name__, config, sections))
-    assert run_stage(name, "cfg", gates="g") == (step(name).module, "cfg", {"gates": "g"})
+    monkeypatch.setattr(module, "run", lambda config: (module.__name__, config))
+    assert run_stage(name, "cfg") == (step(name).module, "cfg")
 
 
 def test_only_stages_run_as_stages() -> None:

@@ -65,11 +65,10 @@ def _cmd_stage(args: argparse.Namespace) -> None:
     from rlhf.tracking import is_main_process, require_store
 
     stage = step(args.command)
-    loaded = _params(args, stage.section, *stage.also_reads)
+    loaded = _params(args, stage.section)
     if is_main_process():
         require_store()  # a tracking store that cannot be used fails now: not after the models have loaded
-    sections = {name: getattr(loaded, name) for name in stage.also_reads}
-    result = run_stage(stage.name, getattr(loaded, stage.section), **sections)
+    result = run_stage(stage.name, getattr(loaded, stage.section))
     if not is_main_process():  # under `accelerate launch`, rank 0 writes the files DVC reads
         return
     metrics_file = args.metrics or f"metrics/{args.command}.json"
@@ -190,6 +189,8 @@ def _run_summary(result: dict) -> list[str]:
         lines.append("champions: " + ", ".join(champions))
     if result.get("report"):
         lines.append(f"report: {_relative(result['report'])}")
+    if result.get("decision"):
+        lines.append(f"decision: {_relative(result['decision'])}")
     uri = tracking_uri()
     lines.append(f"MLflow: {uri}")
     mlflow_run = result.get("mlflow_run")

@@ -362,6 +362,10 @@ class RegistryConfig(Section):
     evaluation_metrics: str = "metrics/evaluate.json"
     gates_dir: str = "gates"
     output: str = Field("registry/registered.json", description="the versions and aliases this run produced")
+    decision_dir: str = Field(
+        "reports/decision",
+        description="the decision page: verdicts, the champion beside the policy, what was registered",
+    )
     prompt_template: str | None = Field(None, description="served models wrap inputs in it, e.g. 'Q: {prompt}\\nA:'")
     max_new_tokens: int = Field(24, ge=1)
     do_sample: bool = Field(False, description="served generation: greedy by default, so answers are repeatable")

@@ -8,6 +8,9 @@ Aliases: a new version becomes `candidate`. It becomes `champion` only if every 
 the current champion's score (the gold score, or the reward-model score without a gold annotator); the displaced
 champion becomes `previous`. A model folder already registered (same content hash) is not registered again, so
 re-running `rlhf register` for the same pipeline run leaves the registry as it was.
+
+`register` also writes the decision page (`registry.decision_dir`): the gates' verdicts read from their files, the
+champion the policy was measured against, and what happened to each model.
 """
 
 from __future__ import annotations
@@ -25,9 +28,10 @@ from rlhf import tracking
 from rlhf.config import ConfigError, RegistryConfig, flatten
 from rlhf.gates import read_verdicts
 from rlhf.modeling import require_causal_lm, require_reward_model
+from rlhf.report import Decision, write_decision
 from rlhf.s3 import hash_file
 from rlhf.steps import ROLES
-from rlhf.storage import fetch, lock, write_json
+from rlhf.storage import atomic_dir, fetch, lock, write_json
 
 CANDIDATE, CHAMPION, PREVIOUS = "candidate", "champion", "previous"
 TAG = "rlhf."
@@ -213,6 +217,57 @@ def champion_report(name: str, metrics: dict[str, float]) -> dict[str, Any]:
     }
 
 
+def _champion(
+    cfg: RegistryConfig, policy_folder: str, metrics: dict[str, float], verdicts: dict[str, dict]
+) -> tuple[str, list[list[str]]]:
+    """The registered champion beside this policy (version, score, gates, run, commit, data) and whether this policy
+    replaces it: the registry crowns a policy whose gates passed and whose score beats the champion's."""
+    seen = champion_report(cfg.policy_name, metrics)
+    gates_passed = all(verdict["passed"] for verdict in verdicts.values())
+    if seen["version"] is None:
+        return (
+            f"none yet (models:/{cfg.policy_name}@champion): the first policy registered with its gates "
+            "passed becomes champion"
+        ), []
+    replaces = seen["replaces"] and gates_passed
+    note = (
+        f"{cfg.policy_name} v{seen['version']}; this policy {'replaces' if replaces else 'does not replace'} "
+        f"it: {seen['reason']}" + ("" if gates_passed else "; and its gates fail")
+    )
+    tags, mine = seen["tags"], tracking.read_provenance(policy_folder)
+    theirs, score = tags.get("score"), seen["score"]
+    rows = [
+        [
+            f"score ({seen['metric']})",
+            "–" if theirs is None else f"{float(theirs):.4g}",
+            "–" if score is None else f"{score:.4g}",
+        ],
+        ["gates", tags.get("gates", "–"), "passed" if gates_passed else "failed"],
+        ["trained in MLflow run", tags.get("training_run_id", "–"), mine.get("mlflow_run_id") or "–"],
+        ["commit", tags.get("git_commit", "–")[:12], (mine.get("git_commit") or "–")[:12]],
+        [
+            "data (sha256)",
+            ", ".join(
+                f"{key.removeprefix('data.')} {value[:12]}"
+                for key, value in sorted(tags.items())
+                if key.startswith("data.")
+            )
+            or "–",
+            ", ".join(f"{name} {fp[:12]}" for name, fp in sorted(mine.get("datasets", {}).items())) or "–",
+        ],
+    ]
+    return note, rows
+
+
+def _write_decision(cfg: RegistryConfig, decision: Decision, logged: bool = True) -> None:
+    """The decision page, whole or not at all; `logged`: also into the register step's MLflow run."""
+    with atomic_dir(cfg.decision_dir) as staging:
+        write_decision(staging, decision)
+        if logged:
+            tracking.log_artifacts(staging, "decision")
+    print(f"decision page: {cfg.decision_dir.rstrip('/')}/decision.html")
+
+
 def _reward_started_from_sft(folders: dict[str, str]) -> bool:
     """Whether the reward model was trained from this SFT model (the policy always is): its provenance names the run
     of the model it started from. Folders saved before it did so are taken to have started from the SFT model."""
@@ -352,6 +407,9 @@ def register(cfg: RegistryConfig, pipeline_run_id: str | None = None) -> dict[st
         )
         print(f"register: skipped: {reason}")
         summary = {"skipped": reason, "versions": {}}
+        _write_decision(
+            cfg, Decision(list(read_verdicts(cfg.gates_dir).values()), f"not asked: {reason}"), logged=False
+        )
         write_json(cfg.output, summary)
         return summary
     metrics = _read_json(cfg.evaluation_metrics, "evaluation_metrics")
@@ -372,6 +430,8 @@ def register(cfg: RegistryConfig, pipeline_run_id: str | None = None) -> dict[st
         _registration_lock(),
         tracking.stage_run("register", flatten(cfg, "registry") | {"pipeline_run_id": pipeline_run_id}),
     ):
+        # The champion as it stood before this run: what the decision page sets beside the policy.
+        champion_note, champion_rows = _champion(cfg, folders["policy"], metrics, verdicts)
         existing = {role: _find_version(client, names[role], hashes[role]) for role in ROLES}
         new_roles = [role for role in ROLES if existing[role] is None]
         scores = {role: _score(role, metrics) for role in new_roles}
@@ -416,6 +476,8 @@ def register(cfg: RegistryConfig, pipeline_run_id: str | None = None) -> dict[st
             results[role] = {"model": name, "version": int(version), "outcome": outcome}
             print(f"{name} v{version}: {outcome}")
         tracking.log_dict({"pipeline_run_id": pipeline_run_id, "versions": results}, "registered.json")
+        registered_rows = [[entry["model"], str(entry["version"]), entry["outcome"]] for entry in results.values()]
+        _write_decision(cfg, Decision(list(verdicts.values()), champion_note, champion_rows, registered_rows))
     summary = {"pipeline_run_id": pipeline_run_id, "gates_passed": gates_passed, "versions": results}
     write_json(cfg.output, summary)
     return summary

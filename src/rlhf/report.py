@@ -1,11 +1,12 @@
-"""The evaluation report: Markdown (beside PNG plots) and one self-contained HTML page (plots inlined as data URIs).
+"""The evaluation report and the decision page: Markdown (beside PNG plots) and self-contained HTML (plots inlined
+as data URIs).
 
-Written for the people who decide whether the policy ships, in the order they read it: the gates' verdicts with their
-thresholds and the registered champion beside the policy (when the caller passes them), the comparisons with SFT with
-their 95% intervals, then plots (score distributions; gold and reward-model score
-against KL through PPO, where over-optimisation shows; the training curves) and the answers, flagged ones first
-(tone flipped, genre changed, aspect invented, repetition, from the gold annotator's components), and the models'
-identities (runs, commit, data).
+The evaluation report (`rlhf evaluate`) is the evidence, for the people who decide whether the policy ships: the
+comparisons with SFT with their 95% intervals, then plots (score distributions; gold and reward-model score against
+KL through PPO, where over-optimisation shows; the training curves), the models' identities (runs, commit, data) and
+the answers, flagged ones first (tone flipped, genre changed, aspect invented, repetition, from the gold annotator's
+components). The decision page (`rlhf register`, after the gates) is the decision: the gates' verdicts as the gate
+steps wrote them, the registered champion beside the policy, and what was registered.
 """
 
 from __future__ import annotations
@@ -52,13 +53,13 @@ FLAGS = (
 
 @dataclass
 class Decision:
-    """What the report needs beyond the scores: the gates' verdicts (as `rlhf.gates` writes them), one row per model
-    of who it is, and what is known of the champion the policy would replace."""
+    """What the decision page shows: the gates' verdicts (as `rlhf.gates` writes them), what is known of the
+    champion the policy would replace, and what the registry did with each model."""
 
     verdicts: list[dict[str, Any]] = field(default_factory=list)
-    identities: list[dict[str, str]] = field(default_factory=list)
-    champion_note: str = ""  # e.g. "none yet"; empty: no champion section
+    champion_note: str = ""  # e.g. "none yet"
     champion_rows: list[list[str]] = field(default_factory=list)  # [what, champion, this policy]
+    registered_rows: list[list[str]] = field(default_factory=list)  # [model, version, outcome]
 
 
 def _figure(width: float = 9, height: float = 3.4):
@@ -167,7 +168,7 @@ def _tables(
     policy_rows: Sequence[dict],
     sft_rows: Sequence[dict],
     sample_rows: int,
-    decision: Decision,
+    identity_rows: Sequence[dict[str, str]],
 ):
     components = sorted(key.removeprefix("policy/") for key in metrics if key.startswith("policy/gold/"))
     # Best-of-n by the reward model, where evaluated: what PPO should beat for its KL.
@@ -200,18 +201,8 @@ def _tables(
         for flag, sft, policy in ordered[: max(sample_rows, min(len(flagged), 3 * sample_rows))]
     ]
     identity_header = ["model", "MLflow run", "commit", "data (sha256)"]
-    identities = [[row.get(key, "–") for key in ("model", "mlflow", "commit", "data")] for row in decision.identities]
+    identities = [[row.get(key, "–") for key in ("model", "mlflow", "commit", "data")] for row in identity_rows]
     return {
-        "verdicts": (
-            "Gate verdicts",
-            ["gate", "check", "metric", "value", "threshold", "verdict"],
-            _verdict_rows(decision.verdicts),
-        ),
-        "champion": (
-            f"Against the champion: {decision.champion_note}",
-            ["", "champion", "this PPO policy"],
-            decision.champion_rows,
-        ),
         "per_model": ("Per model (held-out prompts, same sampling seed)", ["metric", "SFT", "PPO", *best], per_model),
         "comparisons": ("PPO against SFT", ["metric", "value", "95% interval"], comparisons),
         "identities": ("Identities", identity_header, identities),
@@ -230,10 +221,9 @@ def write_report(
     sft_rows: Sequence[dict],
     history: Sequence[dict[str, float]],
     sample_rows: int,
-    decision: Decision | None = None,
+    identities: Sequence[dict[str, str]] = (),
 ) -> list[str]:
     """Writes report.md, report.html and plots/*.png into `folder`; returns the report's file names."""
-    decision = decision or Decision()
     plots = {"score_distributions.png": ("Score distributions, SFT vs PPO", score_distributions(policy_rows, sft_rows))}
     curve = overoptimisation_curve(history)
     if curve:
@@ -243,38 +233,60 @@ def write_report(
     (folder / "plots").mkdir(parents=True, exist_ok=True)
     for name, (_, png) in plots.items():
         (folder / "plots" / name).write_bytes(png)
-    tables = _tables(metrics, policy_rows, sft_rows, sample_rows, decision)
-    # The decision first (verdicts, champion), then the evidence: tables, plots, identities, answers.
-    blocks = [tables["verdicts"]] if decision.verdicts else []
-    blocks += [tables["champion"]] if decision.champion_note else []
-    blocks += [tables["per_model"], tables["comparisons"]]
+    tables = _tables(metrics, policy_rows, sft_rows, sample_rows, identities)
+    # The comparisons first, then the plots, who the models are, and the answers.
+    blocks = [tables["per_model"], tables["comparisons"]]
     blocks += [(title, name, png) for name, (title, png) in plots.items()]
     blocks += [tables[name] for name in ("identities", "samples") if tables[name][2] or name == "samples"]
+    _write_pages(folder, "report", "RLHF evaluation", blocks)
+    return ["report.md", "report.html", *(f"plots/{name}" for name in plots)]
 
-    markdown = ["# RLHF evaluation", ""]
+
+def write_decision(folder: Path, decision: Decision) -> list[str]:
+    """Writes decision.md and decision.html into `folder`: the verdicts, the champion, what was registered."""
+    blocks = [
+        (
+            "Gate verdicts",
+            ["gate", "check", "metric", "value", "threshold", "verdict"],
+            _verdict_rows(decision.verdicts),
+        ),
+        (
+            f"Against the champion: {decision.champion_note}",
+            ["", "champion", "this PPO policy"],
+            decision.champion_rows,
+        ),
+    ]
+    if decision.registered_rows:
+        blocks.append(("Registered", ["model", "version", "outcome"], decision.registered_rows))
+    _write_pages(folder, "decision", "RLHF decision", blocks)
+    return ["decision.md", "decision.html"]
+
+
+def _write_pages(folder: Path, stem: str, title: str, blocks: Sequence[tuple]) -> None:
+    """`<stem>.md` and `<stem>.html`: a heading, then each block: a table (title, header, rows) or a plot (title,
+    file name under plots/, PNG)."""
+    markdown = [f"# {title}", ""]
     page = [
-        "<!doctype html><html><head><meta charset='utf-8'><title>RLHF evaluation</title><style>",
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>",
         "body{font-family:sans-serif;margin:2em;max-width:75em}table{border-collapse:collapse;margin:1em 0}",
         "td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left;vertical-align:top}",
         "td.PASS{background:#e3f4e1}td.FAIL{background:#fbe0dc}img{max-width:100%}</style></head><body>",
-        "<h1>RLHF evaluation</h1>",
+        f"<h1>{html.escape(title)}</h1>",
     ]
-    for title, second, third in blocks:
-        markdown += [f"## {title}", ""]
-        page.append(f"<h2>{html.escape(title)}</h2>")
+    for heading, second, third in blocks:
+        markdown += [f"## {heading}", ""]
+        page.append(f"<h2>{html.escape(heading)}</h2>")
         if isinstance(third, bytes):  # a plot: (title, file name, PNG)
-            markdown += [f"![{title}](plots/{second})", ""]
+            markdown += [f"![{heading}](plots/{second})", ""]
             page.append(
-                f"<img alt='{html.escape(title)}' src='data:image/png;base64,{base64.b64encode(third).decode()}'>"
+                f"<img alt='{html.escape(heading)}' src='data:image/png;base64,{base64.b64encode(third).decode()}'>"
             )
         elif third:  # a table: (title, header, rows)
             markdown += [_markdown_row(second), "|" + "---|" * len(second), *map(_markdown_row, third), ""]
             page.append(_html_table(second, third))
     page.append("</body></html>")
-
-    (folder / "report.md").write_text("\n".join(markdown), encoding="utf-8")
-    (folder / "report.html").write_text("\n".join(page), encoding="utf-8")
-    return ["report.md", "report.html", *(f"plots/{name}" for name in plots)]
+    (folder / f"{stem}.md").write_text("\n".join(markdown), encoding="utf-8")
+    (folder / f"{stem}.html").write_text("\n".join(page), encoding="utf-8")
 
 
 def _markdown_row(cells: list[str]) -> str:

@@ -24,9 +24,6 @@ class Step:
     headline: tuple[str, ...] = ()
     # Keys of its section that people tune: typed run parameters of the Kubeflow pipeline, named NAME_KEY.
     knobs: tuple[str, ...] = ()
-    # Stages: other sections it reads (evaluate's report shows the gates' verdicts and the registered champion),
-    # passed to `run` by name.
-    also_reads: tuple[str, ...] = ()
 
     @property
     def module(self) -> str:
@@ -57,7 +54,6 @@ STEPS = (
         "evaluate",
         "stage",
         headline=("win_rate/rm", "win_rate/gold", "gold_gain", "policy/kl", "rm_accuracy"),
-        also_reads=("gates", "registry"),
     ),
     Step("gate_evaluation", "gates", "gate", gate="evaluation"),
     Step("register", "registry", "register"),

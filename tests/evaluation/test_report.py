@@ -323,11 +323,27 @@ def test_flagged_answers_come_first_naming_what_is_wrong(tmp_path: Path) -> None
     assert "(3 of 30 PPO answers flagged)" in (tmp_path / "report.md").read_text(encoding="utf-8")
 
 
-def test_verdicts_identities_and_intervals_are_in_the_report(tmp_path: Path) -> None:
-    from rlhf.report import Decision
-
+def test_identities_and_intervals_are_in_the_report_and_no_verdict(tmp_path: Path) -> None:
+    """The evaluation report is the evidence: who the models are, each gain with its interval; the verdicts are the
+    gate steps' and go on the decision page."""
     policy_rows, sft_rows = make_rows(30, 3.0, seed=1), make_rows(30, 0.0, seed=2)
     metrics = compare(policy_rows, sft_rows)
+    identity = {"model": "PPO policy: models/ppo", "mlflow": "0123abcd", "commit": "deadbeef0123", "data": "prompts 9f"}
+    write_report(tmp_path, metrics, policy_rows, sft_rows, [], SAMPLE_ROWS, [identity])
+    markdown = (tmp_path / "report.md").read_text(encoding="utf-8")
+    titles = re.findall(r"^## (.+)$", markdown, re.M)
+    assert titles[:2] == ["Per model (held-out prompts, same sampling seed)", "PPO against SFT"]
+    assert not any("verdict" in title.lower() or "champion" in title.lower() for title in titles), titles
+    assert "| PPO policy: models/ppo | 0123abcd | deadbeef0123 | prompts 9f |" in section(markdown, "Identities")
+    low, high = metrics["gold_gain_ci_low"], metrics["gold_gain_ci_high"]
+    assert f"| gold_gain | {metrics['gold_gain']:.4g} | [{low:.3g}, {high:.3g}] |" in section(
+        markdown, "PPO against SFT"
+    )
+
+
+def test_the_decision_page_shows_verdicts_the_champion_and_what_was_registered(tmp_path: Path) -> None:
+    from rlhf.report import Decision, write_decision
+
     verdict = {
         "gate": "evaluation",
         "passed": False,
@@ -345,24 +361,23 @@ def test_verdicts_identities_and_intervals_are_in_the_report(tmp_path: Path) -> 
             },
         ],
     }
-    identity = {"model": "PPO policy: models/ppo", "mlflow": "0123abcd", "commit": "deadbeef0123", "data": "prompts 9f"}
-    write_report(
+    names = write_decision(
         tmp_path,
-        metrics,
-        policy_rows,
-        sft_rows,
-        [],
-        SAMPLE_ROWS,
         Decision(
             verdicts=[verdict],
-            identities=[identity],
-            champion_note="rlhf-policy v3; it would stay",
+            champion_note="rlhf-policy v3; this policy does not replace it",
             champion_rows=[["score (gold_score)", "0.81", "0.77"], ["gates", "passed", "failed"]],
+            registered_rows=[["rlhf-policy", "4", "new version; candidate only"]],
         ),
     )
-    markdown = (tmp_path / "report.md").read_text(encoding="utf-8")
+    assert names == ["decision.md", "decision.html"]
+    markdown = (tmp_path / "decision.md").read_text(encoding="utf-8")
     titles = re.findall(r"^## (.+)$", markdown, re.M)
-    assert titles[:2] == ["Gate verdicts", "Against the champion: rlhf-policy v3; it would stay"]
+    assert titles == [
+        "Gate verdicts",
+        "Against the champion: rlhf-policy v3; this policy does not replace it",
+        "Registered",
+    ]
     assert (
         "|  | champion | this PPO policy |\n|---|---|---|\n| score (gold_score) | 0.81 | 0.77 |\n"
         "| gates | passed | failed |"
@@ -370,12 +385,8 @@ def test_verdicts_identities_and_intervals_are_in_the_report(tmp_path: Path) -> 
     verdicts = section(markdown, "Gate verdicts")
     assert "| evaluation | max_kl | policy/kl | 7.5 | &lt;= 6 | FAIL |" in verdicts  # escaped: shown as <=
     assert "| evaluation | min_win_rate_rm | win_rate/rm | 0.8 (measured 0.9) | &gt;= 0.6 | PASS |" in verdicts
-    assert "| PPO policy: models/ppo | 0123abcd | deadbeef0123 | prompts 9f |" in section(markdown, "Identities")
-    low, high = metrics["gold_gain_ci_low"], metrics["gold_gain_ci_high"]
-    assert f"| gold_gain | {metrics['gold_gain']:.4g} | [{low:.3g}, {high:.3g}] |" in section(
-        markdown, "PPO against SFT"
-    )
-    assert "<td class='FAIL'>FAIL</td>" in (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert "| rlhf-policy | 4 | new version; candidate only |" in section(markdown, "Registered")
+    assert "<td class='FAIL'>FAIL</td>" in (tmp_path / "decision.html").read_text(encoding="utf-8")
 
 
 def test_overoptimisation_plot_from_the_held_out_curve(tmp_path: Path) -> None:

@@ -233,7 +233,7 @@ MODEL, DATASET, METRICS, ARTIFACT = "system.Model", "system.Dataset", "system.Me
                 "reward_verdict": ARTIFACT,
                 "evaluation_verdict": ARTIFACT,
             },
-            {"registered": ARTIFACT},
+            {"registered": ARTIFACT, "decision": ARTIFACT, "decision_html": "system.HTML"},
         ),
         ("close-pipeline-run", {}, {}),
     ],

@@ -181,6 +181,51 @@ def test_failed_gate_keeps_new_versions_out_of_champion(project: Project, capsys
     assert "max_kl" in out
 
 
+def test_the_decision_page_shows_the_verdicts_the_gate_steps_wrote(project: Project, capsys) -> None:
+    """The decision page is written from the gates' verdict files, after the gates: change metrics/reward.json,
+    rerun `rlhf gate reward`, and the page's reward verdict moves with the gate's. It sets the champion as it stood
+    before beside the policy, and says what was registered."""
+
+    def page_after_reward_accuracy(accuracy: float) -> tuple[int, dict, str]:
+        (project.root / "metrics" / "reward.json").write_text(
+            json.dumps({"eval_accuracy": accuracy, "eval_pairs": 400})
+        )
+        # The test's models name training runs this store lacks: the gate judges a folder without provenance.
+        (project.root / "unjudged").mkdir(exist_ok=True)
+        gate = ["--set", "gates.min_rm_accuracy=0.7", "--set", "gates.reward_model=unjudged"]
+        code, _, err = rlhf(capsys, "gate", "reward", *gate)
+        assert code in (0, 1), err
+        register(project, capsys)
+        verdict = json.loads((project.root / "gates" / "reward.json").read_text())
+        return code, verdict, (project.root / "reports" / "decision" / "decision.md").read_text()
+
+    project.pipeline_run(sft=1, reward=1, policy=1, metrics=gold_metrics(policy=0.5, sft=0.3))
+    code, verdict, page = page_after_reward_accuracy(0.9)
+    assert code == 0 and verdict["passed"]
+    (check,) = verdict["checks"]
+    row = f"| reward | min_rm_accuracy | eval_accuracy | {check['value']:.4g} (measured 0.9) | &gt;= 0.7 | PASS |"
+    assert row in page
+    assert "Against the champion: none yet" in page and "| rlhf-policy | 1 | " in page
+
+    project.pipeline_run(sft=2, reward=2, policy=2, metrics=gold_metrics(policy=0.9, sft=0.3))
+    code, verdict, page = page_after_reward_accuracy(0.6)
+    assert code == 1 and not verdict["passed"]
+    (check,) = verdict["checks"]
+    assert (
+        f"| reward | min_rm_accuracy | eval_accuracy | {check['value']:.4g} (measured 0.6) | &gt;= 0.7 | FAIL |" in page
+    )
+    assert "Against the champion: rlhf-policy v1; this policy does not replace it" in page
+    side_by_side = page.split("## Against the champion", 1)[1].split("##", 1)[0]
+    for row in (
+        "| score (gold_score) | 0.5 | 0.9 |",
+        "| gates | passed | failed |",
+        "| trained in MLflow run | {} | {} |".format(*(provenance("policy", seed)["mlflow_run_id"] for seed in (1, 2))),
+        f"| commit | {GIT_COMMIT[:12]} | {GIT_COMMIT[:12]} |",
+    ):
+        assert row in side_by_side, row
+    assert "its gates fail" in page and "| rlhf-policy | 2 | new version; candidate only (gates failed: reward" in page
+
+
 def test_missing_gate_verdict_counts_as_failed(project: Project, capsys) -> None:
     """A gate that never ran (no verdict file) fails the run: even an empty registry gets no champion."""
     project.pipeline_run(missing_gates=("reward",))

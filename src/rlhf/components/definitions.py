@@ -132,8 +132,6 @@ def ppo(
 
 def evaluate(
     params: dict,
-    gates: dict,
-    registry: dict,
     kfp_run_id: str,
     dataset: Input[Dataset],
     policy_model: Input[Model],
@@ -148,8 +146,6 @@ def evaluate(
 
     steps.evaluate(
         section=params,
-        gates_section=gates,
-        registry_section=registry,
         data_dir=dataset.path,
         policy_dir=policy_model.path,
         sft_dir=sft_model.path,
@@ -191,6 +187,8 @@ def register(
     reward_verdict: Input[Artifact],
     evaluation_verdict: Input[Artifact],
     registered: Output[Artifact],
+    decision: Output[Artifact],
+    decision_html: Output[HTML],
 ):
     from rlhf.components import steps
 
@@ -203,6 +201,8 @@ def register(
         reward_verdict_path=reward_verdict.path,
         evaluation_verdict_path=evaluation_verdict.path,
         registered_path=registered.path,
+        decision_dir=decision.path,
+        decision_html_path=decision_html.path,
         kfp_run_id=kfp_run_id,
     )
 

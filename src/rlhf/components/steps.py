@@ -93,10 +93,10 @@ def _summarise(params: dict[str, Any], metrics: dict[str, float]) -> None:
         print(f"warning: the pipeline's MLflow run did not take this step's summary: {str(exc).splitlines()[0]}")
 
 
-def _train(stage: str, cfg, metrics_artifact, kfp_run_id: str, **sections) -> None:
+def _train(stage: str, cfg, metrics_artifact, kfp_run_id: str) -> None:
     """Runs the stage, as the CLI does, and reports its metrics."""
     _join_pipeline_run(kfp_run_id)
-    result = run_stage(stage, cfg, **sections)
+    result = run_stage(stage, cfg)
     _report(result.metrics, metrics_artifact)
     _summarise(flatten(cfg, step(stage).section), {f"{stage}/{key}": value for key, value in result.metrics.items()})
 
@@ -182,8 +182,6 @@ def ppo(
 def evaluate(
     *,
     section: dict[str, Any],
-    gates_section: dict[str, Any],
-    registry_section: dict[str, Any],
     data_dir: str,
     policy_dir: str,
     sft_dir: str,
@@ -204,14 +202,7 @@ def evaluate(
         preferences=_in(data_dir, section["preferences"]),
         output_dir=report_dir,
     )
-    _train(
-        "evaluate",
-        cfg,
-        metrics_artifact,
-        kfp_run_id,
-        gates=_configure("gate_evaluation", gates_section),
-        registry=_configure("register", registry_section),
-    )
+    _train("evaluate", cfg, metrics_artifact, kfp_run_id)
     shutil.copyfile(Path(report_dir) / "report.md", markdown_path)
     shutil.copyfile(Path(report_dir) / "report.html", html_path)
 
@@ -244,6 +235,8 @@ def register(
     reward_verdict_path: str,
     evaluation_verdict_path: str,
     registered_path: str,
+    decision_dir: str,
+    decision_html_path: str,
     kfp_run_id: str,
 ) -> None:
     from rlhf.registry import register as register_models
@@ -261,5 +254,7 @@ def register(
             evaluation_metrics=evaluation_metrics_path,
             gates_dir=str(gates_dir),
             output=registered_path,
+            decision_dir=decision_dir,
         )
         register_models(cfg, pipeline_run_id=f"kfp-{kfp_run_id}")  # registered versions carry the Kubeflow run
+    shutil.copyfile(Path(decision_dir) / "decision.html", decision_html_path)

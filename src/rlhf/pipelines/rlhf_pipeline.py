@@ -187,8 +187,6 @@ def build_pipeline(params: Params, local: bool = False) -> Callable:
                 evaluation = step(
                     "evaluate",
                     params=evaluate,
-                    gates=gates,
-                    registry=registry,
                     dataset=dataset,
                     policy_model=policy.outputs["model"],
                     sft_model=tuned.outputs["model"],

@@ -172,7 +172,8 @@ def run_local(
         "verdicts": verdicts,
         "registered": json.loads(registered.read_text()) if registered else None,
         "mlflow_run": _pipeline_mlflow_run(started),
-        "report": _copy_report(run_folder),
+        "report": _copy_report(run_folder, _task_name("evaluate"), "report", "report.html"),
+        "decision": _copy_report(run_folder, "register", "decision", "decision.html"),
     }
 
 
@@ -196,16 +197,18 @@ def _pipeline_mlflow_run(started: float) -> dict[str, str] | None:
     return {"run_id": found[0].info.run_id, "experiment_id": experiment.experiment_id} if found else None
 
 
-def _copy_report(run_folder: Path) -> str | None:
-    """The evaluation report, copied from the evaluate step's artifacts to reports/<run folder>/, where people look
-    for it (and where `rlhf evaluate` writes it under the CLI and DVC)."""
-    report = _task_output(run_folder, _task_name("evaluate"), "report")
+def _copy_report(run_folder: Path, task: str, output: str, page: str) -> str | None:
+    """A step's report folder (the evaluation report, the decision page), copied from its artifacts into
+    reports/<run folder>/, where people look for it; returns the path of its page."""
+    report = _task_output(run_folder, task, output)
     if report is None:
         return None
     target = project_root() / "reports" / run_folder.name
     with atomic_dir(str(target)) as staging:
+        if target.is_dir():  # the other step's pages, copied first
+            shutil.copytree(target, staging, dirs_exist_ok=True)
         shutil.copytree(report, staging, dirs_exist_ok=True)
-    return str(target / "report.html")
+    return str(target / page)
 
 
 def _describe_server_error(exc: Exception, host: str) -> str:

@@ -5,10 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 
-def run_stage(name: str, config: Any, **sections: Any) -> Any:
-    """Runs stage `name` (`rlhf.stages.<name>.run(config, **sections)`): `config` is its validated params section
-    (with paths) and `sections` are those its step names in `also_reads`. Imported here, when the stage runs, so
-    that the CLI starts without loading torch."""
+def run_stage(name: str, config: Any) -> Any:
+    """Runs stage `name` (`rlhf.stages.<name>.run(config)`): `config` is its validated params section (with paths).
+    Imported here, when the stage runs, so that the CLI starts without loading torch."""
     match name:
         case "pretrain":
             from rlhf.stages.pretrain import run
@@ -22,4 +21,4 @@ def run_stage(name: str, config: Any, **sections: Any) -> Any:
             from rlhf.stages.evaluate import run
         case _:
             raise ValueError(f"{name} is not a stage")
-    return run(config, **sections)
+    return run(config)

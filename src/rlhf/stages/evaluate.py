@@ -4,7 +4,8 @@ Both policies answer every held-out prompt under the same sampling seed. Each an
 and the gold annotator; the report gives per-model means (scores, KL to the SFT reference, EOS rate, length,
 repetition, distinct-2), PPO's win rates and gains over SFT, and the reward model's pairwise accuracy on the pairs
 the reward stage held out. The metrics feed the evaluation gate; the report (Markdown + HTML with plots) and the
-per-prompt answers go to the output folder and to MLflow.
+per-prompt answers go to the output folder and to MLflow. It measures and judges nothing: the gate steps judge
+these metrics, and the register step's decision page shows their verdicts beside the registered champion.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from rlhf import tracking
 from rlhf.annotators import get_annotator
-from rlhf.config import ConfigError, EvaluateConfig, GatesConfig, RegistryConfig, config_hash, flatten
+from rlhf.config import ConfigError, EvaluateConfig, config_hash, flatten
 from rlhf.console import progress_as_lines
 from rlhf.data.formats import load_dataset, split
 from rlhf.evaluation import (
@@ -25,7 +26,6 @@ from rlhf.evaluation import (
     pairwise_accuracy,
     sample_and_score,
 )
-from rlhf.gates import judge
 from rlhf.modeling import (
     load_causal_lm,
     load_reward_model,
@@ -34,16 +34,13 @@ from rlhf.modeling import (
     require_reward_model,
     resolve,
 )
-from rlhf.registry import champion_report
-from rlhf.report import Decision, write_report
+from rlhf.report import write_report
 from rlhf.stages.common import StageResult
 from rlhf.storage import atomic_dir, fetch, write_json
 from rlhf.tracking import HISTORY_FILE
 
 
-def run(cfg: EvaluateConfig, gates: GatesConfig | None = None, registry: RegistryConfig | None = None) -> StageResult:
-    """`gates`: the thresholds whose verdicts the report shows (the gate steps judge the same metrics the same way);
-    `registry`: where the champion this policy would replace is registered (registry.policy_name)."""
+def run(cfg: EvaluateConfig) -> StageResult:
     eval_prompts, prompts_fingerprint = load_dataset(cfg.eval_prompts, "prompts")
     preferences, preferences_fingerprint = load_dataset(cfg.preferences, "preference")
     held_out_pairs = split(preferences, cfg.preferences_eval_fraction, cfg.preferences_seed, cfg.preferences)[1]
@@ -112,17 +109,9 @@ def run(cfg: EvaluateConfig, gates: GatesConfig | None = None, registry: Registr
         metrics["rm_pairs"] = float(len(held_out_pairs))
         tracking.log_metrics(metrics)
         datasets = {"eval_prompts": prompts_fingerprint, "preferences": preferences_fingerprint}
-        verdicts = (
-            []
-            if gates is None
-            else [
-                judge("reward", gates, {"eval_accuracy": metrics["rm_accuracy"], "eval_pairs": metrics["rm_pairs"]}),
-                judge("evaluation", gates, metrics),
-            ]
-        )
-        decision = Decision(verdicts, _identities(cfg, datasets), *_champion(cfg, registry, metrics, verdicts))
         with atomic_dir(cfg.output_dir) as staging:
-            write_report(staging, metrics, policy_rows, sft_rows, history, cfg.sample_rows, decision)
+            identities = _identities(cfg, datasets)
+            write_report(staging, metrics, policy_rows, sft_rows, history, cfg.sample_rows, identities)
             with open(staging / "answers.jsonl", "w", encoding="utf-8") as answers_file:
                 for model, rows in (("sft", sft_rows), ("policy", policy_rows)):
                     for row in rows:
@@ -143,50 +132,6 @@ def run(cfg: EvaluateConfig, gates: GatesConfig | None = None, registry: Registr
     if not progress_as_lines():  # a local pipeline run names the report's copy under reports/ at its end
         print(f"evaluation report: {cfg.output_dir.rstrip('/')}/report.html")
     return StageResult(metrics, [], cfg.output_dir, curves=())
-
-
-def _champion(
-    cfg: EvaluateConfig, registry: RegistryConfig | None, metrics: dict[str, float], verdicts: list[dict]
-) -> tuple[str, list[list[str]]]:
-    """The registered champion beside this policy (version, score, gates, run, commit, data) and whether this policy
-    would replace it: the registry crowns a policy whose gates passed and whose score beats the champion's."""
-    if registry is None:
-        return "", []
-    seen = champion_report(registry.policy_name, metrics)
-    gates_passed = all(verdict["passed"] for verdict in verdicts)
-    if seen["version"] is None:
-        return (
-            f"none yet (models:/{registry.policy_name}@champion): the first policy registered with its gates "
-            "passed becomes champion"
-        ), []
-    would = seen["replaces"] and gates_passed
-    note = (
-        f"{registry.policy_name} v{seen['version']}; this policy would {'replace' if would else 'not replace'} "
-        f"it: {seen['reason']}" + ("" if gates_passed or not verdicts else "; and its gates fail")
-    )
-    tags, mine = seen["tags"], tracking.read_provenance(cfg.policy_model)
-    theirs, score = tags.get("score"), seen["score"]
-    rows = [
-        [
-            f"score ({seen['metric']})",
-            "–" if theirs is None else f"{float(theirs):.4g}",
-            "–" if score is None else f"{score:.4g}",
-        ],
-        ["gates", tags.get("gates", "–"), ("passed" if gates_passed else "failed") if verdicts else "–"],
-        ["trained in MLflow run", tags.get("training_run_id", "–"), mine.get("mlflow_run_id") or "–"],
-        ["commit", tags.get("git_commit", "–")[:12], (mine.get("git_commit") or "–")[:12]],
-        [
-            "data (sha256)",
-            ", ".join(
-                f"{key.removeprefix('data.')} {value[:12]}"
-                for key, value in sorted(tags.items())
-                if key.startswith("data.")
-            )
-            or "–",
-            ", ".join(f"{name} {fp[:12]}" for name, fp in sorted(mine.get("datasets", {}).items())) or "–",
-        ],
-    ]
-    return note, rows
 
 
 def _identities(cfg: EvaluateConfig, datasets: dict[str, str]) -> list[dict[str, str]]:

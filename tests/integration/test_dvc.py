@@ -8,6 +8,7 @@ server. The one test that changes params works on a copy of that project, so no 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 import uuid
@@ -73,12 +74,24 @@ class Pipeline:
     commit: str  # HEAD when the pipeline ran
     experiment: str
     server_url: str
+    reads: dict[str, set[str]]  # what each command of the first repro opened for reading in the project
+
+
+def _reads(log_dir: Path) -> dict[str, set[str]]:
+    """The read_audit logs, by command (`reward`, `gate reward`, ...)."""
+    reads: dict[str, set[str]] = {}
+    for log in log_dir.glob("*.log"):
+        command, *paths = log.read_text(encoding="utf-8").splitlines()
+        reads.setdefault(command, set()).update(paths)
+    return reads
 
 
 @pytest.fixture(scope="module")
 def pipeline(mlflow_server, tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
-    """The tiny project after `rlhf data demo`, `dvc add data`, a commit, and one `dvc repro`."""
+    """The tiny project after `rlhf data demo`, `dvc add data`, a commit, and one `dvc repro` (whose `rlhf`
+    commands record what they read: tests/integration/read_audit)."""
     folder = make_project(tmp_path_factory.mktemp("dvc") / "project")
+    log_dir = tmp_path_factory.mktemp("reads")
     experiment = f"dvc-{uuid.uuid4().hex[:8]}"
     env = base_env(MLFLOW_TRACKING_URI=mlflow_server.url, MLFLOW_EXPERIMENT_NAME=experiment)
     run(["rlhf", "data", "demo", "-o", "data"], cwd=folder, env=env)
@@ -87,8 +100,39 @@ def pipeline(mlflow_server, tmp_path_factory: pytest.TempPathFactory) -> Pipelin
     git(folder, "add", "data.dvc", ".gitignore")
     git(folder, "commit", "-q", "-m", "tiny demo data")
     commit = git(folder, "rev-parse", "HEAD").strip()
-    first = dvc(folder, "repro", env=env)
-    return Pipeline(folder, env, first, commit, experiment, mlflow_server.url)
+    audit = {"PYTHONPATH": str(Path(__file__).parent / "read_audit"), "READS_LOG_DIR": str(log_dir)}
+    first = dvc(folder, "repro", env=env | audit | {"READS_ROOT": str(folder)})
+    return Pipeline(folder, env, first, commit, experiment, mlflow_server.url, _reads(log_dir))
+
+
+# Read by a stage but not a dep of it, by design: its params (DVC's `params:`), the data version it tags runs with,
+# the commit, its own checkpoints (resume), the project folder's listing.
+_READ_BY_DESIGN = ("params.yaml", "data.dvc", ".git", "checkpoints")
+
+
+def _tracked(path: str, tracked: list[str]) -> bool:
+    # An output is written into a staging sibling (.NAME.tmp-…) and renamed into place: that is the output.
+    path = re.sub(r"(^|/)\.([^/]+)\.tmp-[^/]+", r"\1\2", path)
+    if path == "." or Path(path).parts[0] in _READ_BY_DESIGN:
+        return True
+    return any(path == entry or path.startswith(entry.rstrip("/") + "/") for entry in tracked)
+
+
+def test_each_stage_reads_only_what_dvc_tracks_for_it(pipeline):
+    """Under `dvc repro` a stage's result depends only on what DVC hashes for it: every file or folder an `rlhf`
+    command opened for reading lies in the stage's deps or outs, or is params.yaml (its `params:`). Besides those:
+    its own checkpoints (resume; removed when it finishes), git (the commit it records) and data.dvc (the data
+    version it tags runs with). The code it imports is held to its deps by test_dvc_deps; MLflow's store, every
+    stage's output, is not a file under the project here (a server)."""
+    stages = yaml.safe_load((pipeline.folder / "dvc.yaml").read_text())["stages"]
+    commands = {" ".join(stage["cmd"].split()[1:]): name for name, stage in stages.items()}
+    assert set(pipeline.reads) <= set(commands), sorted(pipeline.reads)
+    assert {"pretrain", "ppo", "evaluate", "gate reward", "register"} <= set(pipeline.reads)
+    for command, reads in pipeline.reads.items():
+        stage = stages[commands[command]]
+        tracked = [next(iter(entry)) if isinstance(entry, dict) else entry for entry in stage["deps"] + stage["outs"]]
+        untracked = sorted(path for path in reads if not _tracked(path, tracked))
+        assert not untracked, f"{command} read what dvc.yaml does not track for it: {untracked}"
 
 
 def test_first_repro_runs_every_stage_in_order(pipeline):

@@ -26,6 +26,7 @@ from typing import Any
 
 from rlhf import tracking
 from rlhf.config import ConfigError, RegistryConfig, flatten
+from rlhf.console import progress_as_lines
 from rlhf.gates import read_verdicts
 from rlhf.modeling import require_causal_lm, require_reward_model
 from rlhf.report import Decision, write_decision
@@ -265,7 +266,8 @@ def _write_decision(cfg: RegistryConfig, decision: Decision, logged: bool = True
         write_decision(staging, decision)
         if logged:
             tracking.log_artifacts(staging, "decision")
-    print(f"decision page: {cfg.decision_dir.rstrip('/')}/decision.html")
+    if not progress_as_lines():  # a local pipeline run names the page's copy under reports/ at its end
+        print(f"decision page: {cfg.decision_dir.rstrip('/')}/decision.html")
 
 
 def _reward_started_from_sft(folders: dict[str, str]) -> bool:

@@ -198,7 +198,7 @@ def _beats_champion(client, name: str, metric: str, score: float | None) -> tupl
 
 
 def champion_report(name: str, metrics: dict[str, float]) -> dict[str, Any]:
-    """What the evaluation report shows of registered model `name`'s champion: its version and tags (None and {} when
+    """What the decision page shows of registered model `name`'s champion: its version and tags (None and {} when
     there is none yet), and whether a policy with these evaluation `metrics` would replace it (as `register` judges,
     gates aside)."""
     metric, score = _score("policy", metrics)

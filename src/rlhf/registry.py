@@ -410,7 +410,9 @@ def register(cfg: RegistryConfig, pipeline_run_id: str | None = None) -> dict[st
         print(f"register: skipped: {reason}")
         summary = {"skipped": reason, "versions": {}}
         _write_decision(
-            cfg, Decision(list(read_verdicts(cfg.gates_dir).values()), f"not asked: {reason}"), logged=False
+            cfg,
+            Decision(verdicts=list(read_verdicts(cfg.gates_dir).values()), champion_note=f"not asked: {reason}"),
+            logged=False,
         )
         write_json(cfg.output, summary)
         return summary
@@ -479,7 +481,13 @@ def register(cfg: RegistryConfig, pipeline_run_id: str | None = None) -> dict[st
             print(f"{name} v{version}: {outcome}")
         tracking.log_dict({"pipeline_run_id": pipeline_run_id, "versions": results}, "registered.json")
         registered_rows = [[entry["model"], str(entry["version"]), entry["outcome"]] for entry in results.values()]
-        _write_decision(cfg, Decision(list(verdicts.values()), champion_note, champion_rows, registered_rows))
+        decision = Decision(
+            verdicts=list(verdicts.values()),
+            champion_note=champion_note,
+            champion_rows=champion_rows,
+            registered_rows=registered_rows,
+        )
+        _write_decision(cfg, decision)
     summary = {"pipeline_run_id": pipeline_run_id, "gates_passed": gates_passed, "versions": results}
     write_json(cfg.output, summary)
     return summary

@@ -105,8 +105,7 @@ def _check(cfg: GatesConfig, spec: Check, metrics: dict[str, float], metrics_key
 
 
 def judge(name: GateName, cfg: GatesConfig, metrics: dict[str, float]) -> dict[str, Any]:
-    """One gate's verdict on `metrics`: every check with its value and threshold (the evaluation report shows the
-    same verdicts before the gate steps run)."""
+    """One gate's verdict on `metrics`: every check with its value and threshold."""
     spec = SPECS[name]
     checks = [_check(cfg, check, metrics, spec.metrics) for check in spec.checks]
     failed = [check["check"] for check in checks if check["status"] == "fail"]
